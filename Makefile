@@ -1,0 +1,31 @@
+# Everything goes through the project's own virtualenv, made by `make setup`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rlhb-installed
+RUN_DIR ?= runs/demo
+# CPU build on this machine; on a GPU machine: make setup TORCH_SPEC="torch==<version>" (see README).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	RUN_DIR=$(RUN_DIR) bash experiments/demo.sh
+
+bench: setup
+	$(BIN)/python benchmarks/bench_prepare.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,3 @@
+from rlhb_cli.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Behaviour logs in: readers, validation, binning, behaviour text, importers."""

@@ -1,0 +1,302 @@
+"""The run directory: the contract between stages.
+
+Each stage writes into `RUN_DIR/<stage>/`: its artifacts, `summary.json` (headline figures) and
+`manifest.json` (resolved config, every input with its sha256, library versions, git commit, seed,
+start/end time, status). The manifest says `running` while the stage works and `done` only after
+every artifact is in place, so a later stage never reads a half-written one. Artifacts are written to
+a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from rlhb_cli.config import config_to_dict
+from rlhb_cli.errors import RlhbError
+
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+
+# Pipeline order, and the command that makes each stage's output (for "run this first" messages).
+PIPELINE: dict[str, str] = {
+    "simulate-logs": "rlhb simulate-logs --run-dir {run_dir}",
+    "prepare-behaviors": "rlhb prepare-behaviors LOGS --run-dir {run_dir}",
+}
+
+_LIBRARIES = ("rlhb-cli", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "pyarrow", "numpy")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------- writing
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write, flush, then rename: readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------- hashing
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, or of a directory as the sorted (relative path, file hash) list."""
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(child.relative_to(path)).encode())
+            digest.update(sha256_of(child).encode())
+        return digest.hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_input(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return {"path": str(path.resolve()), "sha256": sha256_of(path), "bytes": size}
+
+
+# ----------------------------------------------------------------------------------------- provenance
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the rlhb source in use (None outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------- reading
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def load_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return {"status": "failed", "error": f"{path}: manifest is not readable JSON"}
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def changed_inputs(manifest: dict[str, Any]) -> list[str]:
+    """Names of recorded inputs whose file is gone or whose content hash differs now."""
+    changed = []
+    for name, info in (manifest.get("inputs") or {}).items():
+        path = Path(info["path"])
+        if not path.exists() or sha256_of(path) != info["sha256"]:
+            changed.append(name)
+    return changed
+
+
+def stage_state(stage_dir: Path) -> tuple[str, dict[str, Any] | None, str]:
+    """(state, manifest, detail): state is done / failed / stale / running / interrupted / missing."""
+    manifest = load_manifest(stage_dir)
+    if manifest is None:
+        return "missing", None, ""
+    status = manifest.get("status")
+    if status == "running":
+        if manifest.get("host") == platform.node() and _pid_alive(manifest.get("pid")):
+            return "running", manifest, ""
+        return "interrupted", manifest, "stopped before it finished"
+    if status != "done":
+        return "failed", manifest, manifest.get("error", "")
+    changed = changed_inputs(manifest)
+    if changed:
+        return "stale", manifest, "inputs changed since: " + ", ".join(changed)
+    for upstream, recorded in (manifest.get("upstream") or {}).items():
+        up_manifest = Path(stage_dir).parent / upstream / MANIFEST
+        if not up_manifest.exists() or sha256_of(up_manifest) != recorded:
+            return "stale", manifest, f"{upstream} was rerun since"
+    return "done", manifest, ""
+
+
+def rerun_hint(stage: str, run_dir: Path) -> str:
+    return PIPELINE.get(stage, f"rlhb {stage} --run-dir {{run_dir}}").format(run_dir=run_dir)
+
+
+def require_stage(run_dir: Path, stage: str) -> Path:
+    """The done, fresh output directory of an earlier stage, or a one-line refusal naming the fix."""
+    stage_dir = Path(run_dir) / stage
+    state, _, detail = stage_state(stage_dir)
+    if state == "done":
+        return stage_dir
+    fix = rerun_hint(stage, run_dir)
+    if state == "missing":
+        raise RlhbError(f"{stage} has not run in {run_dir}: run `{fix}` first")
+    raise RlhbError(f"{stage} in {run_dir} is {state}{': ' + detail if detail else ''}; run `{fix}` again")
+
+
+# ----------------------------------------------------------------------------------------- one stage run
+@dataclass
+class StageRun:
+    """An open stage: its directory and the manifest being written for it."""
+
+    stage: str
+    dir: Path
+    manifest: dict[str, Any]
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        path = self.dir / name
+        atomic_write_json(path, obj)
+        return path
+
+    def add_input(self, name: str, path: Path) -> None:
+        self.manifest["inputs"][name] = describe_input(path)
+        self._flush()
+
+    def add_upstream(self, stage: str) -> None:
+        self.manifest["upstream"][stage] = sha256_of(self.dir.parent / stage / MANIFEST)
+        self._flush()
+
+    def set_summary(self, summary: dict[str, Any]) -> None:
+        self.manifest["summary_file"] = SUMMARY
+        self.write_json(SUMMARY, summary)
+
+    def _flush(self) -> None:
+        atomic_write_json(self.dir / MANIFEST, self.manifest)
+
+
+@contextlib.contextmanager
+def open_stage(stage_dir: Path, stage: str, config: Any, seed: int | None) -> Iterator[StageRun]:
+    """Record a stage run: manifest `running` at start, `done` or `failed` (with the error) at the end."""
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {
+        "stage": stage,
+        "status": "running",
+        "config": config_to_dict(config),
+        "seed": seed,
+        "inputs": {},
+        "upstream": {},
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "command": sys.argv,
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "started_at": now(),
+        "finished_at": None,
+    }
+    run = StageRun(stage, stage_dir, manifest)
+    run._flush()
+    try:
+        yield run
+    except BaseException as exc:
+        manifest["status"] = "failed"
+        manifest["error"] = str(exc) or type(exc).__name__
+        manifest["finished_at"] = now()
+        run._flush()
+        raise
+    manifest["status"] = "done"
+    manifest["finished_at"] = now()
+    run._flush()
+
+
+def status_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per pipeline stage (and any other stage found in the run dir) for `rlhb status`."""
+    run_dir = Path(run_dir)
+    names = list(PIPELINE)
+    if run_dir.is_dir():
+        names += sorted(p.name for p in run_dir.iterdir() if (p / MANIFEST).exists() and p.name not in PIPELINE)
+    rows = []
+    for name in names:
+        state, manifest, detail = stage_state(run_dir / name)
+        summary = {}
+        if manifest is not None and (run_dir / name / SUMMARY).exists():
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                summary = read_json(run_dir / name / SUMMARY)
+        rows.append(
+            {
+                "stage": name,
+                "state": state,
+                "detail": detail,
+                "finished_at": (manifest or {}).get("finished_at"),
+                "headline": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
+            }
+        )
+    return rows

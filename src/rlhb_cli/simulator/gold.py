@@ -1,0 +1,235 @@
+"""The hidden user model and the gold judge: expected behaviour of ANY response text.
+
+Attributes are detected from the text itself (never taken from how a logged answer was built), so a
+policy's new text is judged by exactly the rules that produced the logs. Abstaining or garbled text
+counts as a wrong answer to a factual or how-to question: a polite "I do not know" plus a link must not
+be a cheap way to please users.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rlhb_cli.simulator.world import FILLERS, HEDGES, POLITE_CLOSERS, POLITE_OPENERS, RUDE_CLOSERS, RUDE_OPENERS
+
+FEATURES = ("correct", "wrong", "missing", "verbose", "polite", "rude", "source", "hedging", "repetition", "garbled")
+_WORD = re.compile(r"[a-z0-9]+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_URL = re.compile(r"https?://\S+")
+
+
+def words_of(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _phrases(sentences: list[str]) -> list[str]:
+    return [" ".join(words_of(s)) for s in sentences]
+
+
+POLITE_MARKERS = _phrases(POLITE_OPENERS + POLITE_CLOSERS) + ["please", "thank you"]
+RUDE_MARKERS = _phrases(RUDE_OPENERS + RUDE_CLOSERS) + ["stupid", "obviously"]
+HEDGE_MARKERS = _phrases(HEDGES) + ["probably", "perhaps", "not sure"]
+
+
+@dataclass
+class Persona:
+    name: str
+    share: float  # of impressions
+    weights: dict[str, float]  # feature -> utility weight
+
+
+@dataclass
+class UserModel:
+    """Hidden preferences of the platform's users and how utility turns into behaviour."""
+
+    personas: list[Persona]
+    correctness_scale: dict[str, float]  # intent -> scale on correct / wrong / missing
+    view: tuple[float, float] = (0.2, 0.45)  # p(view) = sigmoid(a + b u)
+    click: tuple[float, float, float] = (-1.2, 0.6, 0.5)  # p(click | view) = sigmoid(a + b u + c source)
+    like: tuple[float, float] = (-1.6, 0.9)  # like logit a + b u   (softmax with dislike and no reaction)
+    dislike: tuple[float, float] = (-2.2, -0.9)
+
+    @classmethod
+    def default(cls) -> "UserModel":
+        def w(*values):
+            return dict(zip(FEATURES, values))
+        #                         correct wrong missing verbose polite rude source hedging repetition garbled
+        return cls(
+            personas=[
+                Persona("novice", 0.35, w(2.0, -1.5, -0.8, 0.3, 1.0, -1.5, 0.2, 0.0, -0.5, -3.0)),
+                Persona("expert", 0.20, w(2.5, -2.5, -0.8, -1.0, 0.0, -0.6, 1.0, -0.8, -1.0, -3.0)),
+                Persona("casual", 0.30, w(1.2, -0.8, -0.4, -0.8, 1.2, -1.8, -0.2, 0.2, -0.8, -3.0)),
+                Persona("researcher", 0.15, w(2.0, -2.0, -0.6, 0.2, 0.2, -0.8, 1.5, -0.3, -0.6, -3.0)),
+            ],
+            correctness_scale={"factual": 1.0, "howto": 1.0, "chitchat": 0.5},
+        )
+
+    @classmethod
+    def annotator(cls) -> "UserModel":
+        """The annotators of preference pairs: a different taste (long, polite, hedged) from the users'."""
+        def w(*values):
+            return dict(zip(FEATURES, values))
+        return cls(personas=[Persona("annotator", 1.0, w(1.5, -1.5, -1.0, 0.8, 1.5, -1.0, 0.0, 0.5, -0.3, -3.0))],
+                   correctness_scale={"factual": 1.0, "howto": 1.0, "chitchat": 0.5})
+
+    def utilities(self, features: np.ndarray, intents: list[str]) -> np.ndarray:
+        """(responses, personas) utility from (responses, features) 0/1 features."""
+        weights = np.array([[p.weights[f] for f in FEATURES] for p in self.personas])  # K x F
+        scale = np.ones((len(intents), len(FEATURES)))
+        for i, intent in enumerate(intents):
+            scale[i, :3] = self.correctness_scale[intent]
+        return (features * scale) @ weights.T
+
+    def probabilities(self, features: np.ndarray, intents: list[str]) -> dict[str, np.ndarray]:
+        """Per response and persona: p(view), p(click | view), p(like | view), p(dislike | view)."""
+        u = self.utilities(features, intents)
+        source = features[:, FEATURES.index("source")][:, None]
+        sig = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+        like_logit = self.like[0] + self.like[1] * u
+        dislike_logit = self.dislike[0] + self.dislike[1] * u
+        norm = 1.0 + np.exp(like_logit) + np.exp(dislike_logit)
+        return {
+            "view": sig(self.view[0] + self.view[1] * u),
+            "click": sig(self.click[0] + self.click[1] * u + self.click[2] * source),
+            "like": np.exp(like_logit) / norm,
+            "dislike": np.exp(dislike_logit) / norm,
+        }
+
+    def shares(self) -> np.ndarray:
+        s = np.array([p.share for p in self.personas])
+        return s / s.sum()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "UserModel":
+        return cls(personas=[Persona(**p) for p in data["personas"]], correctness_scale=data["correctness_scale"],
+                   view=tuple(data["view"]), click=tuple(data["click"]), like=tuple(data["like"]),
+                   dislike=tuple(data["dislike"]))
+
+
+@dataclass
+class QueryKey:
+    """What the judge needs to know of a query to judge an answer to it."""
+
+    intent: str
+    required: list[str]
+    rivals: list[str]
+
+
+@dataclass
+class Lexicon:
+    """Words and word pairs of the environment's language: text mostly outside it is garbled."""
+
+    words: set[str] = field(default_factory=set)
+    bigrams: set[str] = field(default_factory=set)
+
+    def add(self, text: str) -> None:
+        w = words_of(_URL.sub(" ", text))
+        self.words.update(w)
+        self.bigrams.update(f"{a} {b}" for a, b in zip(w, w[1:]))
+
+
+def _has(haystack: str, phrase: str) -> bool:
+    return f" {phrase} " in haystack
+
+
+def detect(key: QueryKey, text: str, lexicon: Lexicon) -> dict[str, bool]:
+    """The response's attributes, read from its text alone."""
+    raw = text.strip()
+    no_url = _URL.sub(" ", raw)
+    words = words_of(no_url)
+    haystack = f" {' '.join(words_of(raw))} "
+    pairs = [f"{a} {b}" for a, b in zip(words, words[1:])]
+    unknown_words = sum(w not in lexicon.words for w in words) / max(len(words), 1)
+    unknown_pairs = sum(p not in lexicon.bigrams for p in pairs) / max(len(pairs), 1)
+    garbled = len(words) < 2 or unknown_words > 0.2 or unknown_pairs > 0.4
+    rival = any(_has(haystack, r) for r in key.rivals)
+    required = all(_has(haystack, r) for r in key.required)
+    if garbled or rival:
+        answer = "wrong"
+    elif required:
+        answer = "correct"
+    else:
+        answer = "missing"
+    sentences = [s for s in _SENTENCE_END.split(no_url) if words_of(s)]
+    normalized = [" ".join(words_of(s)) for s in sentences]
+    markers = POLITE_MARKERS + RUDE_MARKERS + HEDGE_MARKERS + ["source"] + key.required + key.rivals
+    padding = {s for s in normalized if not any(_has(f" {s} ", m) for m in markers)}
+    grams = [" ".join(words[i:i + 4]) for i in range(len(words) - 3)]
+    polite = any(_has(haystack, m) for m in POLITE_MARKERS)
+    rude = any(_has(haystack, m) for m in RUDE_MARKERS)
+    return {
+        "correct": answer == "correct",
+        # abstaining is no answer to a question that has one
+        "wrong": answer == "wrong" or (answer == "missing" and key.intent != "chitchat"),
+        "missing": answer == "missing",
+        "verbose": len(padding) >= 2 or len(words) > 60,
+        "polite": polite and not rude,
+        "rude": rude,
+        "source": "http" in raw.lower() or _has(haystack, "source"),
+        "hedging": any(_has(haystack, m) for m in HEDGE_MARKERS),
+        "repetition": len(grams) != len(set(grams)),
+        "garbled": garbled,
+    }
+
+
+def feature_matrix(keys: list[QueryKey], texts: list[str], lexicon: Lexicon) -> np.ndarray:
+    rows = [detect(k, t, lexicon) for k, t in zip(keys, texts)]
+    return np.array([[float(r[f]) for f in FEATURES] for r in rows], dtype=np.float64)
+
+
+def expected_rates(model: UserModel, features: np.ndarray, intents: list[str]) -> dict[str, np.ndarray]:
+    """Expected views, clicks, likes, dislikes per impression (persona mixture) and the shaped reward."""
+    p = model.probabilities(features, intents)
+    share = model.shares()
+    pv = (p["view"] * share).sum(1)
+    clicks = (p["view"] * p["click"] * share).sum(1)
+    likes = (p["view"] * p["like"] * share).sum(1)
+    dislikes = (p["view"] * p["dislike"] * share).sum(1)
+    return {"pv": pv, "clicks": clicks, "likes": likes, "dislikes": dislikes,
+            "shaped_reward": (likes - dislikes) / (pv + clicks)}
+
+
+class GoldJudge:
+    """The testbed's ground truth, loaded from environment.json: judges any response to a known query."""
+
+    IMPRESSIONS = 1000  # expected counts are reported per this many impressions
+
+    def __init__(self, model: UserModel, queries: dict[str, QueryKey], lexicon: Lexicon):
+        self.model = model
+        self.queries = queries
+        self.lexicon = lexicon
+
+    @classmethod
+    def load(cls, environment_json: Path) -> "GoldJudge":
+        data = json.loads(Path(environment_json).read_text(encoding="utf-8"))
+        queries = {q["text"]: QueryKey(q["intent"], q["required"], q["rivals"]) for q in data["queries"]}
+        lexicon = Lexicon(set(data["lexicon"]["words"]), set(data["lexicon"]["bigrams"]))
+        return cls(UserModel.from_json(data["user_model"]), queries, lexicon)
+
+    def key(self, query: str) -> QueryKey:
+        try:
+            return self.queries[query]
+        except KeyError:
+            raise KeyError(f"the gold judge knows no query {query!r}: it judges only the environment's queries") from None
+
+    def attributes(self, query: str, response: str) -> dict[str, bool]:
+        return detect(self.key(query), response, self.lexicon)
+
+    def expected_behavior_batch(self, queries: list[str], responses: list[str]) -> dict[str, np.ndarray]:
+        keys = [self.key(q) for q in queries]
+        features = feature_matrix(keys, responses, self.lexicon)
+        rates = expected_rates(self.model, features, [k.intent for k in keys])
+        return {k: (v if k == "shaped_reward" else v * self.IMPRESSIONS) for k, v in rates.items()}
+
+    def expected_behavior(self, query: str, response: str) -> dict[str, float]:
+        """Expected pv, clicks, likes, dislikes per 1000 impressions, and the shaped reward."""
+        batch = self.expected_behavior_batch([query], [response])
+        return {k: float(v[0]) for k, v in batch.items()}
