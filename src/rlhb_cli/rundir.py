@@ -36,6 +36,12 @@ PIPELINE: dict[str, str] = {
     "prepare-behaviors": "rlhb prepare-behaviors LOGS --run-dir {run_dir}",
 }
 
+# The figures `rlhb status` shows for a stage (its summary.json has more).
+HEADLINES: dict[str, tuple[str, ...]] = {
+    "simulate-logs": ("rows", "impressions", "bayes_ceiling_auc", "most_preferred_share"),
+    "prepare-behaviors": ("rows_in", "rows_kept", "rows_rejected", "rows_duplicate", "most_preferred_share_train"),
+}
+
 _LIBRARIES = ("rlhb-cli", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "pyarrow", "numpy")
 
 
@@ -296,7 +302,8 @@ def status_rows(run_dir: Path) -> list[dict[str, Any]]:
                 "state": state,
                 "detail": detail,
                 "finished_at": (manifest or {}).get("finished_at"),
-                "headline": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
+                "headline": {k: summary[k] for k in HEADLINES.get(name, ()) if k in summary}
+                or {k: v for k, v in summary.items() if isinstance(v, (int, float))},
             }
         )
     return rows

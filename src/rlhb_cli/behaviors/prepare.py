@@ -1,0 +1,237 @@
+"""`rlhb prepare-behaviors`: raw behaviour logs -> the data set every later stage reads.
+
+Reads and validates the logs (rejected rows are written down with their reason, never dropped in
+silence), anonymises user identifiers, bins each behaviour, renders it as text, computes the shaped
+reward, splits by query and saves a `datasets` DatasetDict plus the bin edges for reuse.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rlhb_cli.behaviors import binning
+from rlhb_cli.behaviors.read import read_logs
+from rlhb_cli.behaviors.text import SHIPPED, BehaviorTemplate
+from rlhb_cli.behaviors.validate import validate
+from rlhb_cli.config import field
+from rlhb_cli.errors import RlhbError
+from rlhb_cli.rundir import StageRun, atomic_dir, atomic_write_bytes, atomic_write_json, read_json
+
+STAGE = "prepare-behaviors"
+SPLITS = ("train", "validation", "test")
+MIN_PREFERRED_SHARE = 0.05
+
+
+@dataclass
+class PrepareConfig:
+    logs: Path | None = field(None, help="Log file (.jsonl/.csv/.parquet, .gz too); default: the run's simulate-logs output.")
+    field_map: list[str] = field(help="Column mapping CANONICAL=YOURS, e.g. likes=upvotes (repeatable).", factory=list)
+    input_kind: str = field("auto", help="aggregated rows, impression events, or auto (from the columns).")
+    behavior_basis: str = field("rates", help="rates: per-view rates at quantiles beside a per-query view level; "
+                                              "counts: the paper's log(1+x) equal-width bins.")
+    bins: int = field(5, help="Levels per behaviour metric (the view level under rates has 3).")
+    bins_from: Path | None = field(None, help="Reuse the bin edges of an earlier prepare-behaviors (its bins.json).")
+    template: str = field("en", help="Behaviour text template: en, zh, or a JSON file of one's own.")
+    max_reject_ratio: float = field(0.1, help="Fail when more than this share of rows is rejected or duplicate.")
+    max_count: float = field(1e10, help="A count above this is absurd and its row is rejected.")
+    require_view: bool = field(True, help="Reject aggregated rows with more clicks, likes or dislikes than views.")
+    keep_fields: list[str] = field(help="Other columns to keep (every other column is dropped).", factory=list)
+    absent_as_zero: list[str] = field(help="Count columns the logs lack, to take as 0 (e.g. clicks).", factory=list)
+    validation_fraction: float = field(0.1, help="Share of queries in the validation split.")
+    test_fraction: float = field(0.1, help="Share of queries in the test split.")
+    seed: int = field(0, help="Seed of the query split.")
+    salt: str | None = field(None, help="Salt for hashing user ids (default: $RLHB_ANON_SALT, else a random one kept "
+                                        "in the stage dir as salt.secret).")
+
+    def __post_init__(self):
+        if self.input_kind not in ("auto", "aggregated", "events"):
+            raise ValueError(f"input_kind must be auto, aggregated or events, got {self.input_kind!r}")
+        if self.behavior_basis not in ("rates", "counts"):
+            raise ValueError(f"behavior_basis must be rates or counts, got {self.behavior_basis!r}")
+        if not 2 <= self.bins <= 20:
+            raise ValueError(f"bins must be between 2 and 20, got {self.bins}")
+        if not 0.0 <= self.max_reject_ratio <= 1.0:
+            raise ValueError(f"max_reject_ratio must be in [0, 1], got {self.max_reject_ratio}")
+        if self.validation_fraction < 0 or self.test_fraction < 0 or self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("validation_fraction and test_fraction must be >= 0 and leave some queries for training")
+        for item in self.field_map:
+            if item.count("=") != 1 or not all(item.split("=")):
+                raise ValueError(f"--field takes CANONICAL=YOURS (e.g. likes=upvotes), got {item!r}")
+        for name in self.absent_as_zero:
+            if name not in binning.METRICS:
+                raise ValueError(f"absent_as_zero takes count names ({', '.join(binning.METRICS)}), got {name!r}")
+
+    @property
+    def mapping(self) -> dict[str, str]:
+        return dict(item.split("=") for item in self.field_map)
+
+
+def _salt(config: PrepareConfig, stage_dir: Path) -> str:
+    if config.salt:
+        return config.salt
+    if os.environ.get("RLHB_ANON_SALT"):
+        return os.environ["RLHB_ANON_SALT"]
+    secret = stage_dir / "salt.secret"
+    if not secret.exists():
+        atomic_write_bytes(secret, secrets.token_hex(16).encode())
+        secret.chmod(0o600)
+    return secret.read_text().strip()
+
+
+def split_queries(queries: list[str], seed: int, validation: float, test: float) -> dict[str, str]:
+    """Each query goes to one split; order by a seeded hash, so a query's split does not depend on the others."""
+    ranked = sorted(queries, key=lambda q: hashlib.blake2b(f"{seed}\0{q}".encode(), digest_size=8).digest())
+    n = len(ranked)
+    n_test = int(round(n * test))
+    n_val = int(round(n * validation))
+    if n >= 3:  # every split non-empty whenever there are queries enough
+        n_test = max(n_test, 1 if test > 0 else 0)
+        n_val = max(n_val, 1 if validation > 0 else 0)
+    out = {}
+    for i, q in enumerate(ranked):
+        out[q] = "test" if i < n_test else ("validation" if i < n_test + n_val else "train")
+    return out
+
+
+def _reason_class(reason: str) -> str:
+    return reason.split(" (")[0].split(":")[0]
+
+
+def run(config: PrepareConfig, stage: StageRun) -> dict:
+    logs = config.logs
+    if logs is None:
+        raise RlhbError("no LOGS given and the run has no simulate-logs output")
+    logs = Path(logs)
+    stage.add_input("logs", logs)
+    template = BehaviorTemplate.load(config.template)
+    if config.template not in SHIPPED:
+        stage.add_input("template", Path(config.template))
+
+    parsed = read_logs(logs, config.mapping)
+    checked = validate(parsed, logs, config.input_kind, config.max_count, config.require_view, config.keep_fields,
+                       config.absent_as_zero, _salt(config, stage.dir))
+    rejected_lines = [json.dumps(r.to_json() | {"kind": "rejected"}, ensure_ascii=False) for r in checked.rejected]
+    rejected_lines += [json.dumps(r.to_json() | {"kind": "duplicate"}, ensure_ascii=False) for r in checked.duplicates]
+    atomic_write_bytes(stage.dir / "rejected.jsonl", ("\n".join(rejected_lines) + ("\n" if rejected_lines else "")).encode())
+    n_bad = len(checked.rejected) + len(checked.duplicates)
+    assert checked.rows_in == checked.rows_kept + n_bad, "row accounting must reconcile"
+    if checked.rows_in and n_bad / checked.rows_in > config.max_reject_ratio:
+        first = (checked.rejected or checked.duplicates)[0]
+        raise RlhbError(f"{logs}: {n_bad} of {checked.rows_in} rows are bad ({n_bad / checked.rows_in:.1%}), more than "
+                        f"--max-reject-ratio {config.max_reject_ratio}; first: line {first.line}: {first.reason}; "
+                        f"all in {stage.dir / 'rejected.jsonl'}")
+    table = checked.table
+    if table.num_rows == 0:
+        raise RlhbError(f"{logs}: no row is usable; see {stage.dir / 'rejected.jsonl'}")
+
+    # Split by query, then fit the bins on the training rows only (no test information in the edges).
+    encoded = table.column("query").combine_chunks().dictionary_encode()
+    query_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    unique_queries = encoded.dictionary.to_pylist()
+    split_of = split_queries(unique_queries, config.seed, config.validation_fraction, config.test_fraction)
+    split_names = np.array([split_of[q] for q in unique_queries], dtype=object)
+    row_split = split_names[query_codes]
+    counts = {m: table.column(m).to_numpy() for m in binning.METRICS}
+    if config.bins_from is not None:
+        stage.add_input("bins_from", Path(config.bins_from))
+        spec = binning.BinSpec.from_json(read_json(Path(config.bins_from)))
+        if spec.basis != config.behavior_basis:
+            raise RlhbError(f"{config.bins_from}: its bins are on the {spec.basis} basis, not {config.behavior_basis}")
+    else:
+        train = row_split == "train"
+        spec = binning.fit_bins(config.behavior_basis, config.bins, *(counts[m][train] for m in binning.METRICS),
+                                query_codes[train])
+    bins = binning.apply_bins(spec, *(counts[m] for m in binning.METRICS), query_codes)
+    codes = binning.pattern_codes(spec, bins)
+    unique_codes, unique_texts = template.render_codes(spec, codes)
+    behavior_text = unique_texts[np.searchsorted(unique_codes, codes)]
+    reward = binning.shaped_reward(*(counts[m] for m in binning.METRICS))
+    zero_denominator = int(((counts["pv"] + counts["clicks"]) == 0).sum())
+    best = binning.most_preferred_levels(spec)
+    is_best = np.ones(len(codes), dtype=bool)
+    for m in binning.METRICS:
+        is_best &= bins[m] == best[m]
+
+    for m in binning.METRICS:
+        table = table.append_column(f"{m}_bin", pa.array(bins[m]))
+    table = table.append_column("behavior_text", pa.array(behavior_text.tolist(), pa.string()))
+    table = table.append_column("shaped_reward", pa.array(reward))
+    table = table.append_column("is_most_preferred", pa.array(is_best))
+
+    import datasets
+    datasets.disable_progress_bars()
+    with atomic_dir(stage.dir / "dataset") as tmp:
+        parts = {}
+        for name in SPLITS:
+            mask = pa.array(row_split == name)
+            parts[name] = datasets.Dataset(table.filter(mask))
+        datasets.DatasetDict(parts).save_to_disk(str(tmp))
+    atomic_write_json(stage.dir / "bins.json", spec.to_json())
+    most_preferred_text = template.most_preferred(spec)
+    atomic_write_json(stage.dir / "behavior.json", {
+        "template": template.source, "language": template.language, "format": template.format,
+        "most_preferred_levels": best, "most_preferred_text": most_preferred_text,
+    })
+    _histograms(stage.dir / "histograms.png", counts, reward, spec)
+
+    reasons = collections.Counter(_reason_class(r.reason) for r in checked.rejected)
+    train_mask = row_split == "train"
+    share_train = float(is_best[train_mask].mean()) if train_mask.any() else 0.0
+    summary = {
+        "logs": str(logs),
+        "input_kind": checked.kind,
+        "rows_in": checked.rows_in,
+        "rows_kept": checked.rows_kept,
+        "rows_rejected": len(checked.rejected),
+        "rows_duplicate": len(checked.duplicates),
+        "rows_out": table.num_rows,
+        "reject_reasons": dict(reasons.most_common()),
+        "splits": {s: {"rows": int((row_split == s).sum()), "queries": int((split_names == s).sum())} for s in SPLITS},
+        "behavior_basis": spec.basis,
+        "levels": {m: spec.levels(m) for m in binning.METRICS},
+        "most_preferred_text": most_preferred_text,
+        "most_preferred_share": round(float(is_best.mean()), 4),
+        "most_preferred_share_train": round(share_train, 4),
+        "shaped_reward_mean": round(float(reward.mean()), 4),
+        "shaped_reward_mean_most_preferred": round(float(reward[is_best].mean()), 4) if is_best.any() else None,
+        "shaped_reward_zero_denominator_rows": zero_denominator,
+        "dropped_columns": checked.dropped_columns,
+        "notes": checked.notes,
+        "warnings": [],
+    }
+    if share_train < MIN_PREFERRED_SHARE:
+        summary["warnings"].append(
+            f"the most preferred behaviour text describes {share_train:.1%} of training rows (< {MIN_PREFERRED_SHARE:.0%}): "
+            f"the condition RLHB asks for was rarely seen; consider --behavior-basis rates or fewer --bins")
+    return summary
+
+
+def _histograms(path: Path, counts: dict[str, np.ndarray], reward: np.ndarray, spec: binning.BinSpec) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 5, figsize=(17, 3.2))
+    for ax, m in zip(axes, binning.METRICS):
+        ax.hist(np.log1p(counts[m]), bins=40, color="#4477aa")
+        ax.set_title(f"log(1 + {m})")
+        if spec.basis == "counts":
+            for edge in spec.edges[m]:
+                ax.axvline(edge, color="#cc3311", lw=0.8)
+    axes[-1].hist(reward, bins=40, color="#228833")
+    axes[-1].set_title("shaped reward")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)

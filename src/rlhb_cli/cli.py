@@ -1,0 +1,189 @@
+"""The `rlhb` command line: one subcommand per pipeline stage, each a thin layer over a library module.
+
+A command turns its options into the stage's config dataclass (defaults < --config YAML < flags),
+checks the run directory, runs the stage, and prints its headline figures. A user's mistake ends in
+one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rlhb_cli import rundir
+from rlhb_cli.config import build_config, config_to_dict, help_of
+from rlhb_cli.errors import RlhbError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="RLHB: align language models with real online human behaviour (arXiv 2405.00578), and its baselines.\n\n"
+         "Pipeline: simulate-logs or import -> prepare-behaviors -> ... ; every stage reads and writes a run directory.",
+)
+import_app = typer.Typer(no_args_is_help=True, help="Real public behaviour data into the log format.")
+app.add_typer(import_app, name="import", help="Import real behaviour data (Stack Exchange, OpenAssistant) as logs.")
+console = Console()
+err_console = Console(stderr=True)
+
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory; the stage writes RUN_DIR/<stage>/.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML recipe filling the stage's config; flags override it.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run again even if this stage is done with the same config.")]
+
+
+def _opt(config_cls: type, name: str, *flags: str) -> Any:
+    return typer.Option(*flags, help=help_of(config_cls, name), show_default=False)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in summary.items():
+        shown = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
+        table.add_row(key, shown)
+    console.print(table)
+
+
+def run_stage(stage: str, stage_dir: Path, config: Any, body: Callable, seed: int | None = None,
+              upstream: tuple[str, ...] = (), force: bool = False) -> dict:
+    """Skip when already done with this config and fresh inputs; else run `body(config, stage_run)`."""
+    state, manifest, _ = rundir.stage_state(stage_dir)
+    if state == "done" and not force and manifest and manifest.get("config") == config_to_dict(config):
+        summary = rundir.read_json(stage_dir / rundir.SUMMARY)
+        console.print(f"{stage}: already done in {stage_dir} with this config (--force to run again)")
+        return summary
+    with rundir.open_stage(stage_dir, stage, config, seed) as stage_run:
+        for name in upstream:
+            stage_run.add_upstream(name)
+        summary = body(config, stage_run)
+        stage_run.set_summary(summary)
+    return summary
+
+
+def _guard(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except RlhbError as exc:
+        _fail(str(exc))
+
+
+@app.callback()
+def _global(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of errors.")] = False) -> None:
+    """Global options."""
+    if verbose:
+        app.pretty_exceptions_enable = True
+
+
+# ------------------------------------------------------------------------------------------- stages
+from rlhb_cli.simulator.simulate import SimulateConfig  # noqa: E402
+from rlhb_cli.behaviors.prepare import PrepareConfig  # noqa: E402
+
+
+@app.command("simulate-logs")
+def simulate_logs(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write logs.jsonl, preferences.jsonl, environment.json here.")] = None,
+    run_dir: RunDirOpt = None,
+    config_file: ConfigOpt = None,
+    seed: Annotated[Optional[int], _opt(SimulateConfig, "seed", "--seed")] = None,
+    queries: Annotated[Optional[int], _opt(SimulateConfig, "queries", "--queries")] = None,
+    eval_queries: Annotated[Optional[int], _opt(SimulateConfig, "eval_queries", "--eval-queries")] = None,
+    candidates: Annotated[Optional[int], _opt(SimulateConfig, "candidates", "--candidates")] = None,
+    windows: Annotated[Optional[int], _opt(SimulateConfig, "windows", "--windows")] = None,
+    impressions: Annotated[Optional[int], _opt(SimulateConfig, "impressions", "--impressions")] = None,
+    events: Annotated[Optional[bool], _opt(SimulateConfig, "events", "--events/--aggregated")] = None,
+    pairs_per_query: Annotated[Optional[int], _opt(SimulateConfig, "pairs_per_query", "--pairs-per-query")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Simulate an online platform: behaviour logs, annotator pairs, and the hidden gold judge."""
+    def body() -> None:
+        from rlhb_cli.simulator import simulate
+        if (out is None) == (run_dir is None):
+            raise RlhbError("give exactly one of --out DIR or --run-dir DIR")
+        stage_dir = out if out is not None else run_dir / simulate.STAGE
+        config = build_config(SimulateConfig, config_file, dict(
+            seed=seed, queries=queries, eval_queries=eval_queries, candidates=candidates, windows=windows,
+            impressions=impressions, events=events, pairs_per_query=pairs_per_query))
+        try:
+            summary = run_stage(simulate.STAGE, stage_dir, config, simulate.run, config.seed, force=force)
+        except ValueError as exc:
+            raise RlhbError(str(exc)) from None
+        _print_summary(f"simulate-logs -> {stage_dir}", summary)
+    _guard(body)
+
+
+@app.command("prepare-behaviors")
+def prepare_behaviors(
+    logs: Annotated[Optional[Path], typer.Argument(help=help_of(PrepareConfig, "logs"), show_default=False)] = None,
+    run_dir: RunDirOpt = None,
+    config_file: ConfigOpt = None,
+    field_map: Annotated[Optional[list[str]], _opt(PrepareConfig, "field_map", "--field")] = None,
+    input_kind: Annotated[Optional[str], _opt(PrepareConfig, "input_kind", "--input-kind")] = None,
+    behavior_basis: Annotated[Optional[str], _opt(PrepareConfig, "behavior_basis", "--behavior-basis")] = None,
+    bins: Annotated[Optional[int], _opt(PrepareConfig, "bins", "--bins")] = None,
+    bins_from: Annotated[Optional[Path], _opt(PrepareConfig, "bins_from", "--bins-from")] = None,
+    template: Annotated[Optional[str], _opt(PrepareConfig, "template", "--template")] = None,
+    max_reject_ratio: Annotated[Optional[float], _opt(PrepareConfig, "max_reject_ratio", "--max-reject-ratio")] = None,
+    max_count: Annotated[Optional[float], _opt(PrepareConfig, "max_count", "--max-count")] = None,
+    require_view: Annotated[Optional[bool], _opt(PrepareConfig, "require_view", "--require-view/--no-require-view")] = None,
+    keep_fields: Annotated[Optional[list[str]], _opt(PrepareConfig, "keep_fields", "--keep-field")] = None,
+    absent_as_zero: Annotated[Optional[list[str]], _opt(PrepareConfig, "absent_as_zero", "--absent-as-zero")] = None,
+    validation_fraction: Annotated[Optional[float], _opt(PrepareConfig, "validation_fraction", "--validation-fraction")] = None,
+    test_fraction: Annotated[Optional[float], _opt(PrepareConfig, "test_fraction", "--test-fraction")] = None,
+    seed: Annotated[Optional[int], _opt(PrepareConfig, "seed", "--seed")] = None,
+    salt: Annotated[Optional[str], _opt(PrepareConfig, "salt", "--salt")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Validate, anonymise, bin and describe behaviour logs; split by query; save the data set."""
+    def body() -> None:
+        from rlhb_cli.behaviors import prepare
+        if run_dir is None:
+            raise RlhbError("--run-dir DIR is required")
+        upstream: tuple[str, ...] = ()
+        logs_path = logs
+        config = build_config(PrepareConfig, config_file, dict(
+            logs=logs, field_map=field_map or None, input_kind=input_kind, behavior_basis=behavior_basis, bins=bins,
+            bins_from=bins_from, template=template, max_reject_ratio=max_reject_ratio, max_count=max_count,
+            require_view=require_view, keep_fields=keep_fields or None, absent_as_zero=absent_as_zero or None,
+            validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed, salt=salt))
+        if config.logs is None:
+            simulated = rundir.require_stage(run_dir, "simulate-logs")
+            logs_path = simulated / "logs.jsonl"
+            config.logs = logs_path
+            upstream = ("simulate-logs",)
+        summary = run_stage(prepare.STAGE, run_dir / prepare.STAGE, config, prepare.run, config.seed, upstream, force)
+        _print_summary(f"prepare-behaviors -> {run_dir / prepare.STAGE}", summary)
+        for warning in summary.get("warnings", []):
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    _guard(body)
+
+
+@app.command("status")
+def status(run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory to describe.")]) -> None:
+    """Each stage of a run directory: done / failed / stale / missing, with its headline figures."""
+    table = Table(title=f"run {run_dir}", title_justify="left")
+    for column in ("stage", "state", "finished", "headline / detail"):
+        table.add_column(column)
+    colours = {"done": "green", "failed": "red", "stale": "yellow", "interrupted": "red", "running": "cyan"}
+    for row in rundir.status_rows(run_dir):
+        headline = ", ".join(f"{k}={v}" for k, v in list(row["headline"].items())[:6])
+        detail = row["detail"] or headline
+        colour = colours.get(row["state"], "dim")
+        table.add_row(row["stage"], f"[{colour}]{row['state']}[/]", row["finished_at"] or "", detail)
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
