@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext as _nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -164,6 +166,58 @@ def prepare_behaviors(
         for warning in summary.get("warnings", []):
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     _guard(body)
+
+
+def _import(kind: str, source: Path, out: Path, pairs: Optional[Path]) -> None:
+    from rlhb_cli.behaviors import importers
+    from rlhb_cli.rundir import open_stage
+
+    @dataclass
+    class ImportConfig:
+        source: str
+        out: str
+        pairs: Optional[str]
+
+    config = ImportConfig(str(source), str(out), str(pairs) if pairs else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open_stage(out.parent, f"import-{kind}", config, None, manifest_name=f"{out.name}.manifest.json") as stage:
+        tmp_out = out.with_name(f".{out.name}.tmp")
+        tmp_pairs = pairs.with_name(f".{pairs.name}.tmp") if pairs else None
+        with open(tmp_out, "w", encoding="utf-8") as handle, \
+                (open(tmp_pairs, "w", encoding="utf-8") if tmp_pairs else _nullcontext()) as pairs_handle:
+            if kind == "stackexchange":
+                counts = importers.import_stackexchange(source, handle, pairs_handle)
+                for name in ("Posts.xml", "Votes.xml", "Comments.xml"):
+                    if (source / name).exists():
+                        stage.add_input(name, source / name)
+            else:
+                counts = importers.import_oasst(source, handle, pairs_handle)
+                stage.add_input("trees", source)
+        tmp_out.replace(out)
+        if tmp_pairs:
+            tmp_pairs.replace(pairs)
+        stage.set_summary(counts)
+    _print_summary(f"import {kind} -> {out}", counts | ({"pairs_file": str(pairs)} if pairs else {}))
+
+
+@import_app.command("stackexchange")
+def import_stackexchange(
+    dump: Annotated[Path, typer.Argument(help="Folder of a Stack Exchange dump (Posts.xml, Votes.xml, Comments.xml).")],
+    out: Annotated[Path, typer.Option("--out", help="Log file to write (JSONL), one row per answer.")],
+    pairs: Annotated[Optional[Path], typer.Option("--pairs", help="Also write preference pairs: answers of one question by score.")] = None,
+) -> None:
+    """Stack Exchange dump -> behaviour logs: views, upvotes, downvotes, comments per answer."""
+    _guard(lambda: _import("stackexchange", dump, out, pairs))
+
+
+@import_app.command("oasst")
+def import_oasst(
+    trees: Annotated[Path, typer.Argument(help="OpenAssistant trees (JSONL, one tree or root message a line).")],
+    out: Annotated[Path, typer.Option("--out", help="Log file to write (JSONL), one row per assistant reply.")],
+    pairs: Annotated[Optional[Path], typer.Option("--pairs", help="Also write preference pairs: sibling replies by rank.")] = None,
+) -> None:
+    """OpenAssistant trees -> behaviour logs: +1 / -1 reactions per assistant reply."""
+    _guard(lambda: _import("oasst", trees, out, pairs))
 
 
 @app.command("status")

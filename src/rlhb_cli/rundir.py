@@ -226,6 +226,7 @@ class StageRun:
     stage: str
     dir: Path
     manifest: dict[str, Any]
+    manifest_name: str = MANIFEST
 
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.dir / name
@@ -241,15 +242,19 @@ class StageRun:
         self._flush()
 
     def set_summary(self, summary: dict[str, Any]) -> None:
-        self.manifest["summary_file"] = SUMMARY
-        self.write_json(SUMMARY, summary)
+        if self.manifest_name == MANIFEST:
+            self.manifest["summary_file"] = SUMMARY
+            self.write_json(SUMMARY, summary)
+        else:  # a stage that writes single files keeps its summary in its manifest
+            self.manifest["summary"] = summary
 
     def _flush(self) -> None:
-        atomic_write_json(self.dir / MANIFEST, self.manifest)
+        atomic_write_json(self.dir / self.manifest_name, self.manifest)
 
 
 @contextlib.contextmanager
-def open_stage(stage_dir: Path, stage: str, config: Any, seed: int | None) -> Iterator[StageRun]:
+def open_stage(stage_dir: Path, stage: str, config: Any, seed: int | None,
+               manifest_name: str = MANIFEST) -> Iterator[StageRun]:
     """Record a stage run: manifest `running` at start, `done` or `failed` (with the error) at the end."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -268,7 +273,7 @@ def open_stage(stage_dir: Path, stage: str, config: Any, seed: int | None) -> It
         "started_at": now(),
         "finished_at": None,
     }
-    run = StageRun(stage, stage_dir, manifest)
+    run = StageRun(stage, stage_dir, manifest, manifest_name)
     run._flush()
     try:
         yield run

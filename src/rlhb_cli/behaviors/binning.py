@@ -87,8 +87,9 @@ def fit_bins(basis: str, n_bins: int, pv, clicks, likes, dislikes, query_codes=N
             inner = np.linspace(lo, hi, levels + 1)[1:-1] if hi > lo else np.array([])
         else:
             inner = np.quantile(x, np.arange(1, levels) / levels)
-        # Ties (e.g. many rows with no dislikes) make equal quantiles: keep each edge once.
-        edges[metric] = [float(e) for e in np.unique(inner)]
+        # Ties (e.g. many rows with no dislikes) make equal quantiles: keep each edge once, and none at the
+        # largest value, whose upper bin would stay empty (a level nobody can be observed at).
+        edges[metric] = [float(e) for e in np.unique(inner) if e < x.max()]
     return BinSpec(basis=basis, n_bins=n_bins, edges=edges)
 
 

@@ -212,7 +212,8 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
     if share_train < MIN_PREFERRED_SHARE:
         summary["warnings"].append(
             f"the most preferred behaviour text describes {share_train:.1%} of training rows (< {MIN_PREFERRED_SHARE:.0%}): "
-            f"the condition RLHB asks for was rarely seen; consider --behavior-basis rates or fewer --bins")
+            f"the condition RLHB asks for was rarely seen; consider "
+            + ("--behavior-basis rates" if spec.basis == "counts" else "fewer --bins") + " or more traffic per row")
     return summary
 
 
