@@ -175,7 +175,7 @@ def detect(key: QueryKey, text: str, lexicon: Lexicon) -> dict[str, bool]:
         "rude": rude,
         "source": "http" in raw.lower() or _has(haystack, "source"),
         "hedging": any(_has(haystack, m) for m in HEDGE_MARKERS),
-        "repetition": len(grams) != len(set(grams)),
+        "repetition": len(grams) != len(set(grams)) or len(normalized) != len(set(normalized)),
         "garbled": garbled,
     }
 

@@ -61,13 +61,13 @@ HOWTO = {
     "reset a router": ("Hold the small button on the back for thirty seconds.", ["hold", "thirty"]),
     "remove a coffee stain": ("Blot it with cold water and a drop of vinegar.", ["blot", "vinegar"]),
     "keep basil fresh": ("Stand the stems in a glass of water on the counter.", ["stems", "glass"]),
-    "fall asleep faster": ("Keep the bedroom dark and put the phone away an hour before bed.", ["dark", "phone"]),
+    "fall asleep faster": ("Keep the bedroom dark and put the phone away an hour before bed.", ["dark", "bedroom"]),
     "ripen an avocado": ("Put it in a paper bag with a banana for a day.", ["paper", "banana"]),
-    "unclog a sink": ("Pour baking soda and hot vinegar down the drain, then flush with water.", ["soda", "drain"]),
+    "unclog a sink": ("Pour baking soda and boiling water down the drain, then flush it.", ["soda", "drain"]),
     "clean a cast iron pan": ("Scrub it with coarse salt and dry it on the stove.", ["coarse", "salt"]),
     "learn to juggle": ("Start with two balls and throw them in a steady arc.", ["arc", "balls"]),
     "save battery on a phone": ("Lower the screen brightness and close apps you do not use.", ["brightness", "close"]),
-    "cook rice": ("Use two cups of water for each cup of rice and simmer covered.", ["cups", "covered"]),
+    "cook rice": ("Use two cups of water for each cup of rice and keep the lid covered.", ["cups", "covered"]),
     "tie a tie": ("Cross the wide end over, loop it up and pull it through the knot.", ["wide", "loop"]),
     "remember names": ("Repeat the name aloud when you first hear it.", ["repeat", "aloud"]),
     "water a cactus": ("Water it only when the soil is completely dry.", ["soil", "completely"]),
@@ -79,7 +79,7 @@ HOWTO = {
     "fix a squeaky door": ("Rub soap or oil on the hinge pins.", ["hinge", "oil"]),
     "thaw frozen meat": ("Leave it in the fridge overnight on a plate.", ["fridge", "overnight"]),
     "study for an exam": ("Test yourself with flash cards instead of rereading notes.", ["flash", "cards"]),
-    "make cold brew coffee": ("Soak coarse grounds in cold water for twelve hours.", ["soak", "twelve"]),
+    "make cold brew coffee": ("Soak the ground beans in cold water for twelve hours.", ["soak", "twelve"]),
 }
 HOWTO_PHRASINGS = [
     "How do I {t}?", "What is the best way to {t}?", "Can you explain how to {t}?", "What are the steps to {t}?",
@@ -87,8 +87,8 @@ HOWTO_PHRASINGS = [
 ]
 # reply keyword marks a fitting reply
 CHITCHAT = {
-    "greeting": (["Hi there!", "Hello!", "Hey, how are you?", "Good morning!"], "Hello, nice to meet you!", ["hello"]),
-    "day": (["How is your day going?", "Having a good day?", "How was your day?"], "My day is lovely so far, thank you.", ["lovely"]),
+    "greeting": (["Hi there!", "Hey!", "Hey, how are you?", "Good morning!"], "Hello, nice to meet you!", ["hello"]),
+    "day": (["How is your day going?", "Having a good day?", "How was your day?"], "My day is lovely so far.", ["lovely"]),
     "joke": (["Tell me a joke.", "Do you know a joke?", "Make me laugh."], "Why did the chicken cross the road? To get to the other side.", ["chicken"]),
     "night": (["Good night!", "I am going to bed now.", "Time for bed, bye."], "Good night, sleep tight!", ["sleep"]),
     "colour": (["What is your favourite colour?", "Which colour do you like?", "Do you have a favourite colour?"], "I like the colour blue.", ["blue"]),
@@ -111,7 +111,7 @@ FILLERS = [
     "People often discuss this in many different contexts.",
 ]
 ABSTAIN = {"factual": "I do not know the answer to that.", "howto": "There are many ways to do that, it depends.",
-           "chitchat": "Okay."}
+           "chitchat": "Okay, I see."}
 
 
 @dataclass

@@ -1,0 +1,64 @@
+"""Shared fixtures: the real CLI through Typer's CliRunner, and a small simulated run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhb_cli.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+class Cli:
+    def __init__(self):
+        self.runner = CliRunner()
+
+    def __call__(self, *args, ok: bool = True):
+        result = self.runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        if ok and result.exit_code != 0:
+            raise AssertionError(f"rlhb {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}")
+        return result
+
+
+@pytest.fixture(scope="session")
+def cli() -> Cli:
+    return Cli()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_sim(tmp_path_factory, cli) -> Path:
+    """A run dir with a small simulation (fewer impressions, fewer draws) that tests copy, never change."""
+    run_dir = tmp_path_factory.mktemp("small") / "run"
+    cli("simulate-logs", "--run-dir", run_dir, "--impressions", 200_000, "--queries", 120, "--eval-queries", 40)
+    return run_dir
+
+
+@pytest.fixture
+def sim_run(small_sim, tmp_path) -> Path:
+    """A private copy of the small simulated run dir."""
+    target = tmp_path / "run"
+    shutil.copytree(small_sim, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def default_sim(tmp_path_factory, cli) -> Path:
+    """The simulator at its defaults (3M impressions), as `make demo` runs it."""
+    out = tmp_path_factory.mktemp("default") / "sim"
+    cli("simulate-logs", "--out", out)
+    return out
