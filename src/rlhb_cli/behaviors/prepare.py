@@ -112,6 +112,8 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
     if logs is None:
         raise RlhbError("no LOGS given and the run has no simulate-logs output")
     logs = Path(logs)
+    if not logs.is_file():
+        raise RlhbError(f"{logs}: no such file" if not logs.exists() else f"{logs}: is not a file")
     stage.add_input("logs", logs)
     template = BehaviorTemplate.load(config.template)
     if config.template not in SHIPPED:
@@ -171,11 +173,10 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
     import datasets
     datasets.disable_progress_bars()
     with atomic_dir(stage.dir / "dataset") as tmp:
-        parts = {}
-        for name in SPLITS:
-            mask = pa.array(row_split == name)
-            parts[name] = datasets.Dataset(table.filter(mask))
-        datasets.DatasetDict(parts).save_to_disk(str(tmp))
+        parts = {name: datasets.Dataset(table.filter(pa.array(row_split == name))) for name in SPLITS}
+        # One shard at least per split, so that an empty split (e.g. --test-fraction 0) loads back.
+        shards = {name: max(1, -(-len(part) // 500_000)) for name, part in parts.items()}
+        datasets.DatasetDict(parts).save_to_disk(str(tmp), num_shards=shards)
     atomic_write_json(stage.dir / "bins.json", spec.to_json())
     most_preferred_text = template.most_preferred(spec)
     atomic_write_json(stage.dir / "behavior.json", {

@@ -202,7 +202,7 @@ def _read_csv(data: bytes, path: Path) -> ParsedLogs:
     bad_rows: list[Rejected] = []
 
     def on_invalid(row) -> str:
-        bad_rows.append(Rejected(int(row.number or 0), f"expected {row.expected_columns} columns, got {row.actual_columns}"))
+        bad_rows.append(Rejected(0, f"expected {row.expected_columns} columns, got {row.actual_columns}"))
         return "skip"
 
     try:
@@ -214,14 +214,15 @@ def _read_csv(data: bytes, path: Path) -> ParsedLogs:
         )
     except pa.ArrowInvalid as exc:
         raise RlhbError(f"{path}: not readable as CSV ({exc})") from None
-    # Line of each row: header is line 1; quoted values may span lines.
-    newlines = np.zeros(table.num_rows, dtype=np.int64)
-    for column in table.columns:
-        newlines += pc.count_substring(column.cast(pa.binary()), pattern=b"\n").to_numpy(zero_copy_only=False).astype(np.int64)
-    lines = 2 + np.concatenate([[0], np.cumsum(newlines + 1)[:-1]]) if table.num_rows else np.zeros(0, dtype=np.int64)
-    if bad_rows:  # skipped rows shift later lines; recover them by counting from pyarrow's row numbers
-        skipped = sorted(r.line for r in bad_rows if r.line)
-        lines = lines + np.searchsorted(np.asarray(skipped), lines, side="right")
+    if bad_rows:
+        # Rare path: rows with the wrong number of fields. Walk the records once to learn every line.
+        lines, bad_rows = _csv_record_lines(data, len(header))
+    else:
+        # Line of each row: header is line 1; quoted values may span lines.
+        newlines = np.zeros(table.num_rows, dtype=np.int64)
+        for column in table.columns:
+            newlines += pc.count_substring(column, pattern=b"\n").to_numpy(zero_copy_only=False).astype(np.int64)
+        lines = 2 + np.concatenate([[0], np.cumsum(newlines + 1)[:-1]]) if table.num_rows else np.zeros(0, np.int64)
     columns = {}
     bad_utf8 = np.zeros(table.num_rows, dtype=bool)
     for name in header:
@@ -248,6 +249,22 @@ def _read_csv(data: bytes, path: Path) -> ParsedLogs:
         table = table.filter(pa.array(keep))
         lines = lines[keep]
     return ParsedLogs(table, lines, rejected, "csv")
+
+
+def _csv_record_lines(data: bytes, n_fields: int) -> tuple[np.ndarray, list[Rejected]]:
+    """(first line of each well-formed record, the malformed records) by reading the CSV record by record."""
+    reader = csv.reader(io.StringIO(data.decode("utf-8", errors="replace"), newline=""))
+    next(reader, None)
+    good, bad = [], []
+    start = reader.line_num + 1
+    for record in reader:
+        if record:
+            if len(record) == n_fields:
+                good.append(start)
+            else:
+                bad.append(Rejected(start, f"expected {n_fields} columns, got {len(record)}"))
+        start = reader.line_num + 1
+    return np.asarray(good, dtype=np.int64), bad
 
 
 # ------------------------------------------------------------------------------------------ values

@@ -1,0 +1,54 @@
+"""The command line itself: help, recipes, and errors that are one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rlhb_cli.config import build_config
+from rlhb_cli.errors import RlhbError
+from rlhb_cli.simulator.simulate import SimulateConfig
+
+
+def test_help_lists_every_stage_with_its_purpose(cli):
+    out = cli("--help").output
+    for stage in ("simulate-logs", "import", "prepare-behaviors", "status"):
+        assert stage in out
+    assert "Validate, anonymise, bin" in out
+
+
+def test_python_dash_m_works():
+    result = subprocess.run([sys.executable, "-m", "rlhb_cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "prepare-behaviors" in result.stdout
+
+
+def test_recipe_fills_config_and_flags_override(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("queries: 50\nimpressions: 1000\n")
+    config = build_config(SimulateConfig, recipe, {"impressions": 2000, "seed": None})
+    assert (config.queries, config.impressions, config.seed) == (50, 2000, 0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("querys: 5\n", "unknown key(s) querys"),
+    ("queries: many\n", "'queries' must be int"),
+    ("queries: 0\n", "queries must be at least 1"),
+    ("- 1\n", "a recipe is a mapping"),
+    ("queries: [\n", "not valid YAML"),
+])
+def test_bad_recipes_are_refused_clearly(tmp_path, text, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(RlhbError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        build_config(SimulateConfig, recipe, {})
+
+
+def test_bad_option_values_end_in_one_line(cli, tmp_path):
+    result = cli("simulate-logs", "--out", tmp_path / "x", "--queries", 100000, ok=False)
+    assert result.exit_code == 2 and "lower --queries" in result.output and "Traceback" not in result.output
+    result = cli("prepare-behaviors", tmp_path / "x.jsonl", "--run-dir", tmp_path, "--behavior-basis", "ranks", ok=False)
+    assert result.exit_code == 2 and "behavior_basis must be rates or counts" in result.output
+    result = cli("simulate-logs", ok=False)
+    assert "give exactly one of --out DIR or --run-dir DIR" in result.output

@@ -1,0 +1,315 @@
+"""prepare-behaviors through the real CLI: validation, accounting, binning, text, splits, run-dir rules."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import read_jsonl, write_jsonl
+from rlhb_cli import rundir
+from rlhb_cli.errors import RlhbError
+
+GOOD = [
+    {"query": "q1", "response": "a", "pv": 10, "clicks": 2, "likes": 5, "dislikes": 1},
+    {"query": "q1", "response": "b", "pv": 0, "clicks": 0, "likes": 0, "dislikes": 0},
+    {"query": "q2", "response": "c", "pv": 99, "clicks": 9, "likes": 0, "dislikes": 4},
+    {"query": "q3", "response": "d", "pv": 3, "clicks": 3, "likes": 1, "dislikes": 1},
+]
+
+
+def prepared(run_dir):
+    stage = run_dir / "prepare-behaviors"
+    return (json.loads((stage / "summary.json").read_text()), datasets.load_from_disk(str(stage / "dataset")),
+            read_jsonl(stage / "rejected.jsonl"))
+
+
+def all_rows(data) -> list[dict]:
+    return [row for split in data for row in data[split]]
+
+
+def test_counts_basis_bins_and_shaped_reward_match_hand_computation(cli, tmp_path):
+    logs = write_jsonl(tmp_path / "logs.jsonl", GOOD)
+    cli("prepare-behaviors", logs, "--run-dir", tmp_path / "run", "--behavior-basis", "counts", "--bins", 2,
+        "--validation-fraction", 0, "--test-fraction", 0)
+    summary, data, rejected = prepared(tmp_path / "run")
+    assert rejected == [] and summary["rows_kept"] == 4
+    rows = {r["response"]: r for r in all_rows(data)}
+    # pv: log1p in [0, log 100]; one inner edge at log(100)/2 = log(10): 10 -> log 11 > log 10 -> bin 1
+    assert [rows[k]["pv_bin"] for k in "abcd"] == [1, 0, 1, 0]
+    # likes: log1p of 5, 0, 0, 1 in [0, log 6]; edge log(6)/2 ~ 0.896: log 2 = 0.693 -> bin 0
+    assert [rows[k]["likes_bin"] for k in "abcd"] == [1, 0, 0, 0]
+    # dislikes: log1p of 1, 0, 4, 1 in [0, log 5]; edge ~ 0.805
+    assert [rows[k]["dislikes_bin"] for k in "abcd"] == [0, 0, 1, 0]
+    assert rows["a"]["shaped_reward"] == pytest.approx((5 - 1) / (10 + 2))
+    assert rows["b"]["shaped_reward"] == 0.0  # zero denominator: defined as 0
+    assert rows["c"]["shaped_reward"] == pytest.approx(-4 / 108)
+    assert summary["shaped_reward_zero_denominator_rows"] == 1
+    bins = json.loads((tmp_path / "run" / "prepare-behaviors" / "bins.json").read_text())
+    assert bins["edges"]["pv"] == pytest.approx([math.log(100) / 2])
+    assert rows["a"]["behavior_text"] == "viewed by many, clicked by few, liked by many, disliked by few"
+
+
+def test_rates_basis_uses_per_view_rates_and_query_relative_views(cli, tmp_path):
+    rows = []
+    for q in range(10):
+        for r, (pv, likes) in enumerate([(100, 50), (50, 5), (10, 1)]):
+            rows.append({"query": f"q{q}", "response": f"r{r}", "pv": pv * (q + 1), "clicks": 0,
+                         "likes": likes * (q + 1), "dislikes": r})
+    logs = write_jsonl(tmp_path / "logs.jsonl", rows)
+    cli("prepare-behaviors", logs, "--run-dir", tmp_path / "run", "--validation-fraction", 0, "--test-fraction", 0)
+    summary, data, _ = prepared(tmp_path / "run")
+    out = all_rows(data)
+    # views relative to the query's mean are the same for every query: r0 high, r2 low, whatever the popularity
+    assert {r["pv_bin"] for r in out if r["response"] == "r0"} == {2}
+    assert {r["pv_bin"] for r in out if r["response"] == "r2"} == {0}
+    # like rate 0.5 > 0.1 = 0.1: r0 top, r1 and r2 tie
+    assert {r["likes_bin"] for r in out if r["response"] == "r0"} == {summary["levels"]["likes"] - 1}
+    assert len({r["likes_bin"] for r in out if r["response"] != "r0"}) == 1
+    assert summary["levels"]["clicks"] == 1  # no clicks at all: one level, no invented ones
+    assert summary["most_preferred_text"].startswith("viewed by many")
+
+
+def test_every_kind_of_bad_row_is_rejected_with_its_line_and_reason(cli, tmp_path):
+    good = json.dumps(GOOD[0])
+    lines = [
+        good,                                                                   # 1 ok
+        "{not json",                                                            # 2
+        json.dumps({"query": "q", "response": "r", "clicks": 1, "likes": 0, "dislikes": 0}),  # 3 missing pv
+        json.dumps({"query": "q", "response": "r", "pv": "lots", "clicks": 1, "likes": 0, "dislikes": 0}),  # 4
+        json.dumps({"query": "q", "response": "r", "pv": -1, "clicks": 0, "likes": 0, "dislikes": 0}),  # 5
+        json.dumps({"query": "q", "response": "r", "pv": 1e15, "clicks": 0, "likes": 0, "dislikes": 0}),  # 6
+        json.dumps({"query": "q", "response": "r", "pv": 3, "clicks": 5, "likes": 0, "dislikes": 0}),  # 7
+        json.dumps({"query": "  ", "response": "r", "pv": 3, "clicks": 1, "likes": 0, "dislikes": 0}),  # 8
+        json.dumps({"query": "q", "response": "r", "pv": 2.5, "clicks": 1, "likes": 0, "dislikes": 0}),  # 9
+        json.dumps({"query": 7, "response": "r", "pv": 3, "clicks": 1, "likes": 0, "dislikes": 0}),  # 10
+        "[1, 2, 3]",                                                            # 11
+        good,                                                                   # 12 duplicate of 1
+        json.dumps({"query": "q", "response": "r", "pv": 3, "clicks": 1, "likes": 2, "dislikes": 2}),  # 13
+        json.dumps({"query": "q", "response": "r", "pv": True, "clicks": 1, "likes": 0, "dislikes": 0}),  # 14
+    ]
+    raw = ("\n".join(lines) + "\n").encode() + b'{"query": "q\xff", "response": "r", "pv": 1}\n'  # 15 bad UTF-8
+    raw += json.dumps({"query": "fine", "response": "ok", "pv": 4, "clicks": 1, "likes": 1, "dislikes": 0}).encode() + b"\n"
+    logs = tmp_path / "bad.jsonl"
+    logs.write_bytes(raw)
+    cli("prepare-behaviors", logs, "--run-dir", tmp_path / "run", "--max-reject-ratio", 1.0)
+    summary, data, rejected = prepared(tmp_path / "run")
+    by_line = {r["line"]: r for r in rejected}
+    expected = {2: "not valid JSON", 3: "missing field 'pv'", 4: "field 'pv' is not a number", 5: "negative",
+                6: "absurdly large", 7: "clicks (5) > pv (3)", 8: "field 'query' is empty", 9: "not a whole count",
+                10: "field 'query' must be text", 11: "not a JSON object", 12: "duplicate of line 1",
+                13: "likes + dislikes (4) > pv (3)", 14: "field 'pv' is not a number", 15: "not valid UTF-8"}
+    assert set(by_line) == set(expected)
+    for line, text in expected.items():
+        assert text in by_line[line]["reason"], (line, by_line[line])
+    assert by_line[12]["kind"] == "duplicate" and by_line[4]["field"] == "pv"
+    assert summary["rows_in"] == 16 == summary["rows_kept"] + summary["rows_rejected"] + summary["rows_duplicate"]
+    assert summary["rows_kept"] == 2 and summary["rows_duplicate"] == 1
+    assert sorted(r["source_line"] for r in all_rows(data)) == [1, 16]
+
+
+def test_too_many_bad_rows_fail_the_stage_with_one_clear_line(cli, tmp_path):
+    logs = tmp_path / "bad.jsonl"
+    logs.write_text(json.dumps(GOOD[0]) + "\n{oops\n{oops\n")
+    result = cli("prepare-behaviors", logs, "--run-dir", tmp_path / "run", ok=False)
+    assert result.exit_code == 2
+    message = result.output.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert "2 of 3 rows are bad" in message and "line 2: not valid JSON" in message
+    manifest = json.loads((tmp_path / "run" / "prepare-behaviors" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "max-reject-ratio" in manifest["error"]
+    assert len(read_jsonl(tmp_path / "run" / "prepare-behaviors" / "rejected.jsonl")) == 2
+    assert not (tmp_path / "run" / "prepare-behaviors" / "dataset").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", b"", "empty file"),
+    ("blank.jsonl", b"\n \n", "empty file"),
+    ("logs.txt", b"{}", "unknown extension .txt"),
+    ("cut.jsonl.gz", gzip.compress(b'{"query": "q"}\n' * 50)[:-12], "truncated gzip"),
+    ("plain.jsonl.gz", b"not gzip at all", "not a valid gzip"),
+    ("nocols.jsonl", b'{"query": "q", "answer": "r"}\n', "no behaviour columns"),
+    ("noresp.jsonl", b'{"query": "q", "pv": 1, "clicks": 0, "likes": 0, "dislikes": 0}\n', "no column 'response'"),
+    ("missing.jsonl", None, "no such file"),
+])
+def test_unreadable_files_get_one_line_naming_the_file(cli, tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    result = cli("prepare-behaviors", path, "--run-dir", tmp_path / "run", ok=False)
+    assert result.exit_code == 2
+    out = result.output.strip()
+    assert message in out and name in out and "Traceback" not in out and "\n" not in out
+
+
+def test_bom_crlf_gzip_csv_and_parquet_read_the_same_rows(cli, tmp_path):
+    text = "".join(json.dumps(r) + "\r\n" for r in GOOD).encode()
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + text)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(text))
+    header = "query,response,pv,clicks,likes,dislikes\r\n"
+    body = "".join(f'"{r["query"]}","{r["response"]}",{r["pv"]},{r["clicks"]},{r["likes"]},{r["dislikes"]}\r\n' for r in GOOD)
+    (tmp_path / "c.csv").write_bytes(b"\xef\xbb\xbf" + (header + body).encode())
+    pq.write_table(pa.Table.from_pylist(GOOD), tmp_path / "d.parquet")
+    seen = []
+    for name in ("a.jsonl", "b.jsonl.gz", "c.csv", "d.parquet"):
+        run_dir = tmp_path / name.replace(".", "_")
+        cli("prepare-behaviors", tmp_path / name, "--run-dir", run_dir, "--salt", "s")
+        summary, data, rejected = prepared(run_dir)
+        assert summary["rows_kept"] == 4 and rejected == [], name
+        seen.append(sorted((r["query"], r["response"], r["pv"], r["behavior_text"]) for r in all_rows(data)))
+    assert all(s == seen[0] for s in seen)
+
+
+def test_csv_errors_name_the_right_line_even_after_multiline_values(cli, tmp_path):
+    csv_text = ('query,response,pv,clicks,likes,dislikes\n'
+                '"q1","line one\nline two",5,1,1,0\n'
+                'q2,r2,abc,1,1,0\n'
+                'q3,r3,5,1\n'
+                'q4,r4,5,1,1,0\n')
+    (tmp_path / "logs.csv").write_text(csv_text)
+    cli("prepare-behaviors", tmp_path / "logs.csv", "--run-dir", tmp_path / "run", "--max-reject-ratio", 1)
+    summary, data, rejected = prepared(tmp_path / "run")
+    by_line = {r["line"]: r["reason"] for r in rejected}
+    assert "not a number" in by_line[4] and "expected 6 columns" in by_line[5]
+    assert sorted(r["source_line"] for r in all_rows(data)) == [2, 6]
+
+
+def test_field_mapping_keep_fields_and_anonymised_user_ids(cli, tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"a{i}", "views": 10, "clicks": 1, "upvotes": 2, "downvotes": 1,
+             "user_id": f"alice{i % 2}", "secret_note": "private", "lang": "en"} for i in range(6)]
+    logs = write_jsonl(tmp_path / "logs.jsonl", rows)
+    cli("prepare-behaviors", logs, "--run-dir", tmp_path / "run", "--field", "query=question", "--field",
+        "response=answer", "--field", "pv=views", "--field", "likes=upvotes", "--field", "dislikes=downvotes",
+        "--keep-field", "lang", "--salt", "pepper")
+    summary, data, _ = prepared(tmp_path / "run")
+    out = all_rows(data)
+    assert summary["dropped_columns"] == ["secret_note"]
+    assert all(r["lang"] == "en" for r in out) and "secret_note" not in out[0]
+    hashes = {r["query"]: r["user_id"] for r in out}
+    assert "alice0" not in set(hashes.values()) and len(set(hashes.values())) == 2
+    assert hashes["q0"] == hashes["q2"] != hashes["q1"]
+    bad = cli("prepare-behaviors", logs, "--run-dir", tmp_path / "run2", "--field", "likes=hearts", ok=False)
+    assert "no column 'hearts' for --field likes=hearts" in bad.output
+
+
+def test_splits_are_disjoint_by_query_and_seeded(cli, tmp_path, sim_run):
+    cli("prepare-behaviors", "--run-dir", sim_run)
+    summary, data, _ = prepared(sim_run)
+    queries = {s: set(data[s]["query"]) for s in data}
+    assert not queries["train"] & queries["validation"] and not queries["train"] & queries["test"]
+    assert not queries["validation"] & queries["test"]
+    assert sum(len(data[s]) for s in data) == summary["rows_kept"] == summary["rows_in"]
+    assert summary["splits"]["validation"]["queries"] == 12 == summary["splits"]["test"]["queries"]
+    other = tmp_path / "other"
+    cli("prepare-behaviors", sim_run / "simulate-logs" / "logs.jsonl", "--run-dir", other, "--seed", 3)
+    _, data_other, _ = prepared(other)
+    assert set(data_other["test"]["query"]) != queries["test"]
+
+
+def test_same_seed_gives_the_same_data_set(cli, tmp_path, sim_run):
+    logs = sim_run / "simulate-logs" / "logs.jsonl"
+    tables = []
+    for name in ("one", "two"):
+        cli("prepare-behaviors", logs, "--run-dir", tmp_path / name)
+        _, data, _ = prepared(tmp_path / name)
+        tables.append({s: data[s].to_pandas() for s in data})
+    for split in tables[0]:
+        assert tables[0][split].equals(tables[1][split])
+
+
+def test_templates_and_bin_reuse(cli, tmp_path, sim_run):
+    cli("prepare-behaviors", "--run-dir", sim_run, "--template", "zh")
+    summary, data, _ = prepared(sim_run)
+    assert summary["most_preferred_text"].startswith("浏览") and "点赞" in data["train"][0]["behavior_text"]
+    template = tmp_path / "mine.json"
+    template.write_text(json.dumps({"format": "V{pv} C{clicks} L{likes} D{dislikes}",
+                                    "levels": {str(n): [str(i) for i in range(n)] for n in range(1, 6)}}))
+    other = tmp_path / "other"
+    cli("prepare-behaviors", sim_run / "simulate-logs" / "logs.jsonl", "--run-dir", other, "--template", template,
+        "--bins-from", sim_run / "prepare-behaviors" / "bins.json")
+    summary_other, data_other, _ = prepared(other)
+    assert summary_other["most_preferred_text"].startswith("V2 C4 L4 D0")
+    assert data_other["train"]["likes_bin"] == data["train"]["likes_bin"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"format": "{pv} {likes}", "levels": {}}))
+    result = cli("prepare-behaviors", sim_run / "simulate-logs" / "logs.jsonl", "--run-dir", tmp_path / "x",
+                 "--template", broken, ok=False)
+    assert result.exit_code == 2 and "does not name {clicks}, {dislikes}" in result.output
+
+
+def test_simulated_logs_meet_the_most_preferred_share(cli, sim_run):
+    cli("prepare-behaviors", "--run-dir", sim_run)
+    summary, data, _ = prepared(sim_run)
+    assert summary["most_preferred_share_train"] >= 0.05
+    assert summary["shaped_reward_mean_most_preferred"] > summary["shaped_reward_mean"]
+    assert (sim_run / "prepare-behaviors" / "histograms.png").stat().st_size > 1000
+    manifest = json.loads((sim_run / "prepare-behaviors" / "manifest.json").read_text())
+    logs = sim_run / "simulate-logs" / "logs.jsonl"
+    assert manifest["status"] == "done" and manifest["inputs"]["logs"]["sha256"] == rundir.sha256_of(logs)
+    assert manifest["config"]["behavior_basis"] == "rates" and manifest["seed"] == 0
+    assert {"python", "pyarrow", "datasets"} <= set(manifest["versions"])
+    assert manifest["started_at"] <= manifest["finished_at"] and "simulate-logs" in manifest["upstream"]
+
+
+def test_stage_refuses_missing_failed_and_stale_inputs(cli, tmp_path, sim_run):
+    empty = tmp_path / "empty_run"
+    result = cli("prepare-behaviors", "--run-dir", empty, ok=False)
+    assert result.exit_code == 2 and f"run `rlhb simulate-logs --run-dir {empty}` first" in result.output
+
+    cli("prepare-behaviors", "--run-dir", sim_run)
+    again = cli("prepare-behaviors", "--run-dir", sim_run)
+    assert "already done" in again.output
+    states = {r["stage"]: r["state"] for r in rundir.status_rows(sim_run)}
+    assert states == {"simulate-logs": "done", "prepare-behaviors": "done"}
+
+    logs = sim_run / "simulate-logs" / "logs.jsonl"
+    logs.write_text(logs.read_text() + json.dumps(GOOD[0]) + "\n")
+    states = {r["stage"]: (r["state"], r["detail"]) for r in rundir.status_rows(sim_run)}
+    assert states["prepare-behaviors"] == ("stale", "inputs changed since: logs")
+    with pytest.raises(RlhbError, match=r"prepare-behaviors in .* is stale: inputs changed since: logs; run `rlhb "
+                                        r"prepare-behaviors LOGS --run-dir"):
+        rundir.require_stage(sim_run, "prepare-behaviors")
+    status = cli("status", "--run-dir", sim_run)
+    assert "stale" in status.output
+
+    manifest_path = sim_run / "simulate-logs" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["status"] = "failed"
+    manifest["error"] = "boom"
+    manifest_path.write_text(json.dumps(manifest))
+    result = cli("prepare-behaviors", "--run-dir", sim_run, "--force", ok=False)
+    assert "simulate-logs in" in result.output and "is failed: boom" in result.output
+
+
+def test_interrupted_stage_is_reported_and_never_read(tmp_path):
+    stage_dir = tmp_path / "run" / "simulate-logs"
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "manifest.json").write_text(json.dumps({"status": "running", "pid": 2 ** 22 + 12345, "host": "x"}))
+    (stage_dir / "logs.jsonl").write_text("half a fi")
+    assert rundir.stage_state(stage_dir)[0] == "interrupted"
+    with pytest.raises(RlhbError, match="is interrupted"):
+        rundir.require_stage(tmp_path / "run", "simulate-logs")
+
+
+def test_atomic_write_leaves_old_content_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "x.json"
+    rundir.atomic_write_json(path, {"a": 1})
+
+    class Boom(Exception):
+        pass
+
+    def explode(*_):
+        raise Boom
+
+    monkeypatch.setattr(rundir.os, "replace", explode)
+    with pytest.raises(Boom):
+        rundir.atomic_write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    assert np.isfinite(1.0)
