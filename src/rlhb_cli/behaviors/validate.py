@@ -36,20 +36,16 @@ class _Verdicts:
 
     def __init__(self, lines: np.ndarray):
         self.lines = lines
-        self.reason = np.full(len(lines), None, dtype=object)
-        self.field = np.full(len(lines), None, dtype=object)
+        self.ok = np.ones(len(lines), dtype=bool)
+        self.reason: dict[int, str] = {}
+        self.field: dict[int, str | None] = {}
 
-    @property
-    def ok(self) -> np.ndarray:
-        return np.equal(self.reason, None)
-
-    def flag(self, mask: np.ndarray, name: str | None, message, values: np.ndarray | None = None) -> None:
+    def flag(self, mask: np.ndarray, name: str | None, message) -> None:
         for i in np.flatnonzero(mask & self.ok):
-            self.reason[i] = message(i) if callable(message) else message
-            self.field[i] = name
+            self.reason[int(i)] = message(i) if callable(message) else message
+            self.field[int(i)] = name
+            self.ok[i] = False
 
-    def rejected(self, raw_of) -> list[Rejected]:
-        return [Rejected(int(self.lines[i]), self.reason[i], self.field[i], raw_of(i)) for i in np.flatnonzero(~self.ok)]
 
 
 def _fmt(x: float) -> str:
@@ -105,8 +101,7 @@ def validate(parsed: ParsedLogs, path: Path, kind: str = "auto", max_count: floa
         column, missing, not_text = text_column(parsed, name)
         verdicts.flag(missing, name, f"missing field '{name}'")
         verdicts.flag(not_text, name, f"field '{name}' must be text, got a number")
-        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0).fill_null(False).to_numpy(zero_copy_only=False)
-        verdicts.flag(empty, name, f"field '{name}' is empty")
+        verdicts.flag(_blank(column), name, f"field '{name}' is empty")
         texts[name] = column
 
     counts: dict[str, np.ndarray] = {}
@@ -151,17 +146,14 @@ def validate(parsed: ParsedLogs, path: Path, kind: str = "auto", max_count: floa
     key_names = ["event_id"] if kind == "events" else ["query", "response"] + [
         k for k in ("window", "user_segment", "user_id") if k in table.column_names]
     duplicates: list[Rejected] = []
-    ok = verdicts.ok
+    ok = verdicts.ok.copy()
     if kind == "events" and "event_id" not in table.column_names:
         notes.append("events carry no event_id column, so repeated events cannot be told apart from real ones")
     else:
-        keyed = pa.table({k: (texts[k] if k in texts else table.column(k).cast(pa.string())) for k in key_names})
-        keyed = keyed.append_column("__row", pa.array(np.arange(n))).filter(pa.array(ok))
-        first = keyed.group_by(key_names, use_threads=False).aggregate([("__row", "min")])
-        joined = keyed.join(first, key_names, join_type="left outer", use_threads=False)
-        row = joined.column("__row").to_numpy()
-        first_row = joined.column("__row_min").to_numpy()
-        for r, f in zip(row[row != first_row], first_row[row != first_row]):
+        key_columns = [texts[k] if k in texts else table.column(k).cast(pa.string()) for k in key_names]
+        first_row = _first_occurrence(key_columns, ok)
+        repeated = ok & (first_row != np.arange(n))
+        for r, f in zip(np.flatnonzero(repeated), first_row[repeated]):
             duplicates.append(Rejected(int(parsed.lines[r]), f"duplicate of line {int(parsed.lines[f])}", None,
                                        {k: _short(texts[k][r].as_py() if k in texts else table.column(k)[r].as_py())
                                         for k in key_names}))
@@ -170,7 +162,8 @@ def validate(parsed: ParsedLogs, path: Path, kind: str = "auto", max_count: floa
     def raw_of(i: int) -> dict:
         return {k: _short(table.column(k)[i].as_py()) for k in list(TEXT_FIELDS) + [c for c in counted if c in table.column_names]}
 
-    rejected = parsed.rejected + verdicts.rejected(raw_of)
+    rejected = parsed.rejected + [Rejected(int(parsed.lines[i]), verdicts.reason[i], verdicts.field[i], raw_of(i))
+                                  for i in sorted(verdicts.reason)]
     rejected.sort(key=lambda r: r.line)
     duplicates.sort(key=lambda r: r.line)
     keep = pa.array(ok)
@@ -193,6 +186,47 @@ def validate(parsed: ParsedLogs, path: Path, kind: str = "auto", max_count: floa
         kept = kept.set_column(kept.column_names.index("user_id"), "user_id", _anonymise(kept.column("user_id"), salt))
         notes.append("user_id replaced by a salted hash")
     return ValidatedLogs(kept, kind, rows_in, rows_kept, rejected, duplicates, dropped, notes)
+
+
+def _blank(column: pa.Array) -> np.ndarray:
+    """Empty or whitespace-only strings. Only strings that start with white space (or are empty) can be
+    blank, so only those few are trimmed, instead of copying every text."""
+    first = pc.utf8_slice_codeunits(column, 0, 1)
+    maybe = pc.or_(pc.equal(first, ""), pc.utf8_is_space(first)).fill_null(False).to_numpy(zero_copy_only=False)
+    blank = np.zeros(len(column), dtype=bool)
+    if maybe.any():
+        candidates = np.flatnonzero(maybe)
+        trimmed = pc.utf8_trim_whitespace(column.take(pa.array(candidates)))
+        blank[candidates] = pc.equal(pc.utf8_length(trimmed), 0).fill_null(False).to_numpy(zero_copy_only=False)
+    return blank
+
+
+def _first_occurrence(key_columns: list, usable: np.ndarray) -> np.ndarray:
+    """For each row, the index of the first usable row with the same key (itself if it is the first).
+
+    Each key column is dictionary-encoded to integers and the codes folded into one integer key; a
+    stable sort then groups equal keys with the earliest row first. No Python loop over rows.
+    """
+    n = len(usable)
+    combined = np.zeros(n, dtype=np.int64)
+    span = 1
+    for column in key_columns:
+        encoded = (column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column).dictionary_encode()
+        codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+        size = len(encoded.dictionary) + 1
+        if span * size >= 2**62:  # re-number densely before the folded key could overflow
+            _, combined = np.unique(combined, return_inverse=True)
+            span = int(combined.max()) + 1
+        combined = combined * size + codes
+        span *= size
+    rows = np.flatnonzero(usable)
+    order = rows[np.argsort(combined[rows], kind="stable")]
+    keys = combined[order]
+    starts = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(order) else np.zeros(0, dtype=bool)
+    group_first = order[starts][np.cumsum(starts) - 1]
+    first = np.arange(n)
+    first[order] = group_first
+    return first
 
 
 def _short(value, limit: int = 200):

@@ -1,0 +1,58 @@
+"""PNG plots. Run in a child process (`python -m rlhb_cli.plots KIND DATA.json OUT.png`) by stages that
+should not wait for matplotlib to import and draw: the plot is made from a small JSON of numbers
+while the stage goes on with its own work on the other core.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from rlhb_cli.errors import RlhbError
+
+
+def behavior_histograms(data: dict, out: Path) -> None:
+    """One panel per behaviour metric (log(1 + count)) and one for the shaped reward."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = data["panels"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2))
+    for ax, panel in zip(axes, panels):
+        edges = panel["edges"]
+        widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+        ax.bar(edges[:-1], panel["counts"], width=widths, align="edge", color=panel.get("color", "#4477aa"))
+        for line in panel.get("bin_edges", []):
+            ax.axvline(line, color="#cc3311", lw=0.8)
+        ax.set_title(panel["title"])
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+KINDS = {"histograms": behavior_histograms}
+
+
+class Drawing:
+    """A plot being drawn in a child process; `wait_for` waits and turns its failure into one line."""
+
+    def __init__(self, kind: str, data_json: Path, out: Path):
+        self.out = out
+        self.process = subprocess.Popen([sys.executable, "-m", "rlhb_cli.plots", kind, str(data_json), str(out)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait_for(self) -> None:
+        _, stderr = self.process.communicate()
+        if self.process.returncode != 0:
+            last = (stderr or "").strip().splitlines()[-1:] or ["no message"]
+            raise RlhbError(f"{self.out}: plotting failed ({last[0]})")
+
+
+if __name__ == "__main__":
+    kind, data_path, out_path = sys.argv[1:4]
+    KINDS[kind](json.loads(Path(data_path).read_text(encoding="utf-8")), Path(out_path))
