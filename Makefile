@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The main job on the embedded default: simulate the platform, prepare its logs, show the run.
 demo: setup
-	RUN_DIR=$(RUN_DIR) bash experiments/demo.sh
+	$(BIN)/rlhb simulate-logs --run-dir $(RUN_DIR)
+	$(BIN)/rlhb prepare-behaviors --run-dir $(RUN_DIR)
+	$(BIN)/rlhb status --run-dir $(RUN_DIR)
 
 bench: setup
 	$(BIN)/python benchmarks/bench_prepare.py
