@@ -7,8 +7,12 @@ one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import sys
+import types
+import typing
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +60,8 @@ def _print_summary(title: str, summary: dict) -> None:
 
 
 def run_stage(stage: str, stage_dir: Path, config: Any, body: Callable, seed: int | None = None,
-              upstream: tuple[str, ...] = (), force: bool = False) -> dict:
+              upstream: tuple[str, ...] = (), force: bool = False, resume: bool = False,
+              stop_after_steps: int | None = None) -> dict:
     """Skip when already done with this config and fresh inputs; else run `body(config, stage_run)`."""
     state, manifest, _ = rundir.stage_state(stage_dir)
     if state == "done" and not force and manifest and manifest.get("config") == config_to_dict(config):
@@ -64,6 +69,8 @@ def run_stage(stage: str, stage_dir: Path, config: Any, body: Callable, seed: in
         console.print(f"{stage}: already done in {stage_dir} with this config (--force to run again)")
         return summary
     with rundir.open_stage(stage_dir, stage, config, seed) as stage_run:
+        stage_run.resume = resume
+        stage_run.stop_after_steps = stop_after_steps
         for name in upstream:
             stage_run.add_upstream(name)
         summary = body(config, stage_run)
@@ -220,6 +227,81 @@ def import_oasst(
     _guard(lambda: _import("oasst", trees, out, pairs))
 
 
+# ------------------------------------------------------------------------------------------- training stages
+def _config_option(config_cls: type, f: dataclasses.Field, hints: dict) -> tuple[Any, Any]:
+    """(annotation, default) of the CLI option for one config field; the help is the field's own."""
+    flag = "--" + f.name.replace("_", "-")
+    kind = hints[f.name]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    base = args[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind
+    if base is bool:
+        return Annotated[Optional[bool], typer.Option(f"{flag}/--no-{flag[2:]}", help=help_of(config_cls, f.name),
+                                                      show_default=False)], None
+    if typing.get_origin(base) is list:
+        return Annotated[Optional[list[str]], typer.Option(flag, help=help_of(config_cls, f.name), show_default=False)], None
+    shown = f" (default: {f.default})" if f.default is not dataclasses.MISSING else ""
+    return Annotated[Optional[base], typer.Option(flag, help=help_of(config_cls, f.name) + shown,
+                                                  show_default=False)], None
+
+
+def training_stage_command(name: str, config_cls: type, module: str, doc: str) -> None:
+    """Register `rlhb NAME`: run dir and control flags, then one option per field of the stage's config."""
+    hints = typing.get_type_hints(config_cls, {"Path": Path})
+    fields = dataclasses.fields(config_cls)
+    parameters = [
+        inspect.Parameter("run_dir", inspect.Parameter.KEYWORD_ONLY,
+                          annotation=Annotated[Path, typer.Option("--run-dir", help="Run directory.")]),
+        inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt),
+        inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=ForceOpt),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option("--resume", help="Continue from this stage's last checkpoint.")]),
+        inspect.Parameter("stop_after_steps", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[int], typer.Option("--stop-after-steps", help="Stop after this many optimizer steps in all, "
+                                        "with a checkpoint; continue later with --resume.")]),
+    ]
+    for f in fields:
+        annotation, default = _config_option(config_cls, f, hints)
+        parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=annotation))
+
+    def command(**values: Any) -> None:
+        def body() -> None:
+            import importlib
+            stage_module = importlib.import_module(module)
+            run_dir = values["run_dir"]
+            config = build_config(config_cls, values["config_file"], {f.name: values[f.name] for f in fields})
+            stage_dir = run_dir / name
+            state, _, _ = rundir.stage_state(stage_dir)
+            if values["resume"] and state not in ("stopped", "interrupted", "failed"):
+                if state == "done":
+                    console.print(f"{name}: already done; nothing to resume")
+                    return
+            try:
+                summary = run_stage(name, stage_dir, config, stage_module.run, getattr(config, "seed", None),
+                                    force=values["force"] or values["resume"],
+                                    resume=values["resume"], stop_after_steps=values["stop_after_steps"])
+            except rundir.StageStopped as exc:
+                console.print(f"{name}: {exc}; continue with `rlhb {name} --run-dir {run_dir} --resume`")
+                return
+            _print_summary(f"{name} -> {stage_dir}", summary)
+        _guard(body)
+
+    command.__signature__ = inspect.Signature(parameters)
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    command.__doc__ = doc
+    command.__name__ = name.replace("-", "_")
+    app.command(name)(command)
+
+
+from rlhb_cli.stages.sft import SFTStageConfig  # noqa: E402
+from rlhb_cli.stages.discriminator import DiscriminatorConfig  # noqa: E402
+
+training_stage_command("train-sft", SFTStageConfig, "rlhb_cli.stages.sft",
+                       "Behaviour-conditioned SFT of the starting policy on the logged triplets.")
+training_stage_command("warmup-discriminator", DiscriminatorConfig, "rlhb_cli.stages.discriminator",
+                       "Warm up RLHB's discriminator: real triplets vs behaviour-replaced ones.")
+
+
 @app.command("status")
 def status(run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory to describe.")]) -> None:
     """Each stage of a run directory: done / failed / stale / missing, with its headline figures."""
@@ -236,6 +318,9 @@ def status(run_dir: Annotated[Path, typer.Option("--run-dir", help="Run director
 
 
 def main() -> None:
+    import os
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own summaries say what loaded and how
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local paths; never reach for a hub
     try:
         app()
     except KeyboardInterrupt:

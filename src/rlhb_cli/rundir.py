@@ -34,12 +34,20 @@ SUMMARY = "summary.json"
 PIPELINE: dict[str, str] = {
     "simulate-logs": "rlhb simulate-logs --run-dir {run_dir}",
     "prepare-behaviors": "rlhb prepare-behaviors LOGS --run-dir {run_dir}",
+    "train-sft": "rlhb train-sft --run-dir {run_dir}",
+    "warmup-discriminator": "rlhb warmup-discriminator --run-dir {run_dir}",
+    "train-classifier": "rlhb train-classifier --run-dir {run_dir}",
+    "train-reward": "rlhb train-reward --run-dir {run_dir}",
 }
 
 # The figures `rlhb status` shows for a stage (its summary.json has more).
 HEADLINES: dict[str, tuple[str, ...]] = {
     "simulate-logs": ("rows", "impressions", "bayes_ceiling_auc", "most_preferred_share"),
     "prepare-behaviors": ("rows_in", "rows_kept", "rows_rejected", "rows_duplicate", "most_preferred_share_train"),
+    "train-sft": ("val_perplexity", "untrained_val_perplexity", "seconds"),
+    "warmup-discriminator": ("val_auc", "bayes_ceiling_auc", "val_accuracy", "seconds"),
+    "train-classifier": ("mean_accuracy_gain", "macro_f1_mean", "seconds"),
+    "train-reward": ("val_pairwise_accuracy", "pairs_train", "seconds"),
 }
 
 _LIBRARIES = ("rlhb-cli", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "pyarrow", "numpy")
@@ -190,6 +198,8 @@ def stage_state(stage_dir: Path) -> tuple[str, dict[str, Any] | None, str]:
         if manifest.get("host") == platform.node() and _pid_alive(manifest.get("pid")):
             return "running", manifest, ""
         return "interrupted", manifest, "stopped before it finished"
+    if status == "stopped":
+        return "stopped", manifest, (manifest.get("error") or "") + "; continue with --resume"
     if status != "done":
         return "failed", manifest, manifest.get("error", "")
     changed = changed_inputs(manifest)
@@ -219,14 +229,20 @@ def require_stage(run_dir: Path, stage: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- one stage run
+class StageStopped(Exception):
+    """A training stage stopped on purpose (e.g. --stop-after-steps) after writing a checkpoint."""
+
+
 @dataclass
 class StageRun:
-    """An open stage: its directory and the manifest being written for it."""
+    """An open stage: its directory, the manifest being written for it, and how to run it."""
 
     stage: str
     dir: Path
     manifest: dict[str, Any]
     manifest_name: str = MANIFEST
+    resume: bool = False  # continue from the stage's checkpoint, if it has one
+    stop_after_steps: int | None = None  # stop (resumably) after this many optimizer steps in all
 
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.dir / name
@@ -277,6 +293,12 @@ def open_stage(stage_dir: Path, stage: str, config: Any, seed: int | None,
     run._flush()
     try:
         yield run
+    except StageStopped as exc:
+        manifest["status"] = "stopped"
+        manifest["error"] = str(exc)
+        manifest["finished_at"] = now()
+        run._flush()
+        raise
     except BaseException as exc:
         manifest["status"] = "failed"
         manifest["error"] = str(exc) or type(exc).__name__

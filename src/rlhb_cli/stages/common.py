@@ -1,0 +1,119 @@
+"""What the training stages share: the prepared data set, backbones, seeding, metrics, progress."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhb_cli import rundir
+from rlhb_cli.behaviors.binning import BinSpec
+from rlhb_cli.behaviors.text import BehaviorTemplate
+from rlhb_cli.errors import RlhbError
+from rlhb_cli.models.load import TinyModelSpec, load_sequence_classifier, minilm_path, tiny_llama_config
+from rlhb_cli.models.tokenizer import train_tokenizer
+from rlhb_cli.prompts import generator_prompt
+
+PREPARED = "prepare-behaviors"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_prepared(run_dir: Path, stage: rundir.StageRun, min_validation: int = 1):
+    """(DatasetDict, BinSpec, template) of the run's prepare-behaviors, recorded as this stage's upstream."""
+    import datasets
+    datasets.disable_progress_bars()
+    prepared = rundir.require_stage(run_dir, PREPARED)
+    stage.add_upstream(PREPARED)
+    data = datasets.load_from_disk(str(prepared / "dataset"))
+    if len(data["train"]) == 0:
+        raise RlhbError(f"{prepared}: the training split is empty; prepare-behaviors needs more queries")
+    if len(data["validation"]) < min_validation:
+        raise RlhbError(f"{prepared}: the validation split has {len(data['validation'])} rows, too few to measure "
+                        f"anything; rerun prepare-behaviors with more logs or a larger --validation-fraction")
+    spec = BinSpec.from_json(rundir.read_json(prepared / "bins.json"))
+    behavior = rundir.read_json(prepared / "behavior.json")
+    source = behavior["template"]
+    template = BehaviorTemplate.load(source.split(":", 1)[1] if source.startswith("shipped:") else source)
+    return data, spec, template
+
+
+def corpus_of(train) -> list[str]:
+    """Texts a tiny tokenizer is trained on: prompts as the policy sees them, and the responses."""
+    texts = [generator_prompt(q, b) for q, b in zip(train["query"], train["behavior_text"])]
+    return texts + list(train["response"])
+
+
+def judge_backbone(name: str, run_dir: Path, stage: rundir.StageRun, num_labels: int, train, notes: list[str],
+                   spec: TinyModelSpec | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) of a judge: from the SFT policy's body, a fresh tiny model, MiniLM, or a path."""
+    if name == "sft":
+        policy = rundir.require_stage(run_dir, "train-sft") / "policy"
+        stage.add_upstream("train-sft")
+        return load_sequence_classifier(policy, num_labels, notes)
+    if name == "tiny":
+        from transformers import LlamaForSequenceClassification
+        init = stage.dir / "init"
+        if not (init / "config.json").exists():
+            tokenizer = train_tokenizer(corpus_of(train), (spec or TinyModelSpec()).vocab_size)
+            config = tiny_llama_config(spec or TinyModelSpec(), tokenizer)
+            config.num_labels = num_labels
+            model = LlamaForSequenceClassification(config)
+            with rundir.atomic_dir(init) as tmp:
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+        return load_sequence_classifier(init, num_labels, notes)
+    if name == "minilm":
+        return load_sequence_classifier(minilm_path(), num_labels, notes)
+    return load_sequence_classifier(Path(name), num_labels, notes, trust_remote_code)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object a line, appended as training goes; truncated to a step on resume."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def keep_until(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by an interruption
+            if row.get("step", 0) <= step:
+                kept.append(line)
+        rundir.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def progress_bar():
+    """A rich progress bar with loss and rate, on stderr (quiet when stderr is not a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} it/s"),
+                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,199 @@
+"""`rlhb warmup-discriminator`: learn to tell a real (query, response, behaviour) triplet from a fake.
+
+Real: logged triplets. Fake: the same (query, response) with its behaviour replaced, by three
+strategies mixed by `fake_*` weights: a random other row's behaviour; another response's behaviour for
+the same query (hard: the text alone must tell); the row's own bin pattern shifted away from the truth.
+The headline is the validation AUC against random replacement, the setting whose Bayes-optimal AUC
+simulate-logs reports, so the gap to the ceiling is visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhb_cli import rundir
+from rlhb_cli.behaviors.binning import METRICS, BinSpec
+from rlhb_cli.behaviors.text import BehaviorTemplate
+from rlhb_cli.config import config_to_dict, field
+from rlhb_cli.errors import RlhbError
+from rlhb_cli.models.judge import Judge, JudgeMeta
+from rlhb_cli.prompts import judge_text
+from rlhb_cli.stages.common import judge_backbone, load_prepared, param_count, seed_everything
+from rlhb_cli.stages.judge_training import LoopSettings, train_judge
+from rlhb_cli.stats import auc
+
+STAGE = "warmup-discriminator"
+
+
+@dataclass
+class DiscriminatorConfig:
+    backbone: str = field("sft", help="sft (the SFT policy's body), tiny (fresh), minilm (pretrained encoder) or a path.")
+    max_length: int = field(192, help="Tokens of judge input kept (behaviour, question, answer).")
+    epochs: int = field(3, help="Passes over the training triplets.")
+    batch_size: int = field(32, help="Triplets per optimizer step.")
+    learning_rate: float = field(3e-4, help="Peak learning rate of the one-cycle schedule.")
+    weight_decay: float = field(0.01, help="AdamW weight decay on matrices.")
+    warmup_fraction: float = field(0.1, help="Share of steps rising to the peak learning rate.")
+    label_smoothing: float = field(0.0, help="Targets become 1 - s and s instead of 1 and 0.")
+    fake_per_real: float = field(1.0, help="Fake triplets made per real one.")
+    fake_random: float = field(0.25, help="Weight of fakes with a random other row's behaviour.")
+    fake_same_query: float = field(0.5, help="Weight of fakes with another response's behaviour for the same query.")
+    fake_shifted: float = field(0.25, help="Weight of fakes whose bin pattern is shifted away from the truth.")
+    max_train_rows: int = field(0, help="Use at most this many training rows (0: all).")
+    checkpoint_every: int = field(200, help="Optimizer steps between checkpoints (and at every epoch end).")
+    seed: int = field(0, help="Seed of fakes, initialisation and batch order.")
+
+    def __post_init__(self):
+        if min(self.fake_random, self.fake_same_query, self.fake_shifted) < 0 or \
+                self.fake_random + self.fake_same_query + self.fake_shifted <= 0:
+            raise ValueError("fake_random, fake_same_query, fake_shifted must be >= 0 and not all 0")
+        if self.fake_per_real <= 0:
+            raise ValueError(f"fake_per_real must be > 0, got {self.fake_per_real}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1")
+
+
+def shifted_text(rng: np.random.Generator, bins: dict[str, int], spec: BinSpec, template: BehaviorTemplate) -> str | None:
+    """The row's pattern with likes and dislikes (and maybe another metric) pushed away from the truth."""
+    levels = dict(bins)
+    for metric in ("likes", "dislikes") + ((METRICS[rng.integers(2)],) if rng.random() < 0.5 else ()):
+        top = spec.levels(metric) - 1
+        if top == 0:
+            continue
+        step = int(rng.integers(1, 3))
+        levels[metric] = levels[metric] - step if levels[metric] * 2 > top else levels[metric] + step
+        levels[metric] = int(np.clip(levels[metric], 0, top))
+    if levels == bins:
+        return None
+    return template.render(spec, levels)
+
+
+def make_fakes(split, rng: np.random.Generator, count: int, weights: tuple[float, float, float], spec: BinSpec,
+               template: BehaviorTemplate) -> tuple[list[int], list[str], list[str]]:
+    """(row index, fake behaviour text, strategy) for `count` fakes; never the row's own behaviour."""
+    texts = split["behavior_text"]
+    queries = split["query"]
+    by_query = defaultdict(list)
+    for i, q in enumerate(queries):
+        by_query[q].append(i)
+    columns = {m: split[f"{m}_bin"] for m in METRICS}
+    bins = [{m: columns[m][i] for m in METRICS} for i in range(len(texts))]
+    distinct = len(set(texts))
+    if distinct < 2:
+        raise RlhbError("every row has the same behaviour text: there is nothing to tell real from fake")
+    probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
+    rows, fakes, kinds = [], [], []
+    attempts = 0
+    while len(rows) < count and attempts < count * 20:
+        attempts += 1
+        i = int(rng.integers(len(texts)))
+        kind = ("random", "same_query", "shifted")[rng.choice(3, p=probabilities)]
+        fake = None
+        if kind == "same_query":
+            others = [j for j in by_query[queries[i]] if texts[j] != texts[i]]
+            fake = texts[others[rng.integers(len(others))]] if others else None
+        elif kind == "shifted":
+            fake = shifted_text(rng, bins[i], spec, template)
+        if kind == "random" or fake is None:
+            kind = "random" if fake is None and kind != "random" else kind
+            j = int(rng.integers(len(texts)))
+            fake = texts[j]
+        if fake == texts[i]:
+            continue
+        rows.append(i)
+        fakes.append(fake)
+        kinds.append(kind)
+    return rows, fakes, kinds
+
+
+def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
+    started = time.perf_counter()
+    run_dir = stage.dir.parent
+    seed_everything(config.seed)
+    data, spec, template = load_prepared(run_dir, stage, min_validation=2)
+    train = data["train"]
+    if config.max_train_rows and len(train) > config.max_train_rows:
+        train = train.select(range(config.max_train_rows))
+    validation = data["validation"]
+    rng = np.random.default_rng(config.seed)
+    weights = (config.fake_random, config.fake_same_query, config.fake_shifted)
+    n_fake = int(round(len(train) * config.fake_per_real))
+    fake_rows, fake_texts, fake_kinds = make_fakes(train, rng, n_fake, weights, spec, template)
+    texts = [judge_text(q, r, b) for q, r, b in zip(train["query"], train["response"], train["behavior_text"])]
+    queries, responses = train["query"], train["response"]
+    texts += [judge_text(queries[i], responses[i], b) for i, b in zip(fake_rows, fake_texts)]
+    labels = torch.tensor([1.0] * len(train) + [0.0] * len(fake_rows))
+
+    # Validation: real rows against each strategy's fakes (one per real row).
+    val_real = [judge_text(q, r, b) for q, r, b in
+                zip(validation["query"], validation["response"], validation["behavior_text"])]
+    val_sets = {}
+    val_queries, val_responses = validation["query"], validation["response"]
+    for name, w in (("random", (1, 0, 0)), ("same_query", (0, 1, 0)), ("shifted", (0, 0, 1))):
+        rows, fakes, kinds = make_fakes(validation, np.random.default_rng([config.seed, 7]), len(validation), w, spec,
+                                        template)
+        val_sets[name] = [judge_text(val_queries[i], val_responses[i], b) for i, b in zip(rows, fakes)]
+
+    notes: list[str] = []
+    model, tokenizer = judge_backbone(config.backbone, run_dir, stage, 1, train, notes)
+    judge = Judge(model, tokenizer, JudgeMeta(kind="discriminator", max_length=config.max_length, with_behavior=True))
+    smooth = config.label_smoothing
+
+    def loss_fn(logits, target):
+        target = target * (1 - 2 * smooth) + smooth
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1), target)
+
+    def evaluate() -> dict:
+        real = torch.sigmoid(judge.logits(val_real)).squeeze(-1).numpy()
+        out = {"score_real": float(real.mean()), "accuracy_real": float((real > 0.5).mean())}
+        for name, fakes in val_sets.items():
+            fake = torch.sigmoid(judge.logits(fakes)).squeeze(-1).numpy()
+            key = "auc" if name == "random" else f"auc_{name}"
+            out[key] = auc(real, fake)
+            if name == "random":
+                out["score_fake"] = float(fake.mean())
+                out["accuracy"] = float(((real > 0.5).sum() + (fake <= 0.5).sum()) / (len(real) + len(fake)))
+        return out
+
+    settings = LoopSettings(config.epochs, config.batch_size, config.learning_rate, config.weight_decay,
+                            config.warmup_fraction, 1.0, config.seed, config.checkpoint_every)
+    fingerprint = hashlib.sha256(json.dumps([config_to_dict(config), stage.manifest["upstream"]],
+                                            sort_keys=True).encode()).hexdigest()
+    before = {k: v.detach().clone() for k, v in list(model.state_dict().items())[:4]}
+    final = train_judge(judge, texts, labels, loss_fn, settings, stage, evaluate, fingerprint)
+    judge.save(stage.dir / "model")
+    changed = any(not torch.equal(before[k], model.state_dict()[k]) for k in before)
+
+    ceiling = None
+    simulated = run_dir / "simulate-logs" / "summary.json"
+    if simulated.exists():
+        ceiling = rundir.read_json(simulated).get("bayes_ceiling_auc")
+    summary = {
+        "val_auc": round(final["auc"], 4),
+        "val_auc_same_query": round(final["auc_same_query"], 4),
+        "val_auc_shifted": round(final["auc_shifted"], 4),
+        "val_accuracy": round(final["accuracy"], 4),
+        "val_score_real": round(final["score_real"], 4),
+        "val_score_fake": round(final["score_fake"], 4),
+        "bayes_ceiling_auc": ceiling,
+        "gap_to_ceiling": round(ceiling - final["auc"], 4) if ceiling is not None else None,
+        "train_real": len(train),
+        "train_fake": len(fake_rows),
+        "fake_strategies": {k: fake_kinds.count(k) for k in ("random", "same_query", "shifted")},
+        "backbone": config.backbone,
+        "parameters": param_count(model),
+        "parameters_changed": changed,
+        "notes": notes,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return summary

@@ -1,0 +1,188 @@
+"""`rlhb train-sft`: behaviour-conditioned supervised fine-tuning, the paper's starting policy.
+
+Prompt = query + the row's own behaviour text (prompts.generator_prompt), completion = the logged
+response; loss on the completion only (trl SFTTrainer, prompt-completion data). With `--model tiny`
+a byte-level BPE tokenizer is trained on the run's texts and a small Llama is built from a config,
+saved with save_pretrained and reloaded from disk, as any other model would be.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rlhb_cli import rundir
+from rlhb_cli.config import field
+from rlhb_cli.errors import RlhbError
+from rlhb_cli.models.load import TinyModelSpec, load_causal_lm, tiny_llama_config
+from rlhb_cli.models.tokenizer import train_tokenizer
+from rlhb_cli.prompts import generator_prompt
+from rlhb_cli.stages.common import MetricsLog, corpus_of, load_prepared, param_count, progress_bar, seed_everything
+
+STAGE = "train-sft"
+
+
+@dataclass
+class SFTStageConfig:
+    model: str = field("tiny", help="tiny (built here from a config) or the path of a local Hugging Face causal LM.")
+    trust_remote_code: bool = field(False, help="Allow a model's own code from its directory (off unless asked).")
+    tiny_vocab_size: int = field(1000, help="tiny: BPE vocabulary size.")
+    tiny_hidden_size: int = field(128, help="tiny: hidden width.")
+    tiny_layers: int = field(2, help="tiny: transformer layers.")
+    tiny_heads: int = field(4, help="tiny: attention heads.")
+    epochs: float = field(3.0, help="Passes over the training rows.")
+    batch_size: int = field(32, help="Rows per optimizer step.")
+    learning_rate: float = field(2e-3, help="Peak learning rate (2e-3 suits the tiny model; use ~2e-5 for a real one).")
+    max_length: int = field(256, help="Tokens kept per prompt + completion.")
+    min_reward_quantile: float = field(0.0, help="Train only on rows whose shaped reward is above this quantile (0: all).")
+    max_train_rows: int = field(0, help="Use at most this many training rows (0: all).")
+    checkpoint_every: int = field(100, help="Optimizer steps between checkpoints.")
+    seed: int = field(0, help="Seed of initialisation and data order.")
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_reward_quantile < 1.0:
+            raise ValueError(f"min_reward_quantile must be in [0, 1), got {self.min_reward_quantile}")
+        if self.epochs <= 0 or self.batch_size < 1:
+            raise ValueError("epochs must be > 0 and batch_size at least 1")
+
+    @property
+    def tiny_spec(self) -> TinyModelSpec:
+        return TinyModelSpec(self.tiny_vocab_size, self.tiny_hidden_size, self.tiny_layers, self.tiny_heads,
+                             intermediate_size=2 * self.tiny_hidden_size)
+
+
+def _rows(split, min_quantile: float = 0.0, limit: int = 0) -> list[dict]:
+    queries, behaviors, responses = split["query"], split["behavior_text"], split["response"]
+    keep = np.arange(len(queries))
+    if min_quantile > 0:
+        reward = np.asarray(split["shaped_reward"])
+        keep = keep[reward > np.quantile(reward, min_quantile)]
+    if limit:
+        keep = keep[:limit]
+    return [{"prompt": generator_prompt(queries[i], behaviors[i]), "completion": " " + responses[i]} for i in keep]
+
+
+def _callback(stage: rundir.StageRun, metrics: MetricsLog):
+    from transformers import TrainerCallback
+
+    class StageCallback(TrainerCallback):
+        """metrics.jsonl, a rich progress bar, and the resumable stop of --stop-after-steps."""
+
+        def __init__(self):
+            self.progress = progress_bar()
+            self.task = None
+            self.started = time.perf_counter()
+            self.first_step = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.progress.start()
+            self.first_step = state.global_step
+            self.task = self.progress.add_task(STAGE, total=state.max_steps, completed=state.global_step,
+                                               loss=float("nan"), rate=0.0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            row = {"step": state.global_step, "epoch": state.epoch}
+            if "loss" in logs:
+                row["loss/train"] = logs["loss"]
+                row["lr"] = logs.get("learning_rate")
+            if "eval_loss" in logs:
+                row["eval/loss"] = logs["eval_loss"]
+                row["eval/perplexity"] = math.exp(min(logs["eval_loss"], 50))
+            if len(row) > 2:
+                metrics.write(row)
+            if self.task is not None and "loss" in logs:
+                self.progress.update(self.task, loss=logs["loss"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            rate = (state.global_step - self.first_step) / max(time.perf_counter() - self.started, 1e-9)
+            self.progress.update(self.task, completed=state.global_step, rate=rate)
+            if stage.stop_after_steps and state.global_step >= stage.stop_after_steps and \
+                    state.global_step < state.max_steps:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.progress.stop()
+
+    return StageCallback()
+
+
+def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
+    from transformers import LlamaForCausalLM, PrinterCallback
+    from transformers.utils import logging as hf_logging
+    from trl import SFTConfig, SFTTrainer
+    import datasets
+
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    run_dir = stage.dir.parent
+    data, _, _ = load_prepared(run_dir, stage)
+    notes: list[str] = []
+    if config.model == "tiny":
+        init = stage.dir / "init"
+        if not (init / "config.json").exists():
+            tokenizer = train_tokenizer(corpus_of(data["train"]), config.tiny_vocab_size)
+            model = LlamaForCausalLM(tiny_llama_config(config.tiny_spec, tokenizer))
+            with rundir.atomic_dir(init) as tmp:
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+        model_path = init
+    else:
+        model_path = Path(config.model)
+        stage.add_input("model", model_path)
+    model, tokenizer = load_causal_lm(model_path, notes, config.trust_remote_code)
+
+    train_rows = _rows(data["train"], config.min_reward_quantile, config.max_train_rows)
+    val_rows = _rows(data["validation"])
+    if len(train_rows) < config.batch_size:
+        raise RlhbError(f"only {len(train_rows)} training rows, fewer than --batch-size {config.batch_size}")
+    args = SFTConfig(
+        output_dir=str(stage.dir / "checkpoints"), num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=64,
+        learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
+        logging_steps=10, eval_strategy="epoch", save_strategy="steps", save_steps=config.checkpoint_every,
+        save_total_limit=1, seed=config.seed, data_seed=config.seed, bf16=False, fp16=False, report_to="none",
+        gradient_checkpointing=False, max_length=config.max_length, completion_only_loss=True, packing=False,
+        disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, dataset_num_proc=None,
+    )
+    metrics = MetricsLog(stage.dir / "metrics.jsonl")
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=datasets.Dataset.from_list(train_rows),
+                         eval_dataset=datasets.Dataset.from_list(val_rows),
+                         callbacks=[_callback(stage, metrics)])
+    trainer.remove_callback(PrinterCallback)  # our callback logs to metrics.jsonl and the progress bar
+    checkpoints = sorted((stage.dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    resume_from = str(checkpoints[-1]) if stage.resume and checkpoints else None
+    if resume_from:
+        metrics.keep_until(int(checkpoints[-1].name.split("-")[1]))
+        untrained = rundir.read_json(stage.dir / "untrained.json")
+    else:
+        metrics.keep_until(-1)
+        untrained = {"eval_loss": trainer.evaluate()["eval_loss"]}
+        rundir.atomic_write_json(stage.dir / "untrained.json", untrained)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.state.global_step < trainer.state.max_steps:
+        raise rundir.StageStopped(f"stopped after {trainer.state.global_step} of {trainer.state.max_steps} steps")
+    final = trainer.evaluate()
+    with rundir.atomic_dir(stage.dir / "policy") as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return {
+        "train_loss": round(result.training_loss, 4),
+        "val_loss": round(final["eval_loss"], 4),
+        "val_perplexity": round(math.exp(final["eval_loss"]), 3),
+        "untrained_val_perplexity": round(math.exp(min(untrained["eval_loss"], 50)), 3),
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
+        "steps": trainer.state.global_step,
+        "model": config.model,
+        "parameters": param_count(model),
+        "notes": notes,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
