@@ -295,11 +295,17 @@ def training_stage_command(name: str, config_cls: type, module: str, doc: str) -
 
 from rlhb_cli.stages.sft import SFTStageConfig  # noqa: E402
 from rlhb_cli.stages.discriminator import DiscriminatorConfig  # noqa: E402
+from rlhb_cli.stages.classifier import ClassifierConfig  # noqa: E402
+from rlhb_cli.stages.reward import RewardConfig  # noqa: E402
 
 training_stage_command("train-sft", SFTStageConfig, "rlhb_cli.stages.sft",
                        "Behaviour-conditioned SFT of the starting policy on the logged triplets.")
 training_stage_command("warmup-discriminator", DiscriminatorConfig, "rlhb_cli.stages.discriminator",
                        "Warm up RLHB's discriminator: real triplets vs behaviour-replaced ones.")
+training_stage_command("train-classifier", ClassifierConfig, "rlhb_cli.stages.classifier",
+                       "Train RLHBC's behaviour classifier: one head per metric's bin.")
+training_stage_command("train-reward", RewardConfig, "rlhb_cli.stages.reward",
+                       "Train RLHF's reward model on preference pairs (Bradley-Terry).")
 
 
 @app.command("status")
@@ -321,6 +327,9 @@ def main() -> None:
     import os
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own summaries say what loaded and how
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local paths; never reach for a hub
+    import warnings
+    # trl's configs still pass transformers' renamed `gradient_checkpointing`; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     try:
         app()
     except KeyboardInterrupt:

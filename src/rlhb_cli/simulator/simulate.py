@@ -118,7 +118,7 @@ def run(config: SimulateConfig, stage: StageRun) -> dict:
 
     _write_logs(stage, config, rng, train_queries, pools, rows_q, rows_c, rows_w, per_persona, probs,
                 views, clicks, likes, dislikes)
-    n_pairs = _write_preferences(stage, config, rng, train_queries, pools, annotator, lexicon)
+    n_pairs, pair_ceiling = _write_preferences(stage, config, rng, train_queries, pools, annotator, lexicon)
     ceilings = _ceilings(config, rng, rows_q, rows_n, share, probs, views, clicks, likes, dislikes, gold)
     reference = _write_environment(stage, config, model, annotator, train_queries, eval_queries, pools, lexicon)
 
@@ -133,6 +133,7 @@ def run(config: SimulateConfig, stage: StageRun) -> dict:
         "likes": int(likes.sum()),
         "dislikes": int(dislikes.sum()),
         "preference_pairs": n_pairs,
+        "pair_accuracy_ceiling": pair_ceiling,
         "intents": {i: sum(q.intent == i for q in train_queries) for i in ("factual", "howto", "chitchat")},
         **ceilings,
         "feature_share_rows": {f: round(float(x), 3) for f, x in zip(FEATURES, features.mean(0))},
@@ -180,6 +181,7 @@ def _write_logs(stage, config, rng, queries, pools, rows_q, rows_c, rows_w, per_
 def _write_preferences(stage, config, rng, queries, pools, annotator: UserModel, lexicon) -> int:
     """InstructGPT-style pairs from an annotator whose taste differs from the users', with label noise."""
     lines = []
+    best_accuracy = []  # what a reward model that knew the annotators' taste exactly would get right
     for q in queries:
         pool = pools[q.text]
         if len(pool) < 2:
@@ -189,13 +191,16 @@ def _write_preferences(stage, config, rng, queries, pools, annotator: UserModel,
         utility = annotator.utilities(features, [q.intent] * len(pool))[:, 0]
         for _ in range(config.pairs_per_query):
             a, b = rng.choice(len(pool), size=2, replace=False)
+            p_a = 1.0 / (1.0 + np.exp(-(utility[a] - utility[b])))
+            p_a = p_a * (1 - config.annotator_noise) + (1 - p_a) * config.annotator_noise
+            best_accuracy.append(max(p_a, 1 - p_a))
             prefer_a = rng.random() < 1.0 / (1.0 + np.exp(-(utility[a] - utility[b])))
             if rng.random() < config.annotator_noise:
                 prefer_a = not prefer_a
             chosen, rejected = (a, b) if prefer_a else (b, a)
             lines.append(json.dumps({"prompt": q.text, "chosen": pool[chosen].text, "rejected": pool[rejected].text}))
     atomic_write_bytes(stage.dir / "preferences.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
-    return len(lines)
+    return len(lines), (round(float(np.mean(best_accuracy)), 4) if best_accuracy else None)
 
 
 def _ceilings(config, rng, rows_q, rows_n, share, probs, views, clicks, likes, dislikes, gold) -> dict:

@@ -51,9 +51,12 @@ def corpus_of(train) -> list[str]:
     return texts + list(train["response"])
 
 
-def judge_backbone(name: str, run_dir: Path, stage: rundir.StageRun, num_labels: int, train, notes: list[str],
+def judge_backbone(name: str, run_dir: Path, stage: rundir.StageRun, num_labels: int, corpus, notes: list[str],
                    spec: TinyModelSpec | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer) of a judge: from the SFT policy's body, a fresh tiny model, MiniLM, or a path."""
+    """(model, tokenizer) of a judge: from the SFT policy's body, a fresh tiny model, MiniLM, or a path.
+
+    `corpus` is what a fresh tiny tokenizer is trained on: a prepared split, or a function giving texts.
+    """
     if name == "sft":
         policy = rundir.require_stage(run_dir, "train-sft") / "policy"
         stage.add_upstream("train-sft")
@@ -62,7 +65,8 @@ def judge_backbone(name: str, run_dir: Path, stage: rundir.StageRun, num_labels:
         from transformers import LlamaForSequenceClassification
         init = stage.dir / "init"
         if not (init / "config.json").exists():
-            tokenizer = train_tokenizer(corpus_of(train), (spec or TinyModelSpec()).vocab_size)
+            tokenizer = train_tokenizer(corpus() if callable(corpus) else corpus_of(corpus),
+                                        (spec or TinyModelSpec()).vocab_size)
             config = tiny_llama_config(spec or TinyModelSpec(), tokenizer)
             config.num_labels = num_labels
             model = LlamaForSequenceClassification(config)

@@ -46,11 +46,11 @@ def _pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _save_checkpoint(path, judge, optimizer, scheduler, step, fingerprint) -> None:
+def _save_checkpoint(path, judge, optimizer, scheduler, step, fingerprint, window=(0.0, 0)) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"model": judge.model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                "fingerprint": fingerprint}, tmp)
+                "fingerprint": fingerprint, "loss_window": window}, tmp)
     os.replace(tmp, path)
 
 
@@ -82,14 +82,16 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
+        resumed_window = state.get("loss_window", (0.0, 0))
         metrics.keep_until(start)
     else:
+        resumed_window = (0.0, 0)
         metrics.keep_until(-1)
         torch.manual_seed(settings.seed)
     model.train()
     pad_id = judge.tokenizer.pad_token_id
     evaluation: dict = {}
-    window_loss, window_count, started = 0.0, 0, time.perf_counter()
+    (window_loss, window_count), started = resumed_window, time.perf_counter()
     with progress_bar() as progress:
         task = progress.add_task(stage.stage, total=total, completed=start, loss=float("nan"), rate=0.0)
         for step in range(start, total):
@@ -124,9 +126,9 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
                                                                      if isinstance(v, (int, float))}})
                 model.train()
             if end_of_epoch or (settings.checkpoint_every and done % settings.checkpoint_every == 0):
-                _save_checkpoint(checkpoint, judge, optimizer, scheduler, done, fingerprint)
+                _save_checkpoint(checkpoint, judge, optimizer, scheduler, done, fingerprint, (window_loss, window_count))
             if stage.stop_after_steps and done >= stage.stop_after_steps and done < total:
-                _save_checkpoint(checkpoint, judge, optimizer, scheduler, done, fingerprint)
+                _save_checkpoint(checkpoint, judge, optimizer, scheduler, done, fingerprint, (window_loss, window_count))
                 raise StageStopped(f"stopped after {done} of {total} steps")
     if not evaluation:
         evaluation = evaluate()

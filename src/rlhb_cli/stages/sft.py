@@ -66,7 +66,7 @@ def _rows(split, min_quantile: float = 0.0, limit: int = 0) -> list[dict]:
     return [{"prompt": generator_prompt(queries[i], behaviors[i]), "completion": " " + responses[i]} for i in keep]
 
 
-def _callback(stage: rundir.StageRun, metrics: MetricsLog):
+def trainer_callback(stage: rundir.StageRun, metrics: MetricsLog, name: str = STAGE):
     from transformers import TrainerCallback
 
     class StageCallback(TrainerCallback):
@@ -81,7 +81,7 @@ def _callback(stage: rundir.StageRun, metrics: MetricsLog):
         def on_train_begin(self, args, state, control, **kwargs):
             self.progress.start()
             self.first_step = state.global_step
-            self.task = self.progress.add_task(STAGE, total=state.max_steps, completed=state.global_step,
+            self.task = self.progress.add_task(name, total=state.max_steps, completed=state.global_step,
                                                loss=float("nan"), rate=0.0)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -155,7 +155,7 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                          train_dataset=datasets.Dataset.from_list(train_rows),
                          eval_dataset=datasets.Dataset.from_list(val_rows),
-                         callbacks=[_callback(stage, metrics)])
+                         callbacks=[trainer_callback(stage, metrics)])
     trainer.remove_callback(PrinterCallback)  # our callback logs to metrics.jsonl and the progress bar
     checkpoints = sorted((stage.dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     resume_from = str(checkpoints[-1]) if stage.resume and checkpoints else None

@@ -1,0 +1,172 @@
+"""The supervised stages at toy size through the CLI: each learns, saves, reloads, resumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_jsonl, write_jsonl
+
+TINY = ["--tiny-hidden-size", 32, "--tiny-layers", 1, "--tiny-heads", 2, "--tiny-vocab-size", 400]
+SFT = ["--epochs", 1, "--max-train-rows", 1024, "--batch-size", 32, "--learning-rate", 1e-2, *TINY]
+
+
+def summary_of(run_dir, stage):
+    return json.loads((run_dir / stage / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sft_run(small_sim, tmp_path_factory, cli):
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    shutil.copytree(small_sim, run_dir)
+    cli("prepare-behaviors", "--run-dir", run_dir)
+    cli("train-sft", "--run-dir", run_dir, *SFT)
+    return run_dir
+
+
+@pytest.fixture
+def run(sft_run, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(sft_run, target)
+    return target
+
+
+def test_sft_learns_and_leaves_a_loadable_policy(sft_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    summary = summary_of(sft_run, "train-sft")
+    assert summary["val_perplexity"] < summary["untrained_val_perplexity"] / 5
+    rows = read_jsonl(sft_run / "train-sft" / "metrics.jsonl")
+    losses = [r["loss/train"] for r in rows if "loss/train" in r]
+    assert losses[-1] < losses[0]
+    policy = AutoModelForCausalLM.from_pretrained(sft_run / "train-sft" / "policy")
+    init = AutoModelForCausalLM.from_pretrained(sft_run / "train-sft" / "init")
+    assert not torch.equal(policy.model.layers[0].mlp.up_proj.weight, init.model.layers[0].mlp.up_proj.weight)
+    tokenizer = AutoTokenizer.from_pretrained(sft_run / "train-sft" / "policy")
+    assert tokenizer.pad_token == "<pad>" and tokenizer.eos_token == "</s>" and tokenizer.chat_template
+    manifest = json.loads((sft_run / "train-sft" / "manifest.json").read_text())
+    assert "prepare-behaviors" in manifest["upstream"] and manifest["status"] == "done"
+
+
+def test_sft_resume_gives_the_uninterrupted_numbers(run, cli):
+    other = run.parent / "other"
+    shutil.copytree(run, other)
+    cli("train-sft", "--run-dir", run, *SFT, "--force", "--checkpoint-every", 5, "--stop-after-steps", 7)
+    state = json.loads((run / "train-sft" / "manifest.json").read_text())["status"]
+    assert state == "stopped"
+    result = cli("prepare-behaviors", "--run-dir", run)  # unaffected; a later stage would refuse train-sft
+    cli("train-sft", "--run-dir", run, *SFT, "--checkpoint-every", 5, "--resume")
+    cli("train-sft", "--run-dir", other, *SFT, "--checkpoint-every", 5, "--force")
+    resumed, straight = summary_of(run, "train-sft"), summary_of(other, "train-sft")
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-4)
+    assert result.exit_code == 0
+
+
+def test_discriminator_learns_saves_and_reloads(run, cli):
+    from rlhb_cli.models.judge import Judge
+    cli("warmup-discriminator", "--run-dir", run, "--epochs", 3, "--max-train-rows", 3000, "--learning-rate", 3e-3,
+        "--fake-shifted", 1, "--fake-same-query", 0, "--fake-random", 0)
+    summary = summary_of(run, "warmup-discriminator")
+    assert summary["parameters_changed"] and summary["val_auc_shifted"] > 0.6
+    assert summary["bayes_ceiling_auc"] is not None
+    losses = [r["loss/train"] for r in read_jsonl(run / "warmup-discriminator" / "metrics.jsonl") if "loss/train" in r]
+    assert np.mean(losses[-3:]) < losses[0]
+    judge = Judge.load(run / "warmup-discriminator" / "model")
+    again = Judge.load(run / "warmup-discriminator" / "model")
+    texts = ["Users: viewed by many\nQuestion: Hi there!\nAnswer: Hello, nice to meet you!", "Answer: no"]
+    assert torch.equal(judge.logits(texts), again.logits(texts))
+
+
+def test_a_judge_with_its_own_tokenizer_scores_the_policys_text(run, cli):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from rlhb_cli.models.judge import Judge
+    from rlhb_cli.prompts import generator_prompt, judge_text
+    cli("warmup-discriminator", "--run-dir", run, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 300)
+    judge = Judge.load(run / "warmup-discriminator" / "model")
+    policy_dir = run / "train-sft" / "policy"
+    policy_tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    assert judge.tokenizer.get_vocab() != policy_tokenizer.get_vocab()
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    prompt = generator_prompt("Hi there!", "viewed by many")
+    ids = policy_tokenizer(prompt, return_tensors="pt")
+    torch.manual_seed(0)
+    out = policy.generate(**ids, max_new_tokens=12, do_sample=True, pad_token_id=policy_tokenizer.pad_token_id)
+    response = policy_tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    score = judge.logits([judge_text("Hi there!", response, "viewed by many")])
+    assert score.shape == (1, 1) and torch.isfinite(score).all()
+
+
+def test_classifier_beats_majority_and_resume_matches(run, cli):
+    from rlhb_cli.stages.classifier import BehaviorClassifier
+    args = ["--epochs", 3, "--max-train-rows", 1500, "--learning-rate", 3e-3, "--checkpoint-every", 20]
+    other = run.parent / "straight"
+    shutil.copytree(run, other)
+    cli("train-classifier", "--run-dir", run, *args, "--stop-after-steps", 33)
+    assert json.loads((run / "train-classifier" / "manifest.json").read_text())["status"] == "stopped"
+    refused = cli("status", "--run-dir", run).output
+    assert "stopped" in refused
+    cli("train-classifier", "--run-dir", run, *args, "--resume")
+    cli("train-classifier", "--run-dir", other, *args)
+    resumed, straight = summary_of(run, "train-classifier"), summary_of(other, "train-classifier")
+    assert resumed["heads"] == straight["heads"]
+    assert read_jsonl(run / "train-classifier" / "metrics.jsonl") == read_jsonl(other / "train-classifier" / "metrics.jsonl")
+    assert sum(h["accuracy"] > h["majority_accuracy"] for h in straight["heads"].values()) >= 3
+    classifier = BehaviorClassifier.load(run / "train-classifier" / "model")
+    expected = classifier.expected_behavior(["Hi there!"], ["Hello, nice to meet you!"])
+    assert set(expected) == {"pv", "clicks", "likes", "dislikes", "shaped_reward"}
+    assert expected["likes"][0] <= expected["pv"][0] and -1 <= expected["shaped_reward"][0] <= 1
+
+
+def test_reward_model_learns_the_annotators(run, cli):
+    cli("train-reward", "--run-dir", run, "--epochs", 3, "--learning-rate", 1e-3)
+    summary = summary_of(run, "train-reward")
+    assert summary["train_pairwise_accuracy"] > 0.6 and summary["val_pairwise_accuracy"] > 0.55
+    assert summary["pairs_train"] + summary["pairs_validation"] == summary["pairs_in"] == 480
+
+
+def test_bad_inputs_of_the_supervised_stages(run, cli, tmp_path):
+    # a model path that is not a model
+    (tmp_path / "notamodel").mkdir()
+    result = cli("train-sft", "--run-dir", run, "--model", tmp_path / "notamodel", "--force", ok=False)
+    assert result.exit_code == 2 and "not a Hugging Face model (no config.json)" in result.output
+    # a tokenizer without a pad token gets one, and the summary says so
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    source = run / "train-sft" / "policy"
+    nopad = tmp_path / "nopad"
+    model = AutoModelForCausalLM.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.pad_token = None
+    model.save_pretrained(nopad)
+    tokenizer.save_pretrained(nopad)
+    cli("train-sft", "--run-dir", run, "--model", nopad, "--epochs", 0.2, "--max-train-rows", 64, "--force")
+    assert any("no pad token" in n for n in summary_of(run, "train-sft")["notes"])
+    # bad pair lines are rejected with their line; too many fail the stage
+    pairs = tmp_path / "pairs.jsonl"
+    good = [{"prompt": f"p{i}", "chosen": "a good answer", "rejected": "a bad answer"} for i in range(60)]
+    write_jsonl(pairs, good)
+    pairs.write_text(pairs.read_text() + '{"prompt": "x", "chosen": "same", "rejected": "same"}\nnot json\n')
+    cli("train-reward", "--run-dir", run, "--pairs", pairs, "--backbone", "tiny", "--epochs", 1,
+        "--max-reject-ratio", 0.5)
+    rejected = read_jsonl(run / "train-reward" / "rejected.jsonl")
+    assert [(r["line"], r["reason"]) for r in rejected] == [(61, "chosen and rejected are the same text"),
+                                                            (62, "not valid JSON (Expecting value)")]
+    result = cli("train-reward", "--run-dir", run, "--pairs", pairs, "--max-reject-ratio", 0.01, "--force", ok=False)
+    assert "2 of 62 lines are bad" in result.output
+
+
+def test_too_little_data_and_single_class_heads_are_refused(cli, tmp_path):
+    rows = [{"query": f"q{i % 3}", "response": f"r{i}", "pv": 10, "clicks": i % 4, "likes": i % 5, "dislikes": 1}
+            for i in range(40)]
+    logs = write_jsonl(tmp_path / "logs.jsonl", rows)
+    run_dir = tmp_path / "run"
+    cli("prepare-behaviors", logs, "--run-dir", run_dir, "--validation-fraction", 0.34, "--test-fraction", 0)
+    result = cli("train-classifier", "--run-dir", run_dir, "--backbone", "tiny", ok=False)
+    assert "head 'pv' has a single class" in result.output and "--heads clicks,likes,dislikes" in result.output
+    cli("prepare-behaviors", logs, "--run-dir", tmp_path / "small", "--validation-fraction", 0, "--test-fraction", 0)
+    result = cli("warmup-discriminator", "--run-dir", tmp_path / "small", "--backbone", "tiny", ok=False)
+    assert "the validation split has 0 rows" in result.output
+    result = cli("train-classifier", "--run-dir", tmp_path / "nothing", ok=False)
+    assert "run `rlhb prepare-behaviors LOGS --run-dir" in result.output
