@@ -66,26 +66,38 @@ def test_sft_resume_gives_the_uninterrupted_numbers(run, cli):
 
 
 def test_discriminator_learns_saves_and_reloads(run, cli):
-    from rlhb_cli.models.judge import Judge
-    cli("warmup-discriminator", "--run-dir", run, "--epochs", 3, "--max-train-rows", 3000, "--learning-rate", 3e-3,
-        "--fake-shifted", 1, "--fake-same-query", 0, "--fake-random", 0)
+    cli("warmup-discriminator", "--run-dir", run, "--epochs", 3, "--max-train-rows", 3000, "--learning-rate", 3e-3)
     summary = summary_of(run, "warmup-discriminator")
-    assert summary["parameters_changed"] and summary["val_auc_shifted"] > 0.6
+    assert summary["form"] == "factorized"
+    assert summary["parameters_changed"] and summary["val_auc"] > 0.6
     assert summary["bayes_ceiling_auc"] is not None
     losses = [r["loss/train"] for r in read_jsonl(run / "warmup-discriminator" / "metrics.jsonl") if "loss/train" in r]
     assert np.mean(losses[-3:]) < losses[0]
-    judge = Judge.load(run / "warmup-discriminator" / "model")
-    again = Judge.load(run / "warmup-discriminator" / "model")
-    texts = ["Users: viewed by many\nQuestion: Hi there!\nAnswer: Hello, nice to meet you!", "Answer: no"]
-    assert torch.equal(judge.logits(texts), again.logits(texts))
+    from rlhb_cli.stages.discriminator import Discriminator
+    import datasets
+    validation = datasets.load_from_disk(str(run / "prepare-behaviors" / "dataset"))["validation"]
+    loaded = Discriminator.load(run / "warmup-discriminator" / "model")
+    again = Discriminator.load(run / "warmup-discriminator" / "model")
+    args = (validation["query"][:20], validation["response"][:20], validation["behavior_text"][:20])
+    scores = loaded.probability(*args)
+    assert torch.equal(scores, again.probability(*args)) and scores.shape == (20,)
+    assert float(scores.mean()) == pytest.approx(float(loaded.probability(*args).mean()))
+
+
+def test_joint_discriminator_form_trains(run, cli):
+    cli("warmup-discriminator", "--run-dir", run, "--form", "joint", "--epochs", 1, "--max-train-rows", 300)
+    summary = summary_of(run, "warmup-discriminator")
+    assert summary["form"] == "joint" and summary["parameters_changed"] and 0 <= summary["val_auc"] <= 1
 
 
 def test_a_judge_with_its_own_tokenizer_scores_the_policys_text(run, cli):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from rlhb_cli.models.judge import Judge
-    from rlhb_cli.prompts import generator_prompt, judge_text
+    from rlhb_cli.prompts import generator_prompt
+    from rlhb_cli.stages.discriminator import Discriminator
     cli("warmup-discriminator", "--run-dir", run, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 300)
     judge = Judge.load(run / "warmup-discriminator" / "model")
+    discriminator = Discriminator(judge)
     policy_dir = run / "train-sft" / "policy"
     policy_tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     assert judge.tokenizer.get_vocab() != policy_tokenizer.get_vocab()
@@ -95,8 +107,9 @@ def test_a_judge_with_its_own_tokenizer_scores_the_policys_text(run, cli):
     torch.manual_seed(0)
     out = policy.generate(**ids, max_new_tokens=12, do_sample=True, pad_token_id=policy_tokenizer.pad_token_id)
     response = policy_tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    score = judge.logits([judge_text("Hi there!", response, "viewed by many")])
-    assert score.shape == (1, 1) and torch.isfinite(score).all()
+    behavior = json.loads((run / "prepare-behaviors" / "behavior.json").read_text())["most_preferred_text"]
+    score = discriminator.probability(["Hi there!"], [response], [behavior])
+    assert score.shape == (1,) and torch.isfinite(score).all()
 
 
 def test_classifier_beats_majority_and_resume_matches(run, cli):

@@ -118,10 +118,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_input(path: Path) -> dict[str, Any]:
+def describe_input(path: Path, run_dir: Path | None = None) -> dict[str, Any]:
+    """Path, sha256 and size of an input; a path inside the run directory is kept relative to it, so a
+    run directory can be moved or copied whole."""
     path = Path(path)
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-    return {"path": str(path.resolve()), "sha256": sha256_of(path), "bytes": size}
+    shown = str(path.resolve())
+    if run_dir is not None and path.resolve().is_relative_to(Path(run_dir).resolve()):
+        shown = "RUN_DIR/" + str(path.resolve().relative_to(Path(run_dir).resolve()))
+    return {"path": shown, "sha256": sha256_of(path), "bytes": size}
+
+
+def input_path(recorded: str, run_dir: Path) -> Path:
+    return Path(run_dir) / recorded[len("RUN_DIR/"):] if recorded.startswith("RUN_DIR/") else Path(recorded)
 
 
 # ----------------------------------------------------------------------------------------- provenance
@@ -178,11 +187,11 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-def changed_inputs(manifest: dict[str, Any]) -> list[str]:
+def changed_inputs(manifest: dict[str, Any], run_dir: Path) -> list[str]:
     """Names of recorded inputs whose file is gone or whose content hash differs now."""
     changed = []
     for name, info in (manifest.get("inputs") or {}).items():
-        path = Path(info["path"])
+        path = input_path(info["path"], run_dir)
         if not path.exists() or sha256_of(path) != info["sha256"]:
             changed.append(name)
     return changed
@@ -202,7 +211,7 @@ def stage_state(stage_dir: Path) -> tuple[str, dict[str, Any] | None, str]:
         return "stopped", manifest, (manifest.get("error") or "") + "; continue with --resume"
     if status != "done":
         return "failed", manifest, manifest.get("error", "")
-    changed = changed_inputs(manifest)
+    changed = changed_inputs(manifest, Path(stage_dir).parent)
     if changed:
         return "stale", manifest, "inputs changed since: " + ", ".join(changed)
     for upstream, recorded in (manifest.get("upstream") or {}).items():
@@ -250,7 +259,7 @@ class StageRun:
         return path
 
     def add_input(self, name: str, path: Path) -> None:
-        self.manifest["inputs"][name] = describe_input(path)
+        self.manifest["inputs"][name] = describe_input(path, self.dir.parent)
         self._flush()
 
     def add_upstream(self, stage: str) -> None:

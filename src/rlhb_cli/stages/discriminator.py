@@ -36,6 +36,11 @@ STAGE = "warmup-discriminator"
 @dataclass
 class DiscriminatorConfig:
     backbone: str = field("sft", help="sft (the SFT policy's body), tiny (fresh), minilm (pretrained encoder) or a path.")
+    form: str = field("factorized", help="factorized: logit = sum over metrics of log p(bin | query, response) - log "
+                                         "p(behaviour), the Bayes-optimal form; joint: one logit read from the "
+                                         "behaviour text beside the query and response.")
+    likelihood_weight: float = field(1.0, help="factorized: weight of the per-metric cross-entropy on real rows "
+                                               "added to the real/fake loss.")
     max_length: int = field(192, help="Tokens of judge input kept (behaviour, question, answer).")
     epochs: int = field(3, help="Passes over the training triplets.")
     batch_size: int = field(32, help="Triplets per optimizer step.")
@@ -61,6 +66,74 @@ class DiscriminatorConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
+        if self.form not in ("factorized", "joint"):
+            raise ValueError(f"form must be factorized or joint, got {self.form!r}")
+
+
+class Discriminator:
+    """D(query, response, behaviour text) = probability that the triplet is a real logged one.
+
+    `factorized`: the judge has one softmax head per metric over (query, response); the logit is
+    sum_m log p(bin_m | query, response) - log p(behaviour pattern), the likelihood ratio that the
+    Bayes-optimal discriminator thresholds. `joint`: the judge reads the behaviour text too and emits
+    one logit.
+    """
+
+    def __init__(self, judge: Judge):
+        self.judge = judge
+        self.form = judge.meta.extra.get("form", "joint")
+        if self.form == "factorized":
+            self.levels_of_text = judge.meta.extra["levels_of_text"]
+            self.log_marginal = judge.meta.extra["log_marginal"]  # text -> log p(behaviour) in training rows
+            self.log_marginal_unseen = judge.meta.extra["log_marginal_unseen"]
+
+    @classmethod
+    def load(cls, path: Path) -> "Discriminator":
+        return cls(Judge.load(path))
+
+    def levels(self, behavior_texts: list[str]) -> torch.Tensor:
+        try:
+            return torch.tensor([[self.levels_of_text[b][m] for m in METRICS] for b in behavior_texts])
+        except KeyError as exc:
+            raise RlhbError(f"the discriminator knows no behaviour text {exc.args[0]!r}: it renders behaviour with "
+                            f"the bins and template of the run's prepare-behaviors") from None
+
+    def logits_from(self, head_logits: torch.Tensor, levels: torch.Tensor, log_marginal: torch.Tensor) -> torch.Tensor:
+        total, start = 0.0, 0
+        for m, metric in enumerate(METRICS):
+            size = self.judge.meta.heads[metric]
+            log_p = torch.log_softmax(head_logits[:, start:start + size], dim=-1)
+            total = total + log_p.gather(1, levels[:, m:m + 1]).squeeze(1)
+            start += size
+        return total - log_marginal
+
+    def marginals(self, behavior_texts: list[str]) -> torch.Tensor:
+        return torch.tensor([self.log_marginal.get(b, self.log_marginal_unseen) for b in behavior_texts])
+
+    def logits(self, queries: list[str], responses: list[str], behavior_texts: list[str]) -> torch.Tensor:
+        if self.form == "factorized":
+            heads = self.judge.logits([judge_text(q, r) for q, r in zip(queries, responses)])
+            return self.logits_from(heads, self.levels(behavior_texts), self.marginals(behavior_texts))
+        return self.judge.logits([judge_text(q, r, b) for q, r, b in zip(queries, responses, behavior_texts)]).squeeze(-1)
+
+    def probability(self, queries: list[str], responses: list[str], behavior_texts: list[str]) -> torch.Tensor:
+        return torch.sigmoid(self.logits(queries, responses, behavior_texts))
+
+
+def factorized_tables(train, spec: BinSpec, template: BehaviorTemplate) -> dict:
+    """Every behaviour text the bins can make -> its levels, and log p(text) among training rows (add-one)."""
+    import itertools
+    levels_of_text = {}
+    for combo in itertools.product(*(range(spec.levels(m)) for m in METRICS)):
+        levels = dict(zip(METRICS, combo))
+        levels_of_text[template.render(spec, levels)] = levels
+    counts = defaultdict(int)
+    for text in train["behavior_text"]:
+        counts[text] += 1
+    total = len(train["behavior_text"]) + len(levels_of_text)
+    log_marginal = {text: float(np.log((counts[text] + 1) / total)) for text in levels_of_text}
+    return {"form": "factorized", "levels_of_text": levels_of_text, "log_marginal": log_marginal,
+            "log_marginal_unseen": float(np.log(1 / total))}
 
 
 def shifted_text(rng: np.random.Generator, bins: dict[str, int], spec: BinSpec, template: BehaviorTemplate) -> str | None:
@@ -129,35 +202,63 @@ def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
     weights = (config.fake_random, config.fake_same_query, config.fake_shifted)
     n_fake = int(round(len(train) * config.fake_per_real))
     fake_rows, fake_texts, fake_kinds = make_fakes(train, rng, n_fake, weights, spec, template)
-    texts = [judge_text(q, r, b) for q, r, b in zip(train["query"], train["response"], train["behavior_text"])]
-    queries, responses = train["query"], train["response"]
-    texts += [judge_text(queries[i], responses[i], b) for i, b in zip(fake_rows, fake_texts)]
+    queries, responses, behaviors = train["query"], train["response"], train["behavior_text"]
+    rows = list(range(len(train))) + fake_rows
+    triplet_behaviors = list(behaviors) + fake_texts
     labels = torch.tensor([1.0] * len(train) + [0.0] * len(fake_rows))
 
     # Validation: real rows against each strategy's fakes (one per real row).
-    val_real = [judge_text(q, r, b) for q, r, b in
-                zip(validation["query"], validation["response"], validation["behavior_text"])]
     val_sets = {}
     val_queries, val_responses = validation["query"], validation["response"]
     for name, w in (("random", (1, 0, 0)), ("same_query", (0, 1, 0)), ("shifted", (0, 0, 1))):
-        rows, fakes, kinds = make_fakes(validation, np.random.default_rng([config.seed, 7]), len(validation), w, spec,
-                                        template)
-        val_sets[name] = [judge_text(val_queries[i], val_responses[i], b) for i, b in zip(rows, fakes)]
+        val_rows, fakes, kinds = make_fakes(validation, np.random.default_rng([config.seed, 7]), len(validation), w,
+                                            spec, template)
+        val_sets[name] = ([val_queries[i] for i in val_rows], [val_responses[i] for i in val_rows], fakes)
 
     notes: list[str] = []
-    model, tokenizer = judge_backbone(config.backbone, run_dir, stage, 1, train, notes)
-    judge = Judge(model, tokenizer, JudgeMeta(kind="discriminator", max_length=config.max_length, with_behavior=True))
+    factorized = config.form == "factorized"
+    heads = {m: spec.levels(m) for m in METRICS}
+    model, tokenizer = judge_backbone(config.backbone, run_dir, stage, sum(heads.values()) if factorized else 1,
+                                      train, notes)
+    meta = JudgeMeta(kind="discriminator", max_length=config.max_length, with_behavior=True,
+                     heads=heads if factorized else {},
+                     extra=factorized_tables(train, spec, template) if factorized else {"form": "joint"})
+    judge = Judge(model, tokenizer, meta)
+    discriminator = Discriminator(judge)
     smooth = config.label_smoothing
+    if factorized:
+        # The behaviour enters through its bins, not the text: the judge reads (query, response) only.
+        texts = [judge_text(queries[i], responses[i]) for i in rows]
+        extra_targets = torch.cat([discriminator.levels(triplet_behaviors).float(),
+                                   discriminator.marginals(triplet_behaviors)[:, None]], dim=1)
+        targets = torch.cat([labels[:, None], extra_targets], dim=1)
+    else:
+        texts = [judge_text(queries[i], responses[i], b) for i, b in zip(rows, triplet_behaviors)]
+        targets = labels
 
     def loss_fn(logits, target):
-        target = target * (1 - 2 * smooth) + smooth
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1), target)
+        if not factorized:
+            return torch.nn.functional.binary_cross_entropy_with_logits(
+                logits.squeeze(-1), target * (1 - 2 * smooth) + smooth)
+        label, levels, log_marginal = target[:, 0], target[:, 1:5].long(), target[:, 5]
+        logit = discriminator.logits_from(logits, levels, log_marginal)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, label * (1 - 2 * smooth) + smooth)
+        real = label > 0.5
+        if config.likelihood_weight and real.any():
+            start, likelihood = 0, 0.0
+            for m, metric in enumerate(METRICS):
+                size = heads[metric]
+                likelihood = likelihood + torch.nn.functional.cross_entropy(
+                    logits[real, start:start + size], levels[real, m])
+                start += size
+            loss = loss + config.likelihood_weight * likelihood
+        return loss
 
     def evaluate() -> dict:
-        real = torch.sigmoid(judge.logits(val_real)).squeeze(-1).numpy()
+        real = discriminator.probability(val_queries, val_responses, validation["behavior_text"]).numpy()
         out = {"score_real": float(real.mean()), "accuracy_real": float((real > 0.5).mean())}
-        for name, fakes in val_sets.items():
-            fake = torch.sigmoid(judge.logits(fakes)).squeeze(-1).numpy()
+        for name, (fq, fr, fb) in val_sets.items():
+            fake = discriminator.probability(fq, fr, fb).numpy()
             key = "auc" if name == "random" else f"auc_{name}"
             out[key] = auc(real, fake)
             if name == "random":
@@ -170,7 +271,7 @@ def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
     fingerprint = hashlib.sha256(json.dumps([config_to_dict(config), stage.manifest["upstream"]],
                                             sort_keys=True).encode()).hexdigest()
     before = {k: v.detach().clone() for k, v in list(model.state_dict().items())[:4]}
-    final = train_judge(judge, texts, labels, loss_fn, settings, stage, evaluate, fingerprint)
+    final = train_judge(judge, texts, targets, loss_fn, settings, stage, evaluate, fingerprint)
     judge.save(stage.dir / "model")
     changed = any(not torch.equal(before[k], model.state_dict()[k]) for k in before)
 
@@ -191,6 +292,7 @@ def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
         "train_fake": len(fake_rows),
         "fake_strategies": {k: fake_kinds.count(k) for k in ("random", "same_query", "shifted")},
         "backbone": config.backbone,
+        "form": config.form,
         "parameters": param_count(model),
         "parameters_changed": changed,
         "notes": notes,
