@@ -25,6 +25,10 @@ test: setup
 demo: setup
 	$(BIN)/rlhb simulate-logs --run-dir $(RUN_DIR)
 	$(BIN)/rlhb prepare-behaviors --run-dir $(RUN_DIR)
+	$(BIN)/rlhb train-sft --run-dir $(RUN_DIR) --epochs 2
+	$(BIN)/rlhb warmup-discriminator --run-dir $(RUN_DIR) --epochs 2
+	$(BIN)/rlhb train-classifier --run-dir $(RUN_DIR) --epochs 2
+	$(BIN)/rlhb train-reward --run-dir $(RUN_DIR) --epochs 3
 	$(BIN)/rlhb status --run-dir $(RUN_DIR)
 
 bench: setup

@@ -121,3 +121,19 @@ def progress_bar():
 
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def trainer_resume_point(stage: rundir.StageRun, metrics: MetricsLog) -> str | None:
+    """The transformers Trainer checkpoint to resume from (with --resume), metrics.jsonl cut to match."""
+    checkpoints = sorted((stage.dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if stage.resume and checkpoints:
+        metrics.keep_until(int(checkpoints[-1].name.split("-")[1]))
+        return str(checkpoints[-1])
+    metrics.keep_until(-1)
+    return None
+
+
+def stop_if_unfinished(trainer) -> None:
+    """A Trainer stopped by --stop-after-steps leaves the stage `stopped`, not done."""
+    if trainer.state.global_step < trainer.state.max_steps:
+        raise rundir.StageStopped(f"stopped after {trainer.state.global_step} of {trainer.state.max_steps} steps")

@@ -21,7 +21,8 @@ from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.judge import Judge, JudgeMeta
 from rlhb_cli.prompts import judge_text
-from rlhb_cli.stages.common import MetricsLog, judge_backbone, param_count, seed_everything
+from rlhb_cli.stages.common import (MetricsLog, judge_backbone, param_count, seed_everything, stop_if_unfinished,
+                                   trainer_resume_point)
 from rlhb_cli.stages.sft import trainer_callback
 
 STAGE = "train-reward"
@@ -121,6 +122,9 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
     notes: list[str] = []
     corpus = lambda: [t for p in train for t in (judge_text(p["prompt"], p["chosen"]), p["rejected"])]  # noqa: E731
     model, tokenizer = judge_backbone(config.backbone, run_dir, stage, 1, corpus, notes)
+    if tokenizer.eos_token is None:  # trl closes each sequence with EOS; encoders such as MiniLM have SEP instead
+        tokenizer.eos_token = tokenizer.sep_token or tokenizer.pad_token
+        notes.append(f"the tokenizer has no EOS token; {tokenizer.eos_token!r} closes each sequence instead")
     args = TrlRewardConfig(
         output_dir=str(stage.dir / "checkpoints"), num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=32,
@@ -136,12 +140,8 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
                             eval_dataset=datasets.Dataset.from_dict(as_texts(validation)),
                             callbacks=[trainer_callback(stage, metrics, STAGE)])
     trainer.remove_callback(PrinterCallback)
-    checkpoints = sorted((stage.dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    resume_from = str(checkpoints[-1]) if stage.resume and checkpoints else None
-    metrics.keep_until(int(checkpoints[-1].name.split("-")[1]) if resume_from else -1)
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    if trainer.state.global_step < trainer.state.max_steps:
-        raise rundir.StageStopped(f"stopped after {trainer.state.global_step} of {trainer.state.max_steps} steps")
+    result = trainer.train(resume_from_checkpoint=trainer_resume_point(stage, metrics))
+    stop_if_unfinished(trainer)
     judge = Judge(trainer.model, tokenizer, JudgeMeta(kind="reward", max_length=config.max_length, with_behavior=False))
     judge.save(stage.dir / "model")
 

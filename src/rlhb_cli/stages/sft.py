@@ -21,7 +21,8 @@ from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.load import TinyModelSpec, load_causal_lm, tiny_llama_config
 from rlhb_cli.models.tokenizer import train_tokenizer
 from rlhb_cli.prompts import generator_prompt
-from rlhb_cli.stages.common import MetricsLog, corpus_of, load_prepared, param_count, progress_bar, seed_everything
+from rlhb_cli.stages.common import (MetricsLog, corpus_of, load_prepared, param_count, progress_bar, seed_everything,
+                                   stop_if_unfinished, trainer_resume_point)
 
 STAGE = "train-sft"
 
@@ -157,18 +158,14 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
                          eval_dataset=datasets.Dataset.from_list(val_rows),
                          callbacks=[trainer_callback(stage, metrics)])
     trainer.remove_callback(PrinterCallback)  # our callback logs to metrics.jsonl and the progress bar
-    checkpoints = sorted((stage.dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    resume_from = str(checkpoints[-1]) if stage.resume and checkpoints else None
+    resume_from = trainer_resume_point(stage, metrics)
     if resume_from:
-        metrics.keep_until(int(checkpoints[-1].name.split("-")[1]))
         untrained = rundir.read_json(stage.dir / "untrained.json")
     else:
-        metrics.keep_until(-1)
         untrained = {"eval_loss": trainer.evaluate()["eval_loss"]}
         rundir.atomic_write_json(stage.dir / "untrained.json", untrained)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    if trainer.state.global_step < trainer.state.max_steps:
-        raise rundir.StageStopped(f"stopped after {trainer.state.global_step} of {trainer.state.max_steps} steps")
+    stop_if_unfinished(trainer)
     final = trainer.evaluate()
     with rundir.atomic_dir(stage.dir / "policy") as tmp:
         trainer.save_model(str(tmp))
