@@ -313,3 +313,13 @@ def test_atomic_write_leaves_old_content_when_interrupted(tmp_path, monkeypatch)
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     assert np.isfinite(1.0)
+
+
+def test_a_run_directory_can_be_moved_whole(cli, tmp_path, sim_run):
+    cli("prepare-behaviors", "--run-dir", sim_run)
+    moved = tmp_path / "elsewhere"
+    sim_run.rename(moved)
+    states = {r["stage"]: r["state"] for r in rundir.status_rows(moved)}
+    assert states["prepare-behaviors"] == "done"
+    manifest = json.loads((moved / "prepare-behaviors" / "manifest.json").read_text())
+    assert manifest["inputs"]["logs"]["path"] == "RUN_DIR/simulate-logs/logs.jsonl"

@@ -259,7 +259,8 @@ class StageRun:
         return path
 
     def add_input(self, name: str, path: Path) -> None:
-        self.manifest["inputs"][name] = describe_input(path, self.dir.parent)
+        in_run_dir = self.dir.parent if self.manifest_name == MANIFEST else None  # single-file stages have no run dir
+        self.manifest["inputs"][name] = describe_input(path, in_run_dir)
         self._flush()
 
     def add_upstream(self, stage: str) -> None:
