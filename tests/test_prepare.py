@@ -266,7 +266,8 @@ def test_stage_refuses_missing_failed_and_stale_inputs(cli, tmp_path, sim_run):
     again = cli("prepare-behaviors", "--run-dir", sim_run)
     assert "already done" in again.output
     states = {r["stage"]: r["state"] for r in rundir.status_rows(sim_run)}
-    assert states == {"simulate-logs": "done", "prepare-behaviors": "done"}
+    assert states["simulate-logs"] == states["prepare-behaviors"] == "done"
+    assert states["train-sft"] == "missing"
 
     logs = sim_run / "simulate-logs" / "logs.jsonl"
     logs.write_text(logs.read_text() + json.dumps(GOOD[0]) + "\n")
