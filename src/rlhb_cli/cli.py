@@ -312,14 +312,15 @@ training_stage_command("train-reward", RewardConfig, "rlhb_cli.stages.reward",
 def status(run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory to describe.")]) -> None:
     """Each stage of a run directory: done / failed / stale / missing, with its headline figures."""
     table = Table(title=f"run {run_dir}", title_justify="left")
-    for column in ("stage", "state", "finished", "headline / detail"):
-        table.add_column(column)
+    for column in ("stage", "state", "finished (UTC)", "headline / detail"):
+        table.add_column(column, overflow="fold")
     colours = {"done": "green", "failed": "red", "stale": "yellow", "interrupted": "red", "running": "cyan"}
     for row in rundir.status_rows(run_dir):
-        headline = ", ".join(f"{k}={v}" for k, v in list(row["headline"].items())[:6])
+        headline = "\n".join(f"{k}={v}" for k, v in list(row["headline"].items())[:6])
         detail = row["detail"] or headline
         colour = colours.get(row["state"], "dim")
-        table.add_row(row["stage"], f"[{colour}]{row['state']}[/]", row["finished_at"] or "", detail)
+        finished = (row["finished_at"] or "")[5:16].replace("T", " ")  # MM-DD HH:MM (UTC)
+        table.add_row(row["stage"], f"[{colour}]{row['state']}[/]", finished, detail)
     console.print(table)
 
 
