@@ -329,9 +329,6 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own summaries say what loaded and how
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local paths; never reach for a hub
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress bars show what is running
-    import warnings
-    # trl's configs still pass transformers' renamed `gradient_checkpointing`; nothing for a user to act on.
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     try:
         app()
     except KeyboardInterrupt:

@@ -137,3 +137,13 @@ def stop_if_unfinished(trainer) -> None:
     """A Trainer stopped by --stop-after-steps leaves the stage `stopped`, not done."""
     if trainer.state.global_step < trainer.state.max_steps:
         raise rundir.StageStopped(f"stopped after {trainer.state.global_step} of {trainer.state.max_steps} steps")
+
+
+def trl_config(config_cls, **kwargs):
+    """A trl config on CPU terms; trl still passes transformers' renamed `gradient_checkpointing`, whose
+    deprecation warning says nothing a user could act on."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+        return config_cls(bf16=False, fp16=False, report_to="none", gradient_checkpointing=False, use_cpu=True,
+                          disable_tqdm=True, dataloader_num_workers=0, **kwargs)

@@ -22,7 +22,7 @@ from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.judge import Judge, JudgeMeta
 from rlhb_cli.prompts import judge_text
 from rlhb_cli.stages.common import (MetricsLog, judge_backbone, param_count, seed_everything, stop_if_unfinished,
-                                   trainer_resume_point)
+                                   trainer_resume_point, trl_config)
 from rlhb_cli.stages.sft import trainer_callback
 
 STAGE = "train-reward"
@@ -125,14 +125,14 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
     if tokenizer.eos_token is None:  # trl closes each sequence with EOS; encoders such as MiniLM have SEP instead
         tokenizer.eos_token = tokenizer.sep_token or tokenizer.pad_token
         notes.append(f"the tokenizer has no EOS token; {tokenizer.eos_token!r} closes each sequence instead")
-    args = TrlRewardConfig(
+    args = trl_config(
+        TrlRewardConfig,
         output_dir=str(stage.dir / "checkpoints"), num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=32,
         learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.01,
         logging_steps=10, eval_strategy="epoch", save_strategy="steps", save_steps=config.checkpoint_every,
-        save_total_limit=1, seed=config.seed, data_seed=config.seed, bf16=False, fp16=False, report_to="none",
-        gradient_checkpointing=False, max_length=config.max_length, disable_tqdm=True, use_cpu=True,
-        dataloader_num_workers=0, center_rewards_coefficient=None,
+        save_total_limit=1, seed=config.seed, data_seed=config.seed, max_length=config.max_length,
+        center_rewards_coefficient=None,
     )
     metrics = MetricsLog(stage.dir / "metrics.jsonl")
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,

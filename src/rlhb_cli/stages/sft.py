@@ -22,7 +22,8 @@ from rlhb_cli.models.load import TinyModelSpec, load_causal_lm, tiny_llama_confi
 from rlhb_cli.models.tokenizer import train_tokenizer
 from rlhb_cli.prompts import generator_prompt
 from rlhb_cli.stages.common import (MetricsLog, corpus_of, load_prepared, param_count, progress_bar, seed_everything,
-                                   stop_if_unfinished, trainer_resume_point)
+                                   stop_if_unfinished, trainer_resume_point,
+                                   trl_config)
 
 STAGE = "train-sft"
 
@@ -143,14 +144,14 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     val_rows = _rows(data["validation"])
     if len(train_rows) < config.batch_size:
         raise RlhbError(f"only {len(train_rows)} training rows, fewer than --batch-size {config.batch_size}")
-    args = SFTConfig(
+    args = trl_config(
+        SFTConfig,
         output_dir=str(stage.dir / "checkpoints"), num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=64,
         learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
         logging_steps=10, eval_strategy="epoch", save_strategy="steps", save_steps=config.checkpoint_every,
-        save_total_limit=1, seed=config.seed, data_seed=config.seed, bf16=False, fp16=False, report_to="none",
-        gradient_checkpointing=False, max_length=config.max_length, completion_only_loss=True, packing=False,
-        disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, dataset_num_proc=None,
+        save_total_limit=1, seed=config.seed, data_seed=config.seed, max_length=config.max_length,
+        completion_only_loss=True, packing=False, dataset_num_proc=None,
     )
     metrics = MetricsLog(stage.dir / "metrics.jsonl")
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
