@@ -67,10 +67,7 @@ def load_causal_lm(path: Path, notes: list[str], trust_remote_code: bool = False
         model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise RlhbError(f"{path}: not a causal language model ({str(exc).splitlines()[0]})") from None
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return _fit_to_tokenizer(model, tokenizer), tokenizer
 
 
 def load_sequence_classifier(path: Path, num_labels: int, notes: list[str], trust_remote_code: bool = False):
@@ -84,7 +81,12 @@ def load_sequence_classifier(path: Path, num_labels: int, notes: list[str], trus
             str(path), num_labels=num_labels, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True)
     except (OSError, ValueError, KeyError) as exc:
         raise RlhbError(f"{path}: cannot be loaded as a sequence classifier ({str(exc).splitlines()[0]})") from None
+    return _fit_to_tokenizer(model, tokenizer), tokenizer
+
+
+def _fit_to_tokenizer(model, tokenizer):
+    """Room for tokens the tokenizer gained (e.g. an added pad), and the pad id the model pools and masks by."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return model
