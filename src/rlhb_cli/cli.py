@@ -271,11 +271,9 @@ def training_stage_command(name: str, config_cls: type, module: str, doc: str) -
             run_dir = values["run_dir"]
             config = build_config(config_cls, values["config_file"], {f.name: values[f.name] for f in fields})
             stage_dir = run_dir / name
-            state, _, _ = rundir.stage_state(stage_dir)
-            if values["resume"] and state not in ("stopped", "interrupted", "failed"):
-                if state == "done":
-                    console.print(f"{name}: already done; nothing to resume")
-                    return
+            if values["resume"] and rundir.stage_state(stage_dir)[0] == "done":
+                console.print(f"{name}: already done; nothing to resume")
+                return
             try:
                 summary = run_stage(name, stage_dir, config, stage_module.run, getattr(config, "seed", None),
                                     force=values["force"] or values["resume"],

@@ -30,8 +30,6 @@ def help_of(config_cls: type, name: str) -> str:
 
 def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
     """Turn a YAML/CLI value into the field's declared type, or say which key is wrong."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {**vars(typing), "Path": Path})  # annotations are strings here
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -74,6 +72,7 @@ def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
 def build_config(config_cls: type, recipe: Path | None = None, overrides: dict[str, Any] | None = None):
     """Defaults < YAML recipe < CLI overrides (only the flags the user gave, i.e. not None)."""
     known = {f.name: f for f in dataclasses.fields(config_cls)}
+    types_of = typing.get_type_hints(config_cls)  # the modules use `from __future__ import annotations`
     values: dict[str, Any] = {}
     if recipe is not None:
         try:
@@ -93,13 +92,13 @@ def build_config(config_cls: type, recipe: Path | None = None, overrides: dict[s
                 f"known: {', '.join(sorted(known))}"
             )
         for name, value in loaded.items():
-            values[name] = _coerce(value, known[name].type, name, str(recipe))
+            values[name] = _coerce(value, types_of[name], name, str(recipe))
     for name, value in (overrides or {}).items():
         if value is None:
             continue
         if name not in known:
             raise RlhbError(f"unknown option '{name}' for {config_cls.__name__}")
-        values[name] = _coerce(value, known[name].type, name, f"--{name.replace('_', '-')}")
+        values[name] = _coerce(value, types_of[name], name, f"--{name.replace('_', '-')}")
     try:
         return config_cls(**values)
     except RlhbError:

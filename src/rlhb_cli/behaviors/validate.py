@@ -34,9 +34,8 @@ class ValidatedLogs:
 class _Verdicts:
     """First failing check wins; each row keeps one reason."""
 
-    def __init__(self, lines: np.ndarray):
-        self.lines = lines
-        self.ok = np.ones(len(lines), dtype=bool)
+    def __init__(self, rows: int):
+        self.ok = np.ones(rows, dtype=bool)
         self.reason: dict[int, str] = {}
         self.field: dict[int, str | None] = {}
 
@@ -95,7 +94,7 @@ def validate(parsed: ParsedLogs, path: Path, kind: str = "auto", max_count: floa
             raise RlhbError(f"{path}: no column '{name}' (columns: {', '.join(table.column_names)}); map yours with "
                             f"--field {name}=NAME, or take it as 0 with --absent-as-zero {name}")
 
-    verdicts = _Verdicts(parsed.lines)
+    verdicts = _Verdicts(n)
     texts = {}
     for name in TEXT_FIELDS:
         column, missing, not_text = text_column(parsed, name)

@@ -81,7 +81,8 @@ def run(config: SimulateConfig, stage: StageRun) -> dict:
         lexicon.add(q.text)
         for text in [q.answer_sentence, *q.wrong_sentences] + [c.text for c in pools[q.text]]:
             lexicon.add(text)
-    for q in all_queries()[0] + all_queries()[1]:
+    seen, held = all_queries()
+    for q in seen + held:
         lexicon.add(q.text)
         lexicon.add(q.answer_sentence)
 
@@ -116,7 +117,7 @@ def run(config: SimulateConfig, stage: StageRun) -> dict:
     per_persona = rng.multinomial(rows_n, share)  # rows x personas
     views, clicks, likes, dislikes = (x.sum(1) for x in _sample_counts(rng, per_persona, probs))
 
-    _write_logs(stage, config, rng, train_queries, pools, rows_q, rows_c, rows_w, per_persona, probs,
+    _write_logs(stage, config, rng, model, train_queries, pools, rows_q, rows_c, rows_w, per_persona, probs,
                 views, clicks, likes, dislikes)
     n_pairs, pair_ceiling = _write_preferences(stage, config, rng, train_queries, pools, annotator, lexicon)
     ceilings = _ceilings(config, rng, rows_q, rows_n, share, probs, views, clicks, likes, dislikes, gold)
@@ -143,7 +144,7 @@ def run(config: SimulateConfig, stage: StageRun) -> dict:
     return summary
 
 
-def _write_logs(stage, config, rng, queries, pools, rows_q, rows_c, rows_w, per_persona, probs, views, clicks, likes,
+def _write_logs(stage, config, rng, model: UserModel, queries, pools, rows_q, rows_c, rows_w, per_persona, probs, views, clicks, likes,
                 dislikes) -> None:
     path = stage.dir / "logs.jsonl"
     if not config.events:
@@ -154,7 +155,7 @@ def _write_logs(stage, config, rng, queries, pools, rows_q, rows_c, rows_w, per_
         atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
         return
     # One line per impression: re-sample per event so each event is a coherent view -> click -> reaction.
-    names = [p.name for p in UserModel.default().personas]
+    names = [p.name for p in model.personas]
     users_per_persona = 2000
     tmp = path.with_name(".logs.jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as out:

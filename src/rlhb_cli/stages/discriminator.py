@@ -177,10 +177,9 @@ def make_fakes(split, rng: np.random.Generator, count: int, weights: tuple[float
             fake = texts[others[rng.integers(len(others))]] if others else None
         elif kind == "shifted":
             fake = shifted_text(rng, bins[i], spec, template)
-        if kind == "random" or fake is None:
-            kind = "random" if fake is None and kind != "random" else kind
-            j = int(rng.integers(len(texts)))
-            fake = texts[j]
+        if fake is None:  # random, or a strategy that had nothing to offer for this row
+            kind = "random"
+            fake = texts[int(rng.integers(len(texts)))]
         if fake == texts[i]:
             continue
         rows.append(i)

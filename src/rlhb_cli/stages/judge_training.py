@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.judge import Judge
 from rlhb_cli.rundir import StageRun, StageStopped
 from rlhb_cli.stages.common import MetricsLog, progress_bar
@@ -75,7 +76,6 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
     if stage.resume and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         if state["fingerprint"] != fingerprint:
-            from rlhb_cli.errors import RlhbError
             raise RlhbError(f"{checkpoint}: made with another config or data; run without --resume to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -102,7 +102,6 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
             loss = loss_fn(judge.forward_logits(batch), targets[torch.as_tensor(index)])
             if not torch.isfinite(loss):
                 _save_checkpoint(checkpoint, judge, optimizer, scheduler, step, fingerprint)
-                from rlhb_cli.errors import RlhbError
                 raise RlhbError(f"{stage.stage}: the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
                                 f"checkpoint kept in {checkpoint}; lower --learning-rate")
             loss.backward()
