@@ -244,8 +244,13 @@ def _config_option(config_cls: type, f: dataclasses.Field, hints: dict) -> tuple
                                                   show_default=False)], None
 
 
-def training_stage_command(name: str, config_cls: type, module: str, doc: str) -> None:
-    """Register `rlhb NAME`: run dir and control flags, then one option per field of the stage's config."""
+def training_stage_command(name: str, config_cls: type, module: str, doc: str, function: str = "run",
+                           stage_of: Callable[[Any], str] | None = None, renamable: bool = False) -> None:
+    """Register `rlhb NAME`: run dir and control flags, then one option per field of the stage's config.
+
+    `stage_of(config)` picks the stage folder from the config (train-rlhb --no-behavior writes train-rlgaf);
+    `renamable` adds --stage-name, so e.g. RLHB on top of RLHF can sit beside RLHB from SFT.
+    """
     hints = typing.get_type_hints(config_cls, {"Path": Path})
     fields = dataclasses.fields(config_cls)
     parameters = [
@@ -259,6 +264,10 @@ def training_stage_command(name: str, config_cls: type, module: str, doc: str) -
             Optional[int], typer.Option("--stop-after-steps", help="Stop after this many optimizer steps in all, "
                                         "with a checkpoint; continue later with --resume.")]),
     ]
+    if renamable:
+        parameters.append(inspect.Parameter("stage_name", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[str], typer.Option("--stage-name", help="Write into RUN_DIR/STAGE_NAME instead of the default "
+                                        "(e.g. train-rlhb-on-rlhf beside train-rlhb).")]))
     for f in fields:
         annotation, default = _config_option(config_cls, f, hints)
         parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
@@ -270,18 +279,22 @@ def training_stage_command(name: str, config_cls: type, module: str, doc: str) -
             stage_module = importlib.import_module(module)
             run_dir = values["run_dir"]
             config = build_config(config_cls, values["config_file"], {f.name: values[f.name] for f in fields})
-            stage_dir = run_dir / name
+            stage_name = values.get("stage_name") or (stage_of(config) if stage_of else name)
+            if "/" in stage_name or stage_name.startswith("."):
+                raise RlhbError(f"--stage-name {stage_name!r}: give a plain folder name")
+            stage_dir = run_dir / stage_name
             if values["resume"] and rundir.stage_state(stage_dir)[0] == "done":
-                console.print(f"{name}: already done; nothing to resume")
+                console.print(f"{stage_name}: already done; nothing to resume")
                 return
             try:
-                summary = run_stage(name, stage_dir, config, stage_module.run, getattr(config, "seed", None),
+                summary = run_stage(stage_name, stage_dir, config, getattr(stage_module, function),
+                                    getattr(config, "seed", None),
                                     force=values["force"] or values["resume"],
                                     resume=values["resume"], stop_after_steps=values["stop_after_steps"])
             except rundir.StageStopped as exc:
-                console.print(f"{name}: {exc}; continue with `rlhb {name} --run-dir {run_dir} --resume`")
+                console.print(f"{stage_name}: {exc}; continue with the same command and --resume")
                 return
-            _print_summary(f"{name} -> {stage_dir}", summary)
+            _print_summary(f"{stage_name} -> {stage_dir}", summary)
         _guard(body)
 
     command.__signature__ = inspect.Signature(parameters)
@@ -304,6 +317,21 @@ training_stage_command("train-classifier", ClassifierConfig, "rlhb_cli.stages.cl
                        "Train RLHBC's behaviour classifier: one head per metric's bin.")
 training_stage_command("train-reward", RewardConfig, "rlhb_cli.stages.reward",
                        "Train RLHF's reward model on preference pairs (Bradley-Terry).")
+
+from rlhb_cli.rl.aligners import CustomPPOConfig, OracleConfig, RLHBCConfig, RLHBConfig, RLHFConfig  # noqa: E402
+
+_ALIGNERS = "rlhb_cli.rl.aligners"
+training_stage_command("train-rlhf", RLHFConfig, _ALIGNERS, "RLHF: PPO on the reward model of train-reward.",
+                       "run_rlhf", renamable=True)
+training_stage_command("train-rlhbc", RLHBCConfig, _ALIGNERS, "RLHBC: PPO on the behaviour classifier's expected "
+                       "shaped reward.", "run_rlhbc", renamable=True)
+training_stage_command("train-rlhb", RLHBConfig, _ALIGNERS, "RLHB: PPO on the discriminator's judgement, the "
+                       "discriminator learning alongside; --no-behavior is RLGAF (writes train-rlgaf).", "run_rlhb",
+                       stage_of=lambda c: "train-rlgaf" if c.no_behavior else "train-rlhb", renamable=True)
+training_stage_command("train-oracle", OracleConfig, _ALIGNERS, "TESTBED ONLY: PPO on the simulator's gold reward, "
+                       "the ceiling every learned reward is measured against.", "run_oracle", renamable=True)
+training_stage_command("train-ppo", CustomPPOConfig, _ALIGNERS, "PPO on your own reward source "
+                       "(--reward-source package.module:callable).", "run_custom", renamable=True)
 
 
 @app.command("status")

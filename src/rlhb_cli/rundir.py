@@ -38,6 +38,11 @@ PIPELINE: dict[str, str] = {
     "warmup-discriminator": "rlhb warmup-discriminator --run-dir {run_dir}",
     "train-classifier": "rlhb train-classifier --run-dir {run_dir}",
     "train-reward": "rlhb train-reward --run-dir {run_dir}",
+    "train-rlhf": "rlhb train-rlhf --run-dir {run_dir}",
+    "train-rlhbc": "rlhb train-rlhbc --run-dir {run_dir}",
+    "train-rlhb": "rlhb train-rlhb --run-dir {run_dir}",
+    "train-rlgaf": "rlhb train-rlhb --no-behavior --run-dir {run_dir}",
+    "train-oracle": "rlhb train-oracle --run-dir {run_dir}",
 }
 
 # The figures `rlhb status` shows for a stage (its summary.json has more).
@@ -48,6 +53,8 @@ HEADLINES: dict[str, tuple[str, ...]] = {
     "warmup-discriminator": ("val_auc", "bayes_ceiling_auc", "val_accuracy", "seconds"),
     "train-classifier": ("mean_accuracy_gain", "macro_f1_mean", "seconds"),
     "train-reward": ("val_pairwise_accuracy", "pairs_train", "seconds"),
+    **{name: ("reward_first", "reward_final", "kl_final", "disc_collapsed", "seconds")
+       for name in ("train-rlhf", "train-rlhbc", "train-rlhb", "train-rlgaf", "train-oracle")},
 }
 
 _LIBRARIES = ("rlhb-cli", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "pyarrow", "numpy")

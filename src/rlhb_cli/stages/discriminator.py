@@ -110,11 +110,49 @@ class Discriminator:
     def marginals(self, behavior_texts: list[str]) -> torch.Tensor:
         return torch.tensor([self.log_marginal.get(b, self.log_marginal_unseen) for b in behavior_texts])
 
-    def logits(self, queries: list[str], responses: list[str], behavior_texts: list[str]) -> torch.Tensor:
+    def texts(self, queries: list[str], responses: list[str], behavior_texts: list[str] | None) -> list[str]:
+        """What the judge reads: the behaviour enters the text only in the joint form with behaviour."""
+        if self.form == "factorized" or not self.judge.meta.with_behavior:
+            return [judge_text(q, r) for q, r in zip(queries, responses)]
+        return [judge_text(q, r, b) for q, r, b in zip(queries, responses, behavior_texts)]
+
+    def logits(self, queries: list[str], responses: list[str], behavior_texts: list[str] | None) -> torch.Tensor:
+        raw = self.judge.logits(self.texts(queries, responses, behavior_texts))
         if self.form == "factorized":
-            heads = self.judge.logits([judge_text(q, r) for q, r in zip(queries, responses)])
-            return self.logits_from(heads, self.levels(behavior_texts), self.marginals(behavior_texts))
-        return self.judge.logits([judge_text(q, r, b) for q, r, b in zip(queries, responses, behavior_texts)]).squeeze(-1)
+            return self.logits_from(raw, self.levels(behavior_texts), self.marginals(behavior_texts))
+        return raw.squeeze(-1)
+
+    def loss_from_raw(self, raw: torch.Tensor, labels: torch.Tensor, levels: torch.Tensor | None,
+                      log_marginal: torch.Tensor | None, label_smoothing: float = 0.0,
+                      likelihood_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logit) from the judge's raw output: real/fake cross-entropy, plus in the factorized
+        form the per-metric likelihood of the real rows' bins (it keeps the heads calibrated)."""
+        smooth_labels = labels * (1 - 2 * label_smoothing) + label_smoothing
+        if self.form != "factorized":
+            logit = raw.squeeze(-1)
+            return torch.nn.functional.binary_cross_entropy_with_logits(logit, smooth_labels), logit
+        logit = self.logits_from(raw, levels, log_marginal)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, smooth_labels)
+        real = labels > 0.5
+        if likelihood_weight and real.any():
+            start, likelihood = 0, 0.0
+            for m, metric in enumerate(METRICS):
+                size = self.judge.meta.heads[metric]
+                likelihood = likelihood + torch.nn.functional.cross_entropy(raw[real, start:start + size],
+                                                                            levels[real, m])
+                start += size
+            loss = loss + likelihood_weight * likelihood
+        return loss, logit
+
+    def training_loss(self, queries: list[str], responses: list[str], behavior_texts: list[str] | None,
+                      labels: torch.Tensor, label_smoothing: float = 0.0,
+                      likelihood_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logit) of a batch of labelled triplets, with gradients (the caller sets train mode)."""
+        raw = self.judge.forward_logits(self.judge.encode(self.texts(queries, responses, behavior_texts)))
+        if self.form == "factorized":
+            return self.loss_from_raw(raw, labels, self.levels(behavior_texts), self.marginals(behavior_texts),
+                                      label_smoothing, likelihood_weight)
+        return self.loss_from_raw(raw, labels, None, None, label_smoothing)
 
     def probability(self, queries: list[str], responses: list[str], behavior_texts: list[str]) -> torch.Tensor:
         return torch.sigmoid(self.logits(queries, responses, behavior_texts))
@@ -235,23 +273,11 @@ def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
         texts = [judge_text(queries[i], responses[i], b) for i, b in zip(rows, triplet_behaviors)]
         targets = labels
 
-    def loss_fn(logits, target):
+    def loss_fn(raw, target):
         if not factorized:
-            return torch.nn.functional.binary_cross_entropy_with_logits(
-                logits.squeeze(-1), target * (1 - 2 * smooth) + smooth)
-        label, levels, log_marginal = target[:, 0], target[:, 1:5].long(), target[:, 5]
-        logit = discriminator.logits_from(logits, levels, log_marginal)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, label * (1 - 2 * smooth) + smooth)
-        real = label > 0.5
-        if config.likelihood_weight and real.any():
-            start, likelihood = 0, 0.0
-            for m, metric in enumerate(METRICS):
-                size = heads[metric]
-                likelihood = likelihood + torch.nn.functional.cross_entropy(
-                    logits[real, start:start + size], levels[real, m])
-                start += size
-            loss = loss + config.likelihood_weight * likelihood
-        return loss
+            return discriminator.loss_from_raw(raw, target, None, None, smooth)[0]
+        return discriminator.loss_from_raw(raw, target[:, 0], target[:, 1:5].long(), target[:, 5], smooth,
+                                           config.likelihood_weight)[0]
 
     def evaluate() -> dict:
         real = discriminator.probability(val_queries, val_responses, validation["behavior_text"]).numpy()

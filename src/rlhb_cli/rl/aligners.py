@@ -1,0 +1,224 @@
+"""The aligner stages: the one PPO engine with the reward source that names each.
+
+  train-rlhf    reward model of train-reward (annotated preference pairs)
+  train-rlhbc   behaviour classifier of train-classifier (expected shaped reward)
+  train-rlhb    discriminator of warmup-discriminator, updated as the policy learns;
+                with --no-behavior it is RLGAF (the adversarial loop on (query, response) alone)
+  train-oracle  TESTBED ONLY: the simulator's gold user model, the ceiling for the others
+  train-ppo     a user's own reward source, `--reward-source package.module:callable`
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from rlhb_cli import rundir
+from rlhb_cli.config import config_to_dict, field
+from rlhb_cli.errors import RlhbError
+from rlhb_cli.rl.engine import EngineConfig, PPOEngine
+from rlhb_cli.stages.common import load_prepared, param_count, seed_everything
+
+POLICY_STAGES = ("train-sft", "train-rlhf", "train-rlhbc", "train-rlhb", "train-rlgaf", "train-oracle", "train-ppo")
+
+
+@dataclass
+class RLHFConfig(EngineConfig):
+    reward_model: str = field("train-reward", help="The reward model: the train-reward stage of this run dir, or a "
+                                                   "path to a saved rlhb judge.")
+
+
+@dataclass
+class RLHBCConfig(EngineConfig):
+    classifier: str = field("train-classifier", help="The behaviour classifier: the train-classifier stage, or a "
+                                                     "path to a saved rlhb judge.")
+    head_weights: list[str] = field(factory=list, help="Weighted heads instead of the shaped reward, e.g. likes=1 "
+                                                       "dislikes=-1 clicks=0.2: sum w*E[metric] / (E[pv] + E[clicks]).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.weights()
+
+    def weights(self) -> dict[str, float] | None:
+        from rlhb_cli.behaviors.binning import METRICS
+        out = {}
+        for item in self.head_weights:
+            name, _, value = item.partition("=")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise ValueError(f"head_weights: {item!r} is not metric=number") from None
+            if name not in METRICS:
+                raise ValueError(f"head_weights: {name!r} is not a metric ({', '.join(METRICS)})")
+        return out or None
+
+
+@dataclass
+class RLHBConfig(EngineConfig):
+    discriminator: str = field("warmup-discriminator", help="The warmed-up discriminator: the warmup-discriminator "
+                                                            "stage, or a path to a saved rlhb judge.")
+    no_behavior: bool = field(False, help="RLGAF: the adversarial loop on (query, response) alone; the "
+                                          "discriminator's body gets a fresh real/fake head.")
+    reward_form: str = field("contrast", help="probability: D(q, r, b); log_probability: log D; contrast: logit "
+                                              "D(q, r, b) minus the mean logit over other behaviours of the query.")
+    contrast_behaviors: int = field(8, help="contrast: behaviours to contrast with (the query's logged ones first).")
+    disc_learning_rate: float = field(1e-5, help="Discriminator learning rate during RL.")
+    disc_steps: int = field(2, help="Discriminator optimizer steps per update (0: a frozen discriminator).")
+    disc_batch_size: int = field(32, help="Triplets per discriminator step.")
+    frozen_iterations: int = field(0, help="Iterations with the discriminator frozen before its updates start.")
+    update_every: int = field(1, help="Iterations between discriminator updates.")
+    bootstrap_ratio: float = field(0.0, help="Share of generated triplets with the highest rewards relabelled real "
+                                             "(the paper reports collapse at 0.5).")
+    label_smoothing: float = field(0.0, help="Discriminator targets 1 - s and s.")
+    replaced_negatives: float = field(1.0, help="Behaviour-replaced real triplets per generated one among the fakes.")
+    likelihood_weight: float = field(1.0, help="Factorized discriminator: weight of its bins' likelihood on real rows.")
+    real_min_reward_quantile: float = field(0.0, help="Real side: only logged rows above this shaped-reward quantile "
+                                                      "(RLGAF's 'good' responses; 0: all).")
+    source_warmup_rounds: int = field(-1, help="Discriminator updates on the starting policy's text before PPO "
+                                               "(-1: 8 with --no-behavior, else 0).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reward_form not in ("probability", "log_probability", "contrast"):
+            raise ValueError(f"reward_form must be probability, log_probability or contrast, got {self.reward_form!r}")
+        if self.no_behavior and self.reward_form == "contrast":
+            raise ValueError("reward_form contrast compares behaviours; with --no-behavior use probability or "
+                             "log_probability")
+        if not 0 <= self.bootstrap_ratio <= 1:
+            raise ValueError(f"bootstrap_ratio must be in [0, 1], got {self.bootstrap_ratio}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0 <= self.real_min_reward_quantile < 1:
+            raise ValueError(f"real_min_reward_quantile must be in [0, 1), got {self.real_min_reward_quantile}")
+
+    @property
+    def warmup_rounds(self) -> int:
+        return self.source_warmup_rounds if self.source_warmup_rounds >= 0 else (8 if self.no_behavior else 0)
+
+
+@dataclass
+class OracleConfig(EngineConfig):
+    """TESTBED ONLY: PPO on the simulator's gold reward."""
+
+
+@dataclass
+class CustomPPOConfig(EngineConfig):
+    reward_source: str = field("", help="Your reward source: package.module:callable returning an object with "
+                                        "score(queries, responses, behaviors) -> (rewards, logs).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.reward_source:
+            raise ValueError("give --reward-source package.module:callable")
+
+
+# ------------------------------------------------------------------------------------------------ running
+def resolve_stage_or_path(value: str, run_dir: Path, stage: rundir.StageRun, inner: str, what: str) -> Path:
+    """`value` names a stage of the run dir (its `inner` folder is used) or is a path."""
+    if value in rundir.PIPELINE or (run_dir / value / rundir.MANIFEST).exists():
+        found = rundir.require_stage(run_dir, value) / inner
+        if not found.exists():
+            raise RlhbError(f"{run_dir / value}: has no {inner}/, so it cannot give the {what}")
+        stage.add_upstream(value)
+        return found
+    path = Path(value)
+    if not path.exists():
+        raise RlhbError(f"{path}: no such {what} (give a stage of {run_dir} or a path)")
+    stage.add_input(what, path)
+    return path
+
+
+def run_aligner(config: EngineConfig, stage: rundir.StageRun, make_source: Callable, label: str,
+                warmup_rounds: int = 0) -> dict:
+    """Shared body of every aligner: inputs, the engine, the run, the summary."""
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    run_dir = stage.dir.parent
+    data, spec, template = load_prepared(run_dir, stage)
+    policy_path = resolve_stage_or_path(config.init_from, run_dir, stage, "policy", "starting policy")
+    target = template.most_preferred(spec) if config.condition == "most_preferred" else None
+    notes: list[str] = []
+    source = make_source(run_dir, data, spec, template, notes)
+    engine = PPOEngine(config, policy_path, source, stage, list(data["train"]["query"]),
+                       list(data["validation"]["query"]), lambda query: target, notes)
+    fingerprint = hashlib.sha256(json.dumps([config_to_dict(config), stage.manifest["upstream"],
+                                             stage.manifest["inputs"]], sort_keys=True).encode()).hexdigest()
+    policy_meta = {"stage": stage.stage, "aligner": label, "condition": config.condition, "behavior_text": target,
+                   "init_from": config.init_from}
+    summary = engine.train(fingerprint, policy_meta, warmup_rounds)
+    return {"aligner": label, "reward_source": source.name} | summary | {
+        "condition": config.condition, "behavior_text": target, "init_from": config.init_from,
+        "policy_parameters": param_count(engine.unwrapped.actor),
+        "trainable_parameters": sum(p.numel() for p in engine.unwrapped.parameters() if p.requires_grad),
+        "notes": notes, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_rlhf(config: RLHFConfig, stage: rundir.StageRun) -> dict:
+    from rlhb_cli.rl.rewards import RewardModelSource
+
+    def make(run_dir, data, spec, template, notes):
+        return RewardModelSource(resolve_stage_or_path(config.reward_model, run_dir, stage, "model", "reward model"))
+    return run_aligner(config, stage, make, "RLHF")
+
+
+def run_rlhbc(config: RLHBCConfig, stage: rundir.StageRun) -> dict:
+    from rlhb_cli.rl.rewards import ClassifierSource
+
+    def make(run_dir, data, spec, template, notes):
+        path = resolve_stage_or_path(config.classifier, run_dir, stage, "model", "behaviour classifier")
+        return ClassifierSource(path, config.weights())
+    return run_aligner(config, stage, make, "RLHBC")
+
+
+def run_rlhb(config: RLHBConfig, stage: rundir.StageRun) -> dict:
+    from rlhb_cli.models.judge import Judge, JudgeMeta
+    from rlhb_cli.models.load import load_sequence_classifier
+    from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource
+    from rlhb_cli.stages.discriminator import Discriminator
+
+    def make(run_dir, data, spec, template, notes):
+        path = resolve_stage_or_path(config.discriminator, run_dir, stage, "model", "discriminator")
+        warmed = Judge.load(path)
+        if config.no_behavior:  # RLGAF: the warmed-up body, a fresh head reading (query, response) alone
+            model, tokenizer = load_sequence_classifier(path, 1, notes)
+            judge = Judge(model, tokenizer, JudgeMeta(kind="discriminator", max_length=warmed.meta.max_length,
+                                                      with_behavior=False, extra={"form": "joint"}))
+            notes.append("RLGAF: the discriminator's body comes from the warm-up, its real/fake head is new")
+        else:
+            judge = warmed
+        train = data["train"]
+        real_rows = None
+        if config.real_min_reward_quantile > 0:
+            reward = np.asarray(train["shaped_reward"])
+            real_rows = np.flatnonzero(reward > np.quantile(reward, config.real_min_reward_quantile))
+        settings = AdversarialSettings(
+            config.reward_form, config.contrast_behaviors, config.disc_learning_rate, config.disc_steps,
+            config.disc_batch_size, config.frozen_iterations, config.update_every, config.bootstrap_ratio,
+            config.label_smoothing, config.replaced_negatives, config.likelihood_weight, config.seed)
+        return DiscriminatorSource(Discriminator(judge), settings, train, spec, template, real_rows)
+    return run_aligner(config, stage, make, "RLGAF" if config.no_behavior else "RLHB", config.warmup_rounds)
+
+
+def run_oracle(config: OracleConfig, stage: rundir.StageRun) -> dict:
+    from rlhb_cli.rl.rewards import OracleSource
+
+    def make(run_dir, data, spec, template, notes):
+        simulated = rundir.require_stage(run_dir, "simulate-logs")
+        stage.add_upstream("simulate-logs")
+        notes.append("TESTBED ONLY: trained on the simulator's hidden gold reward, the ceiling for learned rewards")
+        return OracleSource(simulated / "environment.json")
+    return run_aligner(config, stage, make, "oracle (testbed only)")
+
+
+def run_custom(config: CustomPPOConfig, stage: rundir.StageRun) -> dict:
+    from rlhb_cli.rl.rewards import load_custom
+
+    def make(run_dir, data, spec, template, notes):
+        return load_custom(config.reward_source, run_dir=run_dir, seed=config.seed)
+    return run_aligner(config, stage, make, f"custom ({config.reward_source})")

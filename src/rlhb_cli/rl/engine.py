@@ -1,0 +1,592 @@
+"""The PPO engine: actor, critic, frozen reference and a pluggable reward source, on transformers + accelerate.
+
+One iteration (the order cleanrl and trl's old PPOTrainer follow):
+  1. rollout: `rollouts` sampled responses per prompt (KV cache), cut after the first EOS;
+  2. score: the reward source reads the decoded text (its own tokenizer); scale, clip, missing-EOS penalty;
+  3. per-token KL to the reference (k1 or k3) times the coefficient is subtracted from every token's
+     reward, the score is added at the last token; GAE gives advantages and returns;
+  4. `ppo_epochs` passes of clipped policy and value updates over shuffled mini-batches;
+  5. a learning reward source (the discriminator) takes its own update.
+Everything random draws from seeded generators whose states go into the checkpoint, so a resumed run
+continues exactly as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlhb_cli import rundir
+from rlhb_cli.config import field
+from rlhb_cli.errors import RlhbError
+from rlhb_cli.rl.core import (INVALID_LOGPROB, KLController, generalized_advantages, kl_per_token, masked_mean,
+                              response_mask, whiten)
+from rlhb_cli.rl.rewards import GeneratedBatch
+from rlhb_cli.stages.common import MetricsLog
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class EngineConfig:
+    """PPO settings every aligner shares; a stage's config adds its reward source's own."""
+
+    init_from: str = field("train-sft", help="Starting policy: a stage of this run dir that left a policy/ "
+                                             "(train-sft, train-rlhf, ...) or the path of a causal LM.")
+    condition: str = field("most_preferred", help="Prompt condition: most_preferred (the best behaviour, as RLHB "
+                                                  "asks at inference) or none (no behaviour line).")
+    iterations: int = field(60, help="PPO iterations (rollout, score, update) in the run.")
+    prompts_per_iteration: int = field(16, help="Prompts sampled per iteration (the batch size of the paper's ablation).")
+    rollouts: int = field(1, help="Responses sampled per prompt (the paper's ablation: 1, 4, 6).")
+    max_new_tokens: int = field(48, help="Tokens generated at most per response.")
+    temperature: float = field(1.0, help="Sampling temperature of rollouts (log-probabilities use the same).")
+    ppo_epochs: int = field(4, help="Passes of PPO updates over each iteration's rollouts.")
+    minibatch_size: int = field(16, help="Responses per PPO mini-batch.")
+    learning_rate: float = field(1e-4, help="Actor learning rate (AdamW).")
+    critic: str = field("separate", help="separate (own body, a copy of the starting policy) or shared (a value "
+                                         "head on the actor's body).")
+    critic_learning_rate: float = field(1e-4, help="Critic learning rate.")
+    kl_coef: float = field(0.05, help="Coefficient of the per-token KL penalty against the reference.")
+    kl_estimator: str = field("k1", help="k1 (log p - log q) or k3 (non-negative, lower variance).")
+    kl_target: float = field(0.0, help="Adapt the KL coefficient towards this total KL per response (0: fixed).")
+    kl_horizon: int = field(10000, help="Adaptive KL: responses over which the coefficient moves by up to 20%.")
+    kl_bound: float = field(30.0, help="Warn when the mean KL per response exceeds this.")
+    stop_on_kl_bound: bool = field(False, help="Stop (with a checkpoint) instead of warning when KL exceeds the bound.")
+    gamma: float = field(1.0, help="Discount of GAE.")
+    lam: float = field(0.95, help="Lambda of GAE.")
+    cliprange: float = field(0.2, help="PPO ratio clip.")
+    cliprange_value: float = field(0.2, help="Value prediction clip around the rollout's values.")
+    vf_coef: float = field(0.1, help="Weight of the value loss.")
+    max_grad_norm: float = field(1.0, help="Gradient clipping norm (actor and critic each).")
+    whiten_rewards: bool = field(False, help="Scale per-token rewards to unit variance (mean kept) before GAE.")
+    reward_scale: float = field(1.0, help="Multiply the source's reward by this before clipping.")
+    reward_clip: float = field(0.0, help="Clip the scaled reward to [-c, c] (0: no clipping).")
+    missing_eos_penalty: float = field(0.0, help="Subtracted from the reward of a response that hit max_new_tokens "
+                                                 "without EOS.")
+    collapse_threshold: float = field(0.95, help="A learning discriminator whose fake score stays above this ...")
+    collapse_iterations: int = field(5, help="... for this many iterations is reported as collapsed.")
+    probe_every: int = field(0, help="Every N iterations, score greedy responses to held-out validation queries "
+                                     "(0: never).")
+    probe_queries: int = field(32, help="Validation queries in the probe.")
+    keep_best: bool = field(False, help="Leave the policy of the best probe, not the last iteration.")
+    early_stop_patience: int = field(0, help="Stop after this many probes without improvement (0: never).")
+    sample_every: int = field(10, help="Show and save sample completions every N iterations (0: never).")
+    checkpoint_every: int = field(10, help="Iterations between checkpoints.")
+    seed: int = field(0, help="Seed of prompt order, sampling and every learning reward source.")
+
+    def __post_init__(self):
+        checks = [
+            (self.iterations >= 1, "iterations must be at least 1"),
+            (self.prompts_per_iteration >= 1 and self.rollouts >= 1, "prompts_per_iteration and rollouts must be >= 1"),
+            (self.minibatch_size >= 1, "minibatch_size must be at least 1"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.ppo_epochs >= 1, "ppo_epochs must be at least 1"),
+            (self.kl_estimator in ("k1", "k3"), f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}"),
+            (self.critic in ("separate", "shared"), f"critic must be separate or shared, got {self.critic!r}"),
+            (self.condition in ("most_preferred", "none"), f"condition must be most_preferred or none, got {self.condition!r}"),
+            (0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "gamma and lam must be in [0, 1]"),
+            (self.kl_coef >= 0 and self.kl_target >= 0, "kl_coef and kl_target must be >= 0"),
+            (self.reward_clip >= 0, "reward_clip must be >= 0"),
+            (not (self.keep_best or self.early_stop_patience) or self.probe_every > 0,
+             "keep_best and early_stop_patience need --probe-every N"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if (self.prompts_per_iteration * self.rollouts) % self.minibatch_size:
+            raise ValueError(f"prompts_per_iteration x rollouts = {self.prompts_per_iteration * self.rollouts} is not "
+                             f"a multiple of minibatch_size {self.minibatch_size}; pick a minibatch size dividing it")
+
+
+class PolicyAndValue(nn.Module):
+    """Actor and critic as one module, so one optimizer and one (DDP-)wrapped forward serve both.
+
+    `critic_body` is None for a value head sharing the actor's body.
+    """
+
+    def __init__(self, actor, critic_body=None):
+        super().__init__()
+        self.actor = actor
+        self.critic_body = critic_body
+        hidden = (critic_body or actor).config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        shared = self.critic_body is None
+        out = self.actor(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         output_hidden_states=shared, use_cache=False)
+        if shared:
+            hidden = out.hidden_states[-1]
+        else:
+            hidden = self.critic_body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      use_cache=False).last_hidden_state
+        return out.logits, self.value_head(hidden).squeeze(-1)
+
+    def critic_parameters(self):
+        body = [] if self.critic_body is None else list(self.critic_body.parameters())
+        return body + list(self.value_head.parameters())
+
+
+class HFGenerator:
+    """Generation behind one interface (a faster backend such as vLLM would implement `generate` alike)."""
+
+    def __init__(self, tokenizer, max_new_tokens: int, temperature: float):
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def generate(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        from transformers import GenerationConfig
+        config = GenerationConfig(
+            max_new_tokens=self.max_new_tokens, do_sample=not greedy, temperature=None if greedy else self.temperature,
+            top_k=None if greedy else 0, top_p=None if greedy else 1.0, use_cache=True,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        was_training = model.training
+        model.eval()
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        model.train(was_training)
+        return out[:, prompt_ids.shape[1]:]
+
+
+@dataclass
+class Rollout:
+    prompts: list[str]
+    queries: list[str]
+    behaviors: list[str | None]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    responses: torch.Tensor  # padded after EOS
+    mask: torch.Tensor  # response tokens incl. EOS
+    lengths: torch.Tensor
+    ended: torch.Tensor
+    texts: list[str]
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(1) - attention_mask).clamp(min=0)
+
+
+class PPOEngine:
+    def __init__(self, config: EngineConfig, policy_path: Path, reward_source, stage: rundir.StageRun,
+                 train_queries: list[str], probe_queries: list[str], behavior_of: Callable[[str], str | None],
+                 notes: list[str]):
+        from accelerate import Accelerator
+        from transformers import AutoModel
+
+        from rlhb_cli.models.load import load_causal_lm
+
+        self.config = config
+        self.stage = stage
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.source = reward_source
+        self.behavior_of = behavior_of
+        self.train_queries = sorted(set(train_queries))
+        self.probe_queries = sorted(set(probe_queries))[:config.probe_queries]
+        if len(self.train_queries) < config.prompts_per_iteration:
+            raise RlhbError(f"{len(self.train_queries)} training queries, fewer than --prompts-per-iteration "
+                            f"{config.prompts_per_iteration}")
+        torch.manual_seed(config.seed)
+        actor, self.tokenizer = load_causal_lm(policy_path, notes)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.eos_token_id is None:
+            raise RlhbError(f"{policy_path}: the tokenizer has no EOS token; a response could never end")
+        reference, _ = load_causal_lm(policy_path, [])
+        reference.requires_grad_(False)
+        reference.eval()
+        critic_body = None
+        if config.critic == "separate":
+            critic_body = AutoModel.from_pretrained(str(policy_path))
+            if len(self.tokenizer) > critic_body.get_input_embeddings().num_embeddings:
+                critic_body.resize_token_embeddings(len(self.tokenizer))
+        model = PolicyAndValue(actor, critic_body)
+        optimizer = torch.optim.AdamW([
+            {"params": list(actor.parameters()), "lr": config.learning_rate},
+            {"params": model.critic_parameters(), "lr": config.critic_learning_rate}], eps=1e-5, weight_decay=0.0)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.reference = reference.to(self.accelerator.device)
+        self.generator = HFGenerator(self.tokenizer, config.max_new_tokens, config.temperature)
+        self.kl = KLController(config.kl_coef, config.kl_target or None, config.kl_horizon)
+        self.iteration = 0
+        self.collapse_run = 0
+        self.collapsed_at: int | None = None
+        self.best_probe = -math.inf
+        self.probes_since_best = 0
+        self.metrics = MetricsLog(stage.dir / "metrics.jsonl")
+        self.probe_source = reward_source.frozen_copy() if hasattr(reward_source, "frozen_copy") and \
+            config.probe_every else reward_source
+
+    # ------------------------------------------------------------------------------------------- pieces
+    @property
+    def unwrapped(self) -> PolicyAndValue:
+        return self.accelerator.unwrap_model(self.model)
+
+    def prompts_for(self, iteration: int) -> list[str]:
+        """Queries of an iteration: consecutive slices of a per-epoch permutation (the data position is the
+        iteration number alone, so resuming needs no sampler state). Each process takes its own share."""
+        n = self.config.prompts_per_iteration
+        per_epoch = len(self.train_queries) // n
+        epoch, slot = divmod(iteration - 1, per_epoch)
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.train_queries))
+        chosen = [self.train_queries[i] for i in order[slot * n:(slot + 1) * n]]
+        return chosen[self.accelerator.process_index::self.accelerator.num_processes]
+
+    def rollout(self, queries: list[str], repeats: int, greedy: bool = False) -> Rollout:
+        from rlhb_cli.prompts import generator_prompt
+        queries = [q for q in queries for _ in range(repeats)]
+        behaviors = [self.behavior_of(q) for q in queries]
+        prompts = [generator_prompt(q, b) for q, b in zip(queries, behaviors)]
+        encoded = self.tokenizer(prompts, padding=True, return_tensors="pt").to(self.accelerator.device)
+        raw = self.generator.generate(self.unwrapped.actor, encoded["input_ids"], encoded["attention_mask"], greedy)
+        responses, mask, lengths, ended = response_mask(raw, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(responses * mask + self.tokenizer.pad_token_id *
+                                                                (1 - mask), skip_special_tokens=True)]
+        return Rollout(prompts, queries, behaviors, encoded["input_ids"], encoded["attention_mask"], responses,
+                       mask, lengths, ended, texts)
+
+    def _inputs(self, rollout: Rollout, index=slice(None)):
+        ids = torch.cat([rollout.prompt_ids[index], rollout.responses[index]], dim=1)
+        attention = torch.cat([rollout.prompt_mask[index], rollout.mask[index]], dim=1)
+        return ids.masked_fill(attention == 0, 0), attention, _positions(attention)
+
+    def _response_logprobs(self, logits: torch.Tensor, rollout: Rollout, index=slice(None)) -> torch.Tensor:
+        from trl.trainer.utils import selective_log_softmax
+        context = rollout.prompt_ids.shape[1]
+        logits = logits[:, context - 1:-1] / self.config.temperature
+        return selective_log_softmax(logits, rollout.responses[index])
+
+    @torch.no_grad()
+    def _old_policy_pass(self, rollout: Rollout, chunk: int = 32):
+        """Log-probabilities of actor and reference, and values, at rollout time."""
+        logprobs, ref_logprobs, values = [], [], []
+        context = rollout.prompt_ids.shape[1]
+        for start in range(0, len(rollout.texts), chunk):
+            index = slice(start, start + chunk)
+            ids, attention, positions = self._inputs(rollout, index)
+            logits, value = self.model(ids, attention, positions)
+            logprobs.append(self._response_logprobs(logits, rollout, index))
+            values.append(value[:, context - 1:-1])
+            ref_logits = self.reference(input_ids=ids, attention_mask=attention, position_ids=positions,
+                                        use_cache=False).logits
+            ref_logprobs.append(self._response_logprobs(ref_logits, rollout, index))
+        padding = rollout.mask == 0
+        return (torch.cat(logprobs).masked_fill(padding, INVALID_LOGPROB),
+                torch.cat(ref_logprobs).masked_fill(padding, INVALID_LOGPROB),
+                torch.cat(values).masked_fill(padding, 0.0))
+
+    def score(self, rollout: Rollout, source=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(raw reward, shaped reward the policy is paid, source logs)."""
+        raw, logs = (source or self.source).score(rollout.queries, rollout.texts, rollout.behaviors)
+        raw = torch.as_tensor(raw, dtype=torch.float32).reshape(-1)
+        if len(raw) != len(rollout.texts):
+            raise RlhbError(f"the reward source {self.source.name!r} returned {len(raw)} rewards for "
+                            f"{len(rollout.texts)} responses")
+        paid = raw * self.config.reward_scale
+        if self.config.reward_clip:
+            paid = paid.clamp(-self.config.reward_clip, self.config.reward_clip)
+        if self.config.missing_eos_penalty:
+            paid = paid - self.config.missing_eos_penalty * (~rollout.ended).float()
+        return raw, paid.to(self.accelerator.device), dict(logs)
+
+    def _mean(self, value) -> float:
+        tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).reshape(-1)
+        return float(self.accelerator.gather(tensor.mean().reshape(1)).mean())
+
+    # ------------------------------------------------------------------------------------------- one iteration
+    def step(self) -> dict:
+        config = self.config
+        self.iteration += 1
+        row: dict = {"step": self.iteration}
+        started = time.perf_counter()
+        rollout = self.rollout(self.prompts_for(self.iteration), config.rollouts)
+        row["time/rollout"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        raw, paid, source_logs = self.score(rollout)
+        row["time/score"] = time.perf_counter() - started
+        if not torch.isfinite(raw).all():
+            bad = int((~torch.isfinite(raw)).sum())
+            self._fail(f"the reward source {self.source.name!r} returned {bad} non-finite rewards in iteration "
+                       f"{self.iteration} (rollout scoring)")
+
+        started = time.perf_counter()
+        logprobs, ref_logprobs, values = self._old_policy_pass(rollout)
+        mask = rollout.mask
+        kl = kl_per_token(logprobs, ref_logprobs, config.kl_estimator) * mask
+        rewards = -self.kl.value * kl
+        last = (rollout.lengths - 1).clamp(min=0)
+        rewards[torch.arange(len(last)), last] += paid
+        if config.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = generalized_advantages(rewards, values, mask, config.gamma, config.lam)
+        advantages = whiten(advantages, mask)
+        stats = self._ppo_update(rollout, logprobs, values, advantages, returns)
+        row["time/update"] = time.perf_counter() - started
+
+        kl_total = kl.sum(1)
+        row |= {
+            "objective/reward_mean": self._mean(raw), "objective/reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
+            "objective/paid_mean": self._mean(paid), "objective/kl": self._mean(kl_total),
+            "objective/kl_coef": self.kl.value, "objective/non_score_reward": self._mean(-self.kl.value * kl_total),
+            "objective/return_mean": self._mean(masked_mean(returns, mask)),
+            "objective/rlhf_reward": self._mean(paid - self.kl.value * kl_total),
+            "gen/length": self._mean(rollout.lengths.float()), "gen/eos_rate": self._mean(rollout.ended.float()),
+        } | stats | source_logs
+        self.kl.update(row["objective/kl"], len(rollout.texts) * self.accelerator.num_processes)
+
+        if hasattr(self.source, "update") and getattr(self.source, "should_update", lambda i: True)(self.iteration):
+            started = time.perf_counter()
+            try:
+                row |= self.source.update(GeneratedBatch(rollout.queries, rollout.texts, rollout.behaviors, raw,
+                                                         self.iteration))
+            except FloatingPointError as exc:
+                self._fail(f"{exc} (iteration {self.iteration}, discriminator update)")
+            row["time/disc"] = time.perf_counter() - started
+        self._watch_collapse(row)
+        if row["objective/kl"] > config.kl_bound:
+            message = (f"iteration {self.iteration}: KL to the reference {row['objective/kl']:.2f} is above the bound "
+                       f"{config.kl_bound}; raise --kl-coef or lower --learning-rate")
+            if config.stop_on_kl_bound:
+                self._fail(message)
+            row["warning"] = message
+        self.last_rollout, self.last_raw = rollout, raw
+        return row
+
+    def _ppo_update(self, rollout: Rollout, old_logprobs, old_values, advantages, returns) -> dict:
+        from trl.trainer.utils import entropy_from_logits
+        config = self.config
+        n = len(rollout.texts)
+        mask = rollout.mask
+        context = rollout.prompt_ids.shape[1]
+        sums: dict[str, list[float]] = {k: [] for k in ("policy/approxkl", "policy/clipfrac", "policy/entropy",
+                                                        "loss/policy", "loss/value", "value/clipfrac", "policy/ratio")}
+        actor_params = list(self.unwrapped.actor.parameters())
+        critic_params = self.unwrapped.critic_parameters()
+        for epoch in range(config.ppo_epochs):
+            order = torch.randperm(n)
+            for start in range(0, n, config.minibatch_size):
+                index = order[start:start + config.minibatch_size]
+                ids, attention, positions = self._inputs(rollout, index)
+                logits, value = self.model(ids, attention, positions)
+                new_logprobs = self._response_logprobs(logits, rollout, index)
+                m = mask[index]
+                new_logprobs = new_logprobs.masked_fill(m == 0, INVALID_LOGPROB)
+                value = value[:, context - 1:-1]
+                clipped_value = old_values[index] + (value - old_values[index]).clamp(-config.cliprange_value,
+                                                                                      config.cliprange_value)
+                value_losses = torch.max((value - returns[index]) ** 2, (clipped_value - returns[index]) ** 2)
+                value_loss = 0.5 * masked_mean(value_losses, m)
+                log_ratio = new_logprobs - old_logprobs[index]
+                ratio = torch.exp(log_ratio)
+                adv = advantages[index]
+                policy_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - config.cliprange, 1 + config.cliprange))
+                policy_loss = masked_mean(policy_losses, m)
+                loss = policy_loss + config.vf_coef * value_loss
+                if not torch.isfinite(loss):
+                    self._fail(f"the PPO loss became {loss.item()} in iteration {self.iteration}, PPO epoch "
+                               f"{epoch + 1}, mini-batch {start // config.minibatch_size + 1} (policy "
+                               f"{policy_loss.item()}, value {value_loss.item()})")
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients:
+                    self.accelerator.clip_grad_norm_(actor_params, config.max_grad_norm)
+                    self.accelerator.clip_grad_norm_(critic_params, config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    response_logits = logits[:, context - 1:-1]
+                    sums["policy/approxkl"].append(float(0.5 * masked_mean(log_ratio ** 2, m)))
+                    sums["policy/clipfrac"].append(float(masked_mean(
+                        ((ratio - 1).abs() > config.cliprange).float(), m)))
+                    sums["policy/entropy"].append(float(masked_mean(entropy_from_logits(response_logits), m)))
+                    sums["loss/policy"].append(policy_loss.item())
+                    sums["loss/value"].append(value_loss.item())
+                    sums["value/clipfrac"].append(float(masked_mean(
+                        ((value - returns[index]) ** 2 < (clipped_value - returns[index]) ** 2).float(), m)))
+                    sums["policy/ratio"].append(float(masked_mean(ratio, m)))
+        return {k: self._mean(v) for k, v in sums.items()}
+
+    def _watch_collapse(self, row: dict) -> None:
+        """The paper's failure mode: generated text judged real (score near 1) iteration after iteration."""
+        score = row.get("disc/score_fake")
+        if score is None or not math.isfinite(score):
+            return
+        self.collapse_run = self.collapse_run + 1 if score > self.config.collapse_threshold else 0
+        if self.collapse_run >= self.config.collapse_iterations and self.collapsed_at is None:
+            self.collapsed_at = self.iteration
+            row["warning"] = (f"discriminator collapsed: fake score above {self.config.collapse_threshold} for "
+                              f"{self.collapse_run} iterations (since iteration {self.iteration - self.collapse_run + 1})")
+        row["disc/collapsed"] = float(self.collapsed_at is not None)
+
+    # ------------------------------------------------------------------------------------------- probe
+    def probe(self) -> dict:
+        """Greedy responses to held-out queries, scored by a yardstick that does not move (a learning
+        discriminator's copy as it was at the start)."""
+        if not self.probe_queries:
+            return {}
+        rollout = self.rollout(self.probe_queries, 1, greedy=True)
+        raw, _, _ = self.score(rollout, self.probe_source)
+        return {"probe/reward_mean": self._mean(raw), "probe/length": self._mean(rollout.lengths.float())}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        return {
+            "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "kl": self.kl.state_dict(), "iteration": self.iteration, "rng": torch.get_rng_state(),
+            "source": self.source.state_dict() if hasattr(self.source, "state_dict") else None,
+            "collapse": (self.collapse_run, self.collapsed_at), "probe": (self.best_probe, self.probes_since_best),
+        }
+
+    def save_checkpoint(self, path: Path | None = None) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        path = path or self.stage.dir / CHECKPOINT
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(self.state() | {"fingerprint": self.fingerprint}, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+        if state.get("fingerprint") != self.fingerprint:
+            raise RlhbError(f"{path}: made with another config or inputs; run without --resume to start over")
+        self.unwrapped.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl.load_state_dict(state["kl"])
+        self.iteration = state["iteration"]
+        torch.set_rng_state(state["rng"])
+        if state["source"] is not None:
+            self.source.load_state_dict(state["source"])
+        self.collapse_run, self.collapsed_at = state["collapse"]
+        self.best_probe, self.probes_since_best = state["probe"]
+
+    def _fail(self, message: str) -> None:
+        failed = self.stage.dir / "checkpoint-failed.pt"
+        self.save_checkpoint(failed)
+        raise RlhbError(f"{message}; the state at failure is in {failed}, the last good checkpoint "
+                        f"({self.stage.dir / CHECKPOINT}) resumes with --resume")
+
+    def save_policy(self, path: Path, policy_meta: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with rundir.atomic_dir(path) as tmp:
+            self.unwrapped.actor.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            (tmp / "policy.json").write_text(json.dumps(policy_meta, indent=2), encoding="utf-8")
+
+    # ------------------------------------------------------------------------------------------- the run
+    def train(self, fingerprint: str, policy_meta: dict, source_warmup_rounds: int = 0) -> dict:
+        """Run (or resume) the iterations; leave policy/, metrics.jsonl, samples.jsonl; return the summary."""
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        config, stage = self.config, self.stage
+        self.fingerprint = fingerprint
+        checkpoint = stage.dir / CHECKPOINT
+        samples = MetricsLog(stage.dir / "samples.jsonl")
+        if stage.resume and checkpoint.exists():
+            self.load_checkpoint(checkpoint)
+            self.metrics.keep_until(self.iteration)
+            samples.keep_until(self.iteration)
+        else:
+            self.metrics.keep_until(-1)
+            samples.keep_until(-1)
+            torch.manual_seed(config.seed)
+            for round_ in range(source_warmup_rounds):  # e.g. RLGAF's discriminator meets the policy's text
+                rollout = self.rollout(self.prompts_for(round_ + 1), config.rollouts)
+                raw, _, _ = self.score(rollout)
+                logs = self.source.update(GeneratedBatch(rollout.queries, rollout.texts, rollout.behaviors, raw, 0))
+                self.metrics.write({"step": 0, "warmup_round": round_ + 1} | logs)
+        console = Console(stderr=True)
+        main = self.accelerator.is_main_process
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("reward {task.fields[reward]:.3f}"), TextColumn("kl {task.fields[kl]:.2f}"),
+                            TimeRemainingColumn(), console=console, transient=True,
+                            disable=not (console.is_terminal and main))
+        warnings: list[str] = []
+        stopped_early = False
+        with progress:
+            task = progress.add_task(stage.stage, total=config.iterations, completed=self.iteration,
+                                     reward=float("nan"), kl=0.0)
+            while self.iteration < config.iterations:
+                row = self.step()
+                if config.probe_every and self.iteration % config.probe_every == 0:
+                    row |= self.probe()
+                    if row.get("probe/reward_mean", -math.inf) > self.best_probe:
+                        self.best_probe, self.probes_since_best = row["probe/reward_mean"], 0
+                        if config.keep_best:
+                            self.save_policy(stage.dir / "policy", policy_meta | {"iteration": self.iteration})
+                    else:
+                        self.probes_since_best += 1
+                if "warning" in row:
+                    warnings.append(row["warning"])
+                    if main:
+                        console.print(f"[yellow]warning:[/] {row['warning']}", highlight=False)
+                if main:
+                    self.metrics.write(row)
+                progress.update(task, completed=self.iteration, reward=row["objective/reward_mean"],
+                                kl=row["objective/kl"])
+                if config.sample_every and self.iteration % config.sample_every == 0 and main:
+                    self._show_samples(console, samples)
+                done = self.iteration >= config.iterations
+                if config.early_stop_patience and self.probes_since_best >= config.early_stop_patience:
+                    stopped_early = done = True
+                if done or self.iteration % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if done:
+                    break
+                if stage.stop_after_steps and self.iteration >= stage.stop_after_steps:
+                    self.save_checkpoint()
+                    raise rundir.StageStopped(f"stopped after {self.iteration} of {config.iterations} iterations")
+        if not (config.keep_best and (stage.dir / "policy").exists()):
+            self.save_policy(stage.dir / "policy", policy_meta | {"iteration": self.iteration})
+        return self._summary(warnings, stopped_early)
+
+    def _show_samples(self, console, samples: MetricsLog, count: int = 4) -> None:
+        from rich.table import Table
+        rollout, raw = self.last_rollout, self.last_raw
+        table = Table(title=f"{self.stage.stage}: samples at iteration {self.iteration}", title_justify="left",
+                      show_lines=True)
+        for column in ("query", "response", "reward"):
+            table.add_column(column, overflow="fold")
+        for i in range(min(count, len(rollout.texts))):
+            table.add_row(rollout.queries[i][:80], rollout.texts[i][:200], f"{float(raw[i]):.3f}")
+            samples.write({"step": self.iteration, "query": rollout.queries[i], "behavior": rollout.behaviors[i],
+                           "response": rollout.texts[i], "reward": float(raw[i])})
+        console.print(table)
+
+    def _summary(self, warnings: list[str], stopped_early: bool) -> dict:
+        rows = [r for r in self.metrics.rows() if "objective/reward_mean" in r]
+        rewards = [r["objective/reward_mean"] for r in rows]
+        tail = rows[-max(1, len(rows) // 10):]
+
+        def tail_mean(key: str):
+            values = [r[key] for r in tail if key in r and r[key] is not None and math.isfinite(r[key])]
+            return round(float(np.mean(values)), 4) if values else None
+
+        probes = [r["probe/reward_mean"] for r in rows if "probe/reward_mean" in r]
+        return {
+            "reward_first": round(rewards[0], 4) if rewards else None,
+            "reward_final": tail_mean("objective/reward_mean"),
+            "reward_best": round(max(rewards), 4) if rewards else None,
+            "kl_final": tail_mean("objective/kl"),
+            "entropy_final": tail_mean("policy/entropy"),
+            "disc_score_real_final": tail_mean("disc/score_real"),
+            "disc_score_fake_final": tail_mean("disc/score_fake"),
+            "disc_collapsed": self.collapsed_at is not None,
+            "disc_collapsed_at": self.collapsed_at,
+            "probe_best": round(self.best_probe, 4) if probes else None,
+            "iterations": self.iteration,
+            "stopped_early": stopped_early,
+            "warnings": warnings[-5:],
+        }

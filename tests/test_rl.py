@@ -1,0 +1,173 @@
+"""The PPO engine and the aligners at toy size, through the CLI: they learn, resume, and fail clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_jsonl
+
+TINY = ["--tiny-hidden-size", 32, "--tiny-layers", 1, "--tiny-heads", 2, "--tiny-vocab-size", 400]
+RL = ["--prompts-per-iteration", 8, "--minibatch-size", 8, "--max-new-tokens", 12, "--sample-every", 0]
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def rl_base(small_sim, tmp_path_factory, cli):
+    """SFT policy (vocabulary 400) and judges on fresh tiny backbones with their own tokenizers (1000)."""
+    run_dir = tmp_path_factory.mktemp("rl") / "run"
+    shutil.copytree(small_sim, run_dir)
+    cli("prepare-behaviors", "--run-dir", run_dir)
+    cli("train-sft", "--run-dir", run_dir, "--epochs", 2, "--max-train-rows", 4000, "--learning-rate", 1e-2, *TINY)
+    cli("warmup-discriminator", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 1500,
+        "--learning-rate", 3e-3)
+    cli("train-classifier", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 1500)
+    cli("train-reward", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1)
+    return run_dir
+
+
+@pytest.fixture
+def run(rl_base, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(rl_base, target)
+    return target
+
+
+def summary_of(run_dir, stage):
+    return json.loads((run_dir / stage / "summary.json").read_text())
+
+
+def without_time(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_a_reward_for_one_word_raises_its_frequency(run, cli, monkeypatch):
+    monkeypatch.chdir(TESTS)  # the source is found as a module beside the user, like any user's own
+    cli("train-ppo", "--run-dir", run, "--reward-source", "rl_sources:pays_for_the", "--iterations", 16,
+        "--prompts-per-iteration", 16, "--minibatch-size", 16, "--max-new-tokens", 16, "--learning-rate", 3e-3,
+        "--sample-every", 8)
+    rows = read_jsonl(run / "train-ppo" / "metrics.jsonl")
+    count = [r["objective/reward_mean"] for r in rows]  # occurrences of "the" per response
+    assert np.mean(count[-4:]) > 2 * np.mean(count[:4]), count
+    from transformers import AutoModelForCausalLM
+    before = AutoModelForCausalLM.from_pretrained(run / "train-sft" / "policy")
+    after = AutoModelForCausalLM.from_pretrained(run / "train-ppo" / "policy")
+    assert not torch.equal(before.lm_head.weight, after.lm_head.weight)
+    for key in ("objective/kl", "policy/entropy", "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value",
+                "objective/return_mean", "time/rollout", "time/score", "time/update"):
+        assert key in rows[-1]
+    assert len(read_jsonl(run / "train-ppo" / "samples.jsonl")) == 8  # 4 samples at iterations 8 and 16
+
+
+def test_every_reward_source_scores_through_its_own_tokenizer(run, cli):
+    from transformers import AutoTokenizer
+    policy = AutoTokenizer.from_pretrained(run / "train-sft" / "policy")
+    for judge in ("warmup-discriminator", "train-classifier", "train-reward"):
+        assert len(AutoTokenizer.from_pretrained(run / judge / "model")) != len(policy)
+    cli("train-rlhf", "--run-dir", run, "--iterations", 2, *RL)
+    cli("train-rlhbc", "--run-dir", run, "--iterations", 2, *RL, "--head-weights", "likes=1",
+        "--head-weights", "dislikes=-2")
+    cli("train-rlhb", "--run-dir", run, "--iterations", 2, *RL, "--reward-form", "probability")
+    cli("train-rlhb", "--run-dir", run, "--iterations", 2, *RL, "--no-behavior", "--reward-form",
+        "log_probability", "--source-warmup-rounds", 1)
+    cli("train-oracle", "--run-dir", run, "--iterations", 2, *RL, "--critic", "shared", "--kl-estimator", "k3")
+    for stage, aligner in (("train-rlhf", "RLHF"), ("train-rlhbc", "RLHBC"), ("train-rlhb", "RLHB"),
+                           ("train-rlgaf", "RLGAF"), ("train-oracle", "oracle (testbed only)")):
+        summary = summary_of(run, stage)
+        assert summary["aligner"] == aligner and summary["iterations"] == 2
+        assert np.isfinite(summary["reward_final"])
+        meta = json.loads((run / stage / "policy" / "policy.json").read_text())
+        assert meta["condition"] == "most_preferred" and meta["behavior_text"]
+    assert read_jsonl(run / "train-rlgaf" / "metrics.jsonl")[0]["warmup_round"] == 1
+    status = cli("status", "--run-dir", run).output
+    assert "train-rlgaf" in status and "train-oracle" in status
+
+
+def test_rlhb_discriminator_learns_and_bootstraps_the_top_rewarded(run, cli):
+    cli("train-rlhb", "--run-dir", run, "--iterations", 3, *RL, "--rollouts", 2, "--minibatch-size", 16,
+        "--bootstrap-ratio", 0.25, "--disc-learning-rate", 1e-3, "--disc-steps", 2, "--checkpoint-every", 1)
+    rows = read_jsonl(run / "train-rlhb" / "metrics.jsonl")
+    assert [r["disc/bootstrapped"] for r in rows] == [4.0, 4.0, 4.0]  # 25% of 8 prompts x 2 rollouts
+    for key in ("disc/loss", "disc/acc_real", "disc/acc_fake", "disc/score_real", "disc/score_fake", "time/disc"):
+        assert key in rows[-1]
+    state = torch.load(run / "train-rlhb" / "checkpoint.pt", weights_only=False)["source"]["model"]
+    from transformers import AutoModelForSequenceClassification
+    warmed = AutoModelForSequenceClassification.from_pretrained(run / "warmup-discriminator" / "model").state_dict()
+    assert any(not torch.equal(state[k], warmed[k]) for k in warmed)
+
+
+def test_bootstrap_relabels_exactly_the_top_share(run):
+    import datasets
+    from rlhb_cli.behaviors.binning import BinSpec
+    from rlhb_cli.behaviors.text import BehaviorTemplate
+    from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource, GeneratedBatch
+    from rlhb_cli.stages.discriminator import Discriminator
+    train = datasets.load_from_disk(str(run / "prepare-behaviors" / "dataset"))["train"]
+    spec = BinSpec.from_json(json.loads((run / "prepare-behaviors" / "bins.json").read_text()))
+    settings = AdversarialSettings("probability", 8, 1e-4, 1, 8, 0, 1, 0.3, 0.0, 0.5, 1.0, 0)
+    source = DiscriminatorSource(Discriminator.load(run / "warmup-discriminator" / "model"), settings, train, spec,
+                                 BehaviorTemplate.load("en"))
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.2, 0.8, 0.3, 0.4, 0.6, 0.0])
+    target = train["behavior_text"][0]
+    batch = GeneratedBatch([train["query"][0]] * 10, [f"answer {i}" for i in range(10)], [target] * 10, rewards, 1)
+    queries, responses, behaviors, labels, origin = source.assemble(batch)
+    relabelled = [responses[i] for i in np.flatnonzero(origin == "bootstrap")]
+    assert sorted(relabelled) == ["answer 1", "answer 3", "answer 5"]  # int(0.3 * 10) = 3, the highest rewards
+    assert labels[torch.as_tensor(origin == "bootstrap")].eq(1).all()
+    assert labels[torch.as_tensor(origin == "generated")].eq(0).all() and (origin == "generated").sum() == 7
+    assert (origin == "real").sum() == 10 and (origin == "replaced").sum() == 5
+
+
+def test_same_seed_same_metrics_and_resume_equals_uninterrupted(run, cli):
+    args = ["--iterations", 4, *RL, "--disc-learning-rate", 1e-3, "--bootstrap-ratio", 0.25, "--checkpoint-every", 2]
+    twin = run.parent / "twin"
+    shutil.copytree(run, twin)
+    cli("train-rlhb", "--run-dir", run, *args)
+    cli("train-rlhb", "--run-dir", twin, *args, "--stop-after-steps", 2)
+    assert json.loads((twin / "train-rlhb" / "manifest.json").read_text())["status"] == "stopped"
+    assert len(read_jsonl(twin / "train-rlhb" / "metrics.jsonl")) == 2
+    cli("train-rlhb", "--run-dir", twin, *args, "--resume")
+    first = without_time(read_jsonl(run / "train-rlhb" / "metrics.jsonl"))
+    resumed = without_time(read_jsonl(twin / "train-rlhb" / "metrics.jsonl"))
+    assert len(first) == 4 and first == resumed
+    cli("train-rlhb", "--run-dir", twin, *args, "--force")
+    assert without_time(read_jsonl(twin / "train-rlhb" / "metrics.jsonl")) == first
+
+
+def test_failures_are_one_clear_line(run, cli, monkeypatch):
+    monkeypatch.chdir(TESTS)
+    result = cli("train-ppo", "--run-dir", run, "--reward-source", "rl_sources:pays_nan", "--iterations", 2, *RL,
+                 ok=False)
+    assert result.exit_code == 2 and "non-finite rewards in iteration 1" in result.output
+    assert "checkpoint-failed.pt" in result.output and "Traceback" not in result.output
+    for args, message in (
+        (["train-ppo", "--reward-source", "rl_sources"], "package.module:callable"),
+        (["train-ppo", "--reward-source", "rl_sources:not_a_source"], "without a score() method"),
+        (["train-ppo", "--reward-source", "nowhere:thing"], "cannot import it"),
+        (["train-rlhf", "--minibatch-size", 3], "not a multiple of minibatch_size"),
+        (["train-rlhb", "--no-behavior"], "with --no-behavior use probability"),
+        (["train-rlhbc", "--head-weights", "stars=1"], "'stars' is not a metric"),
+        (["train-rlhf", "--init-from", "/nonexistent/policy"], "no such starting policy"),
+        (["train-rlhf", "--init-from", "train-rlhbc"], "rlhb train-rlhbc --run-dir"),
+    ):
+        result = cli(*args, "--run-dir", run, ok=False)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+def test_a_collapsed_discriminator_is_reported():
+    from rlhb_cli.rl.engine import EngineConfig, PPOEngine
+    engine = PPOEngine.__new__(PPOEngine)
+    engine.config = EngineConfig(collapse_iterations=3)
+    engine.collapse_run, engine.collapsed_at = 0, None
+    flags = []
+    for iteration, score in enumerate([0.97, 0.99, 0.5, 0.96, 0.98, 0.99, 0.99], start=1):
+        engine.iteration = iteration
+        row = {"disc/score_fake": score}
+        engine._watch_collapse(row)
+        flags.append(row["disc/collapsed"])
+    assert flags == [0, 0, 0, 0, 0, 1, 1] and engine.collapsed_at == 6
