@@ -33,6 +33,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_rl.py
 
 clean:
 	rm -rf $(VENV) runs

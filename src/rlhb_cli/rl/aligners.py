@@ -134,10 +134,8 @@ def resolve_stage_or_path(value: str, run_dir: Path, stage: rundir.StageRun, inn
     return path
 
 
-def run_aligner(config: EngineConfig, stage: rundir.StageRun, make_source: Callable, label: str,
-                warmup_rounds: int = 0) -> dict:
-    """Shared body of every aligner: inputs, the engine, the run, the summary."""
-    started = time.perf_counter()
+def build_engine(config: EngineConfig, stage: rundir.StageRun, make_source: Callable, label: str):
+    """(engine, fingerprint, policy meta) of an aligner: its inputs checked and recorded, its models loaded."""
     seed_everything(config.seed)
     run_dir = stage.dir.parent
     data, spec, template = load_prepared(run_dir, stage)
@@ -147,16 +145,25 @@ def run_aligner(config: EngineConfig, stage: rundir.StageRun, make_source: Calla
     source = make_source(run_dir, data, spec, template, notes)
     engine = PPOEngine(config, policy_path, source, stage, list(data["train"]["query"]),
                        list(data["validation"]["query"]), lambda query: target, notes)
+    engine.notes = notes
     fingerprint = hashlib.sha256(json.dumps([config_to_dict(config), stage.manifest["upstream"],
                                              stage.manifest["inputs"]], sort_keys=True).encode()).hexdigest()
     policy_meta = {"stage": stage.stage, "aligner": label, "condition": config.condition, "behavior_text": target,
                    "init_from": config.init_from}
+    return engine, fingerprint, policy_meta
+
+
+def run_aligner(config: EngineConfig, stage: rundir.StageRun, make_source: Callable, label: str,
+                warmup_rounds: int = 0) -> dict:
+    """Shared body of every aligner: inputs, the engine, the run, the summary."""
+    started = time.perf_counter()
+    engine, fingerprint, policy_meta = build_engine(config, stage, make_source, label)
     summary = engine.train(fingerprint, policy_meta, warmup_rounds)
-    return {"aligner": label, "reward_source": source.name} | summary | {
-        "condition": config.condition, "behavior_text": target, "init_from": config.init_from,
+    return {"aligner": label, "reward_source": engine.source.name} | summary | {
+        "condition": config.condition, "behavior_text": policy_meta["behavior_text"], "init_from": config.init_from,
         "policy_parameters": param_count(engine.unwrapped.actor),
         "trainable_parameters": sum(p.numel() for p in engine.unwrapped.parameters() if p.requires_grad),
-        "notes": notes, "seconds": round(time.perf_counter() - started, 1)}
+        "notes": engine.notes, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def run_rlhf(config: RLHFConfig, stage: rundir.StageRun) -> dict:
@@ -176,7 +183,7 @@ def run_rlhbc(config: RLHBCConfig, stage: rundir.StageRun) -> dict:
     return run_aligner(config, stage, make, "RLHBC")
 
 
-def run_rlhb(config: RLHBConfig, stage: rundir.StageRun) -> dict:
+def rlhb_source_factory(config: RLHBConfig, stage: rundir.StageRun) -> Callable:
     from rlhb_cli.models.judge import Judge, JudgeMeta
     from rlhb_cli.models.load import load_sequence_classifier
     from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource
@@ -202,7 +209,12 @@ def run_rlhb(config: RLHBConfig, stage: rundir.StageRun) -> dict:
             config.disc_batch_size, config.frozen_iterations, config.update_every, config.bootstrap_ratio,
             config.label_smoothing, config.replaced_negatives, config.likelihood_weight, config.seed)
         return DiscriminatorSource(Discriminator(judge), settings, train, spec, template, real_rows)
-    return run_aligner(config, stage, make, "RLGAF" if config.no_behavior else "RLHB", config.warmup_rounds)
+    return make
+
+
+def run_rlhb(config: RLHBConfig, stage: rundir.StageRun) -> dict:
+    return run_aligner(config, stage, rlhb_source_factory(config, stage), "RLGAF" if config.no_behavior else "RLHB",
+                       config.warmup_rounds)
 
 
 def run_oracle(config: OracleConfig, stage: rundir.StageRun) -> dict:

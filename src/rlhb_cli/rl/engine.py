@@ -120,7 +120,9 @@ class PolicyAndValue(nn.Module):
         self.critic_body = critic_body
         hidden = (critic_body or actor).config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        # Zero at the start: a random critic would turn the first advantages into noise and the first
+        # policy steps into random ones; with V = 0 the first advantages are the (whitened) returns.
+        nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask, position_ids):
@@ -159,6 +161,13 @@ class HFGenerator:
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
         model.train(was_training)
         return out[:, prompt_ids.shape[1]:]
+
+    def decode(self, raw: torch.Tensor):
+        """(responses padded after EOS, mask incl. EOS, lengths, ended with EOS, texts) of generated ids."""
+        pad = self.tokenizer.pad_token_id
+        responses, mask, lengths, ended = response_mask(raw, self.tokenizer.eos_token_id, pad)
+        texts = self.tokenizer.batch_decode(responses * mask + pad * (1 - mask), skip_special_tokens=True)
+        return responses, mask, lengths, ended, [t.strip() for t in texts]
 
 
 @dataclass
@@ -250,9 +259,7 @@ class PPOEngine:
         prompts = [generator_prompt(q, b) for q, b in zip(queries, behaviors)]
         encoded = self.tokenizer(prompts, padding=True, return_tensors="pt").to(self.accelerator.device)
         raw = self.generator.generate(self.unwrapped.actor, encoded["input_ids"], encoded["attention_mask"], greedy)
-        responses, mask, lengths, ended = response_mask(raw, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-        texts = [t.strip() for t in self.tokenizer.batch_decode(responses * mask + self.tokenizer.pad_token_id *
-                                                                (1 - mask), skip_special_tokens=True)]
+        responses, mask, lengths, ended, texts = self.generator.decode(raw)
         return Rollout(prompts, queries, behaviors, encoded["input_ids"], encoded["attention_mask"], responses,
                        mask, lengths, ended, texts)
 

@@ -1,0 +1,126 @@
+"""One RLHB iteration against one trl GRPOTrainer cycle, side by side in one process, on the same tiny model.
+
+RLHB: 16 prompts x 1 response of up to 32 new tokens, 4 PPO epochs (4 optimizer steps), critic, reward from
+the discriminator, and its update. GRPO: 16 completions (4 prompts x 4) of up to 32 tokens, num_iterations=4
+(one generation reused for 4 optimizer steps), beta=0.05 (a reference model too). Both are timed as the
+median over `--repeats` cycles after one warm-up cycle; the printed ratios are the targets of issue 4:
+RLHB / GRPO <= 1.0, and RLHB with / without the discriminator update < 1.15.
+
+    python benchmarks/bench_rl.py [--run-dir DIR] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from rlhb_cli.cli import app  # noqa: E402
+
+NEW_TOKENS = 32
+
+
+def rlhb(*args) -> None:
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    if result.exit_code:
+        sys.exit(f"rlhb {' '.join(map(str, args))} failed:\n{result.output}")
+
+
+def build_run(run_dir: Path) -> None:
+    """A small simulated run with the demo's policy size and a discriminator on the SFT body."""
+    print(f"building a benchmark run in {run_dir} (about a minute) ...", flush=True)
+    rlhb("simulate-logs", "--run-dir", run_dir, "--queries", 120, "--eval-queries", 20, "--impressions", 300_000)
+    rlhb("prepare-behaviors", "--run-dir", run_dir)
+    rlhb("train-sft", "--run-dir", run_dir, "--epochs", 1, "--max-train-rows", 2000)
+    rlhb("warmup-discriminator", "--run-dir", run_dir, "--epochs", 1, "--max-train-rows", 1000)
+
+
+def time_rlhb(run_dir: Path, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds per iteration with and without the discriminator update, interleaved so drift hits both."""
+    from rlhb_cli import rundir
+    from rlhb_cli.rl.aligners import RLHBConfig, build_engine, rlhb_source_factory
+
+    config = RLHBConfig(prompts_per_iteration=16, rollouts=1, max_new_tokens=NEW_TOKENS, ppo_epochs=4,
+                        minibatch_size=16, iterations=10_000, sample_every=0)
+    with rundir.open_stage(run_dir / "bench-rlhb", "bench-rlhb", config, config.seed) as stage:
+        engine, _, _ = build_engine(config, stage, rlhb_source_factory(config, stage), "RLHB")
+        steps = engine.source.settings.steps
+        engine.step()  # warm-up
+        with_disc, without_disc = [], []
+        for _ in range(repeats):
+            for disc_steps, bucket in ((steps, with_disc), (0, without_disc)):
+                engine.source.settings.steps = disc_steps
+                started = time.perf_counter()
+                engine.step()
+                bucket.append(time.perf_counter() - started)
+        engine.source.settings.steps = steps
+        stage.set_summary({"with_disc": with_disc, "without_disc": without_disc})
+    return with_disc, without_disc
+
+
+def time_grpo(run_dir: Path, repeats: int) -> list[float]:
+    import datasets
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlhb_cli.prompts import generator_prompt
+    from rlhb_cli.stages.common import trl_config
+
+    policy = run_dir / "train-sft" / "policy"
+    tokenizer = AutoTokenizer.from_pretrained(str(policy))
+    queries = sorted(set(datasets.load_from_disk(str(run_dir / "prepare-behaviors" / "dataset"))["train"]["query"]))
+    prompts = datasets.Dataset.from_dict({"prompt": [generator_prompt(q, "liked by many") for q in queries]})
+
+    def length_reward(completions, **kwargs):
+        return [float(len(c)) / 100 for c in completions]
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    cycle = 4  # optimizer steps per generation: num_iterations=4, one batch per generation
+    with tempfile.TemporaryDirectory() as out:
+        args = trl_config(GRPOConfig, output_dir=out, per_device_train_batch_size=16, num_generations=4,
+                          max_completion_length=NEW_TOKENS, num_iterations=4, beta=0.05, learning_rate=1e-5,
+                          max_steps=cycle * (repeats + 1), logging_steps=10_000, save_strategy="no", seed=0)
+        trainer = GRPOTrainer(model=str(policy), reward_funcs=length_reward, args=args, train_dataset=prompts,
+                              processing_class=tokenizer, callbacks=[Clock()])
+        trainer.train()
+    ends = stamps[cycle - 1::cycle]  # the end of each cycle; the first is the warm-up
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", type=Path, help="A run dir with train-sft and warmup-discriminator done.")
+    parser.add_argument("--repeats", type=int, default=5)
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = options.run_dir or Path(tmp) / "run"
+        if options.run_dir is None:
+            build_run(run_dir)
+        with_disc, without_disc = time_rlhb(run_dir, options.repeats)
+        grpo = time_grpo(run_dir, options.repeats)
+    rlhb_s, bare_s, grpo_s = (statistics.median(x) for x in (with_disc, without_disc, grpo))
+    print(f"\nseconds per cycle (median of {options.repeats}; 16 responses x <= {NEW_TOKENS} tokens, 4 optimizer steps)")
+    print(f"  RLHB iteration (critic + discriminator update)   {rlhb_s:7.3f}")
+    print(f"  RLHB iteration without the discriminator update  {bare_s:7.3f}")
+    print(f"  trl GRPOTrainer (num_iterations=4, beta=0.05)     {grpo_s:7.3f}")
+    print(f"ratio RLHB / GRPO                 {rlhb_s / grpo_s:5.2f}   (goal <= 1.00)")
+    print(f"ratio RLHB with / without update  {rlhb_s / bare_s:5.2f}   (goal <  1.15)")
+
+
+if __name__ == "__main__":
+    main()
