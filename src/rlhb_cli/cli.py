@@ -251,7 +251,7 @@ def training_stage_command(name: str, config_cls: type, module: str, doc: str, f
     `stage_of(config)` picks the stage folder from the config (train-rlhb --no-behavior writes train-rlgaf);
     `renamable` adds --stage-name, so e.g. RLHB on top of RLHF can sit beside RLHB from SFT.
     """
-    hints = typing.get_type_hints(config_cls, {"Path": Path})
+    hints = typing.get_type_hints(config_cls)
     fields = dataclasses.fields(config_cls)
     parameters = [
         inspect.Parameter("run_dir", inspect.Parameter.KEYWORD_ONLY,
@@ -325,11 +325,16 @@ training_stage_command("train-rlhf", RLHFConfig, _ALIGNERS, "RLHF: PPO on the re
                        "run_rlhf", renamable=True)
 training_stage_command("train-rlhbc", RLHBCConfig, _ALIGNERS, "RLHBC: PPO on the behaviour classifier's expected "
                        "shaped reward.", "run_rlhbc", renamable=True)
-training_stage_command("train-rlhb", RLHBConfig, _ALIGNERS, "RLHB: PPO on the discriminator's judgement, the "
-                       "discriminator learning alongside; --no-behavior is RLGAF (writes train-rlgaf).", "run_rlhb",
+training_stage_command("train-rlhb", RLHBConfig, _ALIGNERS, "RLHB: PPO on the discriminator's judgement of "
+                       "(query, response, best behaviour); --disc-steps N lets it learn alongside; --no-behavior is "
+                       "RLGAF (writes train-rlgaf).", "run_rlhb",
                        stage_of=lambda c: "train-rlgaf" if c.no_behavior else "train-rlhb", renamable=True)
 training_stage_command("train-oracle", OracleConfig, _ALIGNERS, "TESTBED ONLY: PPO on the simulator's gold reward, "
                        "the ceiling every learned reward is measured against.", "run_oracle", renamable=True)
+from rlhb_cli.stages.evaluate import EvaluateConfig  # noqa: E402
+
+training_stage_command("evaluate", EvaluateConfig, "rlhb_cli.stages.evaluate", "Which policy do users like better? "
+                       "Held-out responses of every policy, judged by gold (simulated logs) and the run's judges.")
 training_stage_command("train-ppo", CustomPPOConfig, _ALIGNERS, "PPO on your own reward source "
                        "(--reward-source package.module:callable).", "run_custom", renamable=True)
 

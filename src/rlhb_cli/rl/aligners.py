@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -69,21 +69,35 @@ class RLHBConfig(EngineConfig):
                                               "D(q, r, b) minus the mean logit over other behaviours of the query.")
     contrast_behaviors: int = field(8, help="contrast: behaviours to contrast with (the query's logged ones first).")
     disc_learning_rate: float = field(1e-5, help="Discriminator learning rate during RL.")
-    disc_steps: int = field(2, help="Discriminator optimizer steps per update (0: a frozen discriminator).")
+    reward_scale: Optional[float] = field(None, help="Multiply the discriminator's reward by this. Default: 0.1 for "
+                                                     "contrast (it spans a few logits, ten times the gold reward's "
+                                                     "spread, so the KL penalty stays in proportion), else 1.")
+    disc_steps: Optional[int] = field(None, help="Discriminator optimizer steps per update. Default: 0 for RLHB (the "
+                                                 "warmed-up discriminator stays frozen: measured best on the simulated "
+                                                 "testbed), 2 with --no-behavior (its new head must learn); 2 gives "
+                                                 "RLHB the paper's alternating updates.")
     disc_batch_size: int = field(32, help="Triplets per discriminator step.")
     frozen_iterations: int = field(0, help="Iterations with the discriminator frozen before its updates start.")
     update_every: int = field(1, help="Iterations between discriminator updates.")
     bootstrap_ratio: float = field(0.0, help="Share of generated triplets with the highest rewards relabelled real "
                                              "(the paper reports collapse at 0.5).")
     label_smoothing: float = field(0.0, help="Discriminator targets 1 - s and s.")
-    replaced_negatives: float = field(1.0, help="Behaviour-replaced real triplets per generated one among the fakes.")
+    replaced_negatives: float = field(3.0, help="Behaviour-replaced real triplets per generated one among the fakes "
+                                                "(they keep the discriminator reading behaviour, not only realism).")
     likelihood_weight: float = field(1.0, help="Factorized discriminator: weight of its bins' likelihood on real rows.")
     real_min_reward_quantile: float = field(0.0, help="Real side: only logged rows above this shaped-reward quantile "
                                                       "(RLGAF's 'good' responses; 0: all).")
-    source_warmup_rounds: int = field(-1, help="Discriminator updates on the starting policy's text before PPO "
-                                               "(-1: 8 with --no-behavior, else 0).")
+    source_warmup_rounds: Optional[int] = field(None, help="Discriminator updates on the starting policy's text "
+                                                           "before PPO. Default: 8 with --no-behavior, else 0.")
 
     def __post_init__(self):
+        # Defaults that depend on the variant are resolved here, so the manifest records the values used.
+        if self.reward_scale is None:
+            self.reward_scale = 0.1 if self.reward_form == "contrast" else 1.0
+        if self.disc_steps is None:
+            self.disc_steps = 2 if self.no_behavior else 0
+        if self.source_warmup_rounds is None:
+            self.source_warmup_rounds = 8 if self.no_behavior else 0
         super().__post_init__()
         if self.reward_form not in ("probability", "log_probability", "contrast"):
             raise ValueError(f"reward_form must be probability, log_probability or contrast, got {self.reward_form!r}")
@@ -96,10 +110,6 @@ class RLHBConfig(EngineConfig):
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if not 0 <= self.real_min_reward_quantile < 1:
             raise ValueError(f"real_min_reward_quantile must be in [0, 1), got {self.real_min_reward_quantile}")
-
-    @property
-    def warmup_rounds(self) -> int:
-        return self.source_warmup_rounds if self.source_warmup_rounds >= 0 else (8 if self.no_behavior else 0)
 
 
 @dataclass
@@ -214,7 +224,7 @@ def rlhb_source_factory(config: RLHBConfig, stage: rundir.StageRun) -> Callable:
 
 def run_rlhb(config: RLHBConfig, stage: rundir.StageRun) -> dict:
     return run_aligner(config, stage, rlhb_source_factory(config, stage), "RLGAF" if config.no_behavior else "RLHB",
-                       config.warmup_rounds)
+                       config.source_warmup_rounds)
 
 
 def run_oracle(config: OracleConfig, stage: rundir.StageRun) -> dict:

@@ -45,8 +45,9 @@ class EngineConfig:
     condition: str = field("most_preferred", help="Prompt condition: most_preferred (the best behaviour, as RLHB "
                                                   "asks at inference) or none (no behaviour line).")
     iterations: int = field(60, help="PPO iterations (rollout, score, update) in the run.")
-    prompts_per_iteration: int = field(16, help="Prompts sampled per iteration (the batch size of the paper's ablation).")
-    rollouts: int = field(1, help="Responses sampled per prompt (the paper's ablation: 1, 4, 6).")
+    prompts_per_iteration: int = field(8, help="Prompts sampled per iteration (the batch size of the paper's ablation).")
+    rollouts: int = field(4, help="Responses sampled per prompt (the paper's ablation: 1, 4, 6); several let the "
+                                  "advantage compare answers to the same query.")
     max_new_tokens: int = field(48, help="Tokens generated at most per response.")
     temperature: float = field(1.0, help="Sampling temperature of rollouts (log-probabilities use the same).")
     ppo_epochs: int = field(4, help="Passes of PPO updates over each iteration's rollouts.")

@@ -1,0 +1,301 @@
+"""`rlhb evaluate`: which policy do users like better? Held-out responses judged by every judge at hand.
+
+Each policy answers the held-out queries with the prompt it was trained for (policy.json; SFT is asked
+for the most preferred behaviour), greedily and `samples` times sampled, from fixed seeds. Judges:
+the simulator's gold user model (ground truth of the testbed, when the logs came from simulate-logs),
+and the run's own reward model, behaviour classifier and discriminator. Every mean has a bootstrap
+interval over queries; Win-Tie-Loss compares each policy with the baseline query by query.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhb_cli import rundir
+from rlhb_cli.config import field
+from rlhb_cli.errors import RlhbError
+from rlhb_cli.prompts import generator_prompt
+from rlhb_cli.stages.common import load_prepared, seed_everything
+
+STAGE = "evaluate"
+
+
+@dataclass
+class EvaluateConfig:
+    policies: list[str] = field(factory=list, help="Stages (or paths) of the policies to evaluate; default: every "
+                                                   "stage of the run dir that left a policy/.")
+    baseline: str = field("train-sft", help="Policy the others are compared with in Win-Tie-Loss.")
+    query_set: str = field("auto", help="test (prepare-behaviors' held-out split), environment (the simulator's "
+                                        "held-out queries: new phrasings), all, or auto (all when simulated).")
+    samples: int = field(4, help="Sampled responses per query (besides the greedy one).")
+    max_new_tokens: int = field(48, help="Tokens generated at most per response.")
+    temperature: float = field(1.0, help="Sampling temperature.")
+    tie_margin: float = field(0.1, help="Win-Tie-Loss: a difference below this many standard deviations of the "
+                                        "judge's scores is a tie.")
+    bootstrap_samples: int = field(1000, help="Bootstrap resamples of queries for the 95% intervals.")
+    seed: int = field(0, help="Seed of sampling and of the bootstrap.")
+
+    def __post_init__(self):
+        if self.query_set not in ("auto", "test", "environment", "all"):
+            raise ValueError(f"query_set must be auto, test, environment or all, got {self.query_set!r}")
+        if self.samples < 0 or self.max_new_tokens < 1 or self.temperature <= 0:
+            raise ValueError("samples must be >= 0, max_new_tokens >= 1 and temperature > 0")
+        if self.tie_margin < 0 or self.bootstrap_samples < 1:
+            raise ValueError("tie_margin must be >= 0 and bootstrap_samples >= 1")
+
+
+def bootstrap_interval(per_query: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the mean, resampling queries."""
+    if len(per_query) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = per_query[rng.integers(0, len(per_query), size=(resamples, len(per_query)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def win_tie_loss(policy: np.ndarray, baseline: np.ndarray, margin: float) -> dict[str, float]:
+    difference = policy - baseline
+    return {"win": float((difference > margin).mean()), "tie": float((np.abs(difference) <= margin).mean()),
+            "loss": float((difference < -margin).mean())}
+
+
+def distinct_2(texts: list[str]) -> float:
+    bigrams = [tuple(pair) for t in texts for pair in zip(t.split(), t.split()[1:])]
+    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+def discover_policies(run_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """(stages with a policy that is done and fresh, {stage: why it is skipped} for the others)."""
+    from rlhb_cli.rl.aligners import POLICY_STAGES
+    found = [s for s in POLICY_STAGES if (run_dir / s / "policy" / "config.json").exists()]
+    found += sorted(p.parent.parent.name for p in run_dir.glob("*/policy/config.json")
+                    if p.parent.parent.name not in found)
+    usable, skipped = [], {}
+    for name in found:
+        state, _, detail = rundir.stage_state(run_dir / name)
+        if state == "done":
+            usable.append(name)
+        else:
+            skipped[name] = f"{state}: {detail}" if detail else state
+    return usable, skipped
+
+
+class Judges:
+    """Every judge available in the run dir, each scoring (queries, responses) -> one number per response."""
+
+    def __init__(self, run_dir: Path, stage: rundir.StageRun, behavior_text: str):
+        self.scorers: dict[str, object] = {}
+        self.gold = None
+        environment = run_dir / "simulate-logs" / "environment.json"
+        if environment.exists():
+            from rlhb_cli.simulator.gold import GoldJudge
+            stage.add_upstream("simulate-logs")
+            self.gold = GoldJudge.load(environment)
+            self.scorers["gold"] = lambda q, r: self.gold.expected_behavior_batch(q, r)["shaped_reward"]
+        if rundir.stage_state(run_dir / "train-reward")[0] == "done":
+            from rlhb_cli.rl.rewards import RewardModelSource
+            stage.add_upstream("train-reward")
+            reward_model = RewardModelSource(run_dir / "train-reward" / "model")
+            self.scorers["reward_model"] = lambda q, r: reward_model.score(q, r, [None] * len(q))[0].numpy()
+        if rundir.stage_state(run_dir / "train-classifier")[0] == "done":
+            from rlhb_cli.stages.classifier import BehaviorClassifier
+            stage.add_upstream("train-classifier")
+            classifier = BehaviorClassifier.load(run_dir / "train-classifier" / "model")
+            self.scorers["classifier"] = lambda q, r: classifier.expected_behavior(q, r)["shaped_reward"]
+        if rundir.stage_state(run_dir / "warmup-discriminator")[0] == "done":
+            from rlhb_cli.stages.discriminator import Discriminator
+            stage.add_upstream("warmup-discriminator")
+            discriminator = Discriminator.load(run_dir / "warmup-discriminator" / "model")
+            self.scorers["discriminator"] = lambda q, r: discriminator.probability(
+                q, r, [behavior_text] * len(q)).numpy()
+
+    def score(self, queries: list[str], responses: list[str]) -> dict[str, np.ndarray]:
+        return {name: np.asarray(scorer(queries, responses), dtype=np.float64) for name, scorer in self.scorers.items()}
+
+
+def _queries(config: EvaluateConfig, run_dir: Path, data, gold) -> dict[str, str]:
+    """query -> the set it comes from."""
+    chosen = config.query_set
+    if chosen == "auto":
+        chosen = "all" if gold is not None else "test"
+    out: dict[str, str] = {}
+    if chosen in ("test", "all"):
+        out |= {q: "test" for q in sorted(set(data["test"]["query"]))}
+    if chosen in ("environment", "all"):
+        if gold is None:
+            raise RlhbError("--query-set environment needs the logs of simulate-logs (its held-out queries)")
+        environment = rundir.read_json(run_dir / "simulate-logs" / "environment.json")
+        out |= {q["text"]: "environment" for q in environment["queries"] if q["split"] == "eval"}
+    if not out:
+        raise RlhbError(f"{run_dir / 'prepare-behaviors'}: no held-out queries to evaluate on; rerun "
+                        f"prepare-behaviors with --test-fraction above 0")
+    return out
+
+
+@torch.no_grad()
+def _sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32) -> np.ndarray:
+    """Sum of log p(response tokens | prompt) under `model`, per pair (text in, so any tokenizer works)."""
+    from trl.trainer.utils import selective_log_softmax
+    tokenizer.padding_side = "right"
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        p, r = prompts[start:start + batch_size], responses[start:start + batch_size]
+        prompt_lengths = [len(tokenizer(x)["input_ids"]) for x in p]
+        full = tokenizer([a + " " + b + tokenizer.eos_token for a, b in zip(p, r)], padding=True,
+                         return_tensors="pt")
+        logits = model(**full).logits[:, :-1]
+        token_logprobs = selective_log_softmax(logits, full["input_ids"][:, 1:])
+        mask = full["attention_mask"][:, 1:].clone()
+        for i, n in enumerate(prompt_lengths):
+            mask[i, :max(n - 1, 0)] = 0
+        out.append((token_logprobs * mask).sum(1))
+    tokenizer.padding_side = "left"
+    return torch.cat(out).numpy()
+
+
+def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
+    from rich.console import Console
+
+    from rlhb_cli.models.load import load_causal_lm
+    from rlhb_cli.policies import generate_responses, policy_meta
+    from rlhb_cli.rl.aligners import resolve_stage_or_path
+
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    run_dir = stage.dir.parent
+    data, spec, template = load_prepared(run_dir, stage)
+    best = template.most_preferred(spec)
+    judges = Judges(run_dir, stage, best)
+    query_sets = _queries(config, run_dir, data, judges.gold)
+    queries = list(query_sets)
+    names, skipped = (config.policies, {}) if config.policies else discover_policies(run_dir)
+    if not names:
+        raise RlhbError(f"{run_dir}: no policy to evaluate; run `rlhb train-sft --run-dir {run_dir}` first")
+    if config.baseline not in names:
+        names = [config.baseline] + names
+    reference_path = resolve_stage_or_path(config.baseline, run_dir, stage, "policy", "baseline policy")
+    reference, reference_tokenizer = load_causal_lm(reference_path, [])
+    reference.eval()
+
+    rows: list[dict] = []
+    scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # policy -> decoding -> judge -> per-query mean
+    health: dict[str, dict] = {}
+    test = data["test"]
+    for name in names:
+        path = resolve_stage_or_path(name, run_dir, stage, "policy", "policy")
+        meta = policy_meta(path)
+        condition = meta.get("behavior_text", best) if meta.get("condition") == "most_preferred" else None
+        model, tokenizer = load_causal_lm(path, [])
+        model.eval()
+        prompts = [generator_prompt(q, condition) for q in queries]
+        scores[name] = {}
+        sampled_texts, sampled_prompts = [], []
+        for decoding, repeats in (("greedy", 1), ("sampled", config.samples)):
+            if repeats == 0:
+                continue
+            repeated_prompts = [p for p in prompts for _ in range(repeats)]
+            repeated_queries = [q for q in queries for _ in range(repeats)]
+            responses = generate_responses(model, tokenizer, repeated_prompts, config.max_new_tokens,
+                                           greedy=decoding == "greedy", seed=config.seed,
+                                           temperature=config.temperature)
+            texts = [r["response"] for r in responses]
+            judged = judges.score(repeated_queries, texts)
+            scores[name][decoding] = {j: v.reshape(len(queries), repeats).mean(1) for j, v in judged.items()}
+            for i, (q, r) in enumerate(zip(repeated_queries, responses)):
+                rows.append({"policy": name, "decoding": decoding, "query": q, "query_set": query_sets[q],
+                             "sample": i % repeats, **r, "scores": {j: float(v[i]) for j, v in judged.items()}})
+            if decoding == "sampled":
+                sampled_texts, sampled_prompts = texts, repeated_prompts
+            health.setdefault(name, {})[decoding] = {
+                "length_tokens": float(np.mean([r["tokens"] for r in responses])),
+                "eos_rate": float(np.mean([r["ended"] for r in responses])),
+                "distinct_2": round(distinct_2(texts), 4)}
+        if sampled_texts:  # KL(policy || baseline) per response, estimated on the policy's own samples
+            own = _sequence_logprobs(model, tokenizer, sampled_prompts, sampled_texts)
+            ref = _sequence_logprobs(reference, reference_tokenizer, sampled_prompts, sampled_texts)
+            health[name]["kl_to_baseline"] = round(float(np.mean(own - ref)), 4)
+        real_prompts = [generator_prompt(q, b) for q, b in zip(test["query"], test["behavior_text"])]
+        logprobs = _sequence_logprobs(model, tokenizer, real_prompts, list(test["response"]))
+        tokens = sum(len(tokenizer(" " + r)["input_ids"]) + 1 for r in test["response"])
+        health[name]["perplexity_real_responses"] = round(float(np.exp(-logprobs.sum() / max(tokens, 1))), 4)
+
+    references = {}
+    if judges.gold is not None:  # what was achievable on these queries: the environment's own candidates
+        pools = {q["text"]: q for q in rundir.read_json(run_dir / "simulate-logs" / "environment.json")["queries"]}
+        for key in ("best_in_pool", "pool_mean"):
+            values = np.array([pools[q][key] for q in queries if q in pools])
+            low, high = bootstrap_interval(values, config.bootstrap_samples, config.seed)
+            references[key] = {"mean": round(float(values.mean()), 4), "ci95": [round(low, 4), round(high, 4)]}
+    summary = _summarise(config, scores, health, queries, query_sets, judges, names, references)
+    stage.write_json("summary_detail.json", summary)
+    rundir.atomic_write_text(stage.dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    _print_table(Console(), summary, names)
+    return {"headline": summary["headline"], "queries": len(queries),
+            "query_sets": {s: list(query_sets.values()).count(s) for s in set(query_sets.values())},
+            "policies": names, "skipped_policies": skipped, "judges": list(judges.scorers), "baseline": config.baseline,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _summarise(config, scores, health, queries, query_sets, judges, names, references) -> dict:
+    table: dict = {}
+    for name in names:
+        table[name] = {}
+        for decoding, by_judge in scores[name].items():
+            table[name][decoding] = {}
+            for judge, per_query in by_judge.items():
+                low, high = bootstrap_interval(per_query, config.bootstrap_samples, config.seed)
+                entry = {"mean": round(float(per_query.mean()), 4), "ci95": [round(low, 4), round(high, 4)]}
+                if name != config.baseline and decoding in scores[config.baseline]:
+                    base = scores[config.baseline][decoding][judge]
+                    spread = np.std(np.concatenate([scores[n][decoding][judge] for n in names
+                                                    if decoding in scores[n]]))
+                    entry["win_tie_loss"] = {k: round(v, 4) for k, v in
+                                             win_tie_loss(per_query, base, config.tie_margin * spread).items()}
+                    delta = per_query - base
+                    low, high = bootstrap_interval(delta, config.bootstrap_samples, config.seed)
+                    entry["gain_over_baseline"] = {"mean": round(float(delta.mean()), 4),
+                                                   "ci95": [round(low, 4), round(high, 4)]}
+                table[name][decoding][judge] = entry
+    headline_judge = "gold" if "gold" in judges.scorers else next(iter(judges.scorers), None)
+    headline = {}
+    if headline_judge:
+        for name in names:
+            headline[name] = {d: table[name][d][headline_judge]["mean"] for d in table[name]}
+    return {"judge_of_headline": headline_judge, "headline": headline, "scores": table, "health": health,
+            "references": references, "tie_margin_sd": config.tie_margin}
+
+
+def _print_table(console, summary: dict, names: list[str]) -> None:
+    from rich.table import Table
+    judge = summary["judge_of_headline"]
+    if judge is None:
+        return
+    table = Table(title=f"evaluate: {judge} judge, mean [95% CI]; gain and W/T/L against the baseline",
+                  title_justify="left")
+    for column in ("policy", "greedy", "sampled", "gain (sampled)", "W/T/L (sampled)", "KL", "distinct-2"):
+        table.add_column(column)
+    for name in names:
+        cells = [name]
+        for decoding in ("greedy", "sampled"):
+            entry = summary["scores"][name].get(decoding, {}).get(judge)
+            cells.append(f"{entry['mean']:+.3f} [{entry['ci95'][0]:+.3f}, {entry['ci95'][1]:+.3f}]" if entry else "-")
+        entry = summary["scores"][name].get("sampled", {}).get(judge, {})
+        gain = entry.get("gain_over_baseline")
+        cells.append(f"{gain['mean']:+.3f} [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}]" if gain else "baseline")
+        wtl = entry.get("win_tie_loss")
+        cells.append(f"{wtl['win']:.2f}/{wtl['tie']:.2f}/{wtl['loss']:.2f}" if wtl else "")
+        health = summary["health"].get(name, {})
+        cells.append(f"{health.get('kl_to_baseline', float('nan')):.2f}")
+        cells.append(f"{health.get('sampled', health.get('greedy', {})).get('distinct_2', float('nan')):.3f}")
+        table.add_row(*cells)
+    for key, entry in summary["references"].items():
+        table.add_row(f"({key.replace('_', ' ')})", "", f"{entry['mean']:+.3f} [{entry['ci95'][0]:+.3f}, "
+                      f"{entry['ci95'][1]:+.3f}]", "", "", "", "")
+    console.print(table)
