@@ -13,7 +13,8 @@ import torch
 from conftest import read_jsonl
 
 TINY = ["--tiny-hidden-size", 32, "--tiny-layers", 1, "--tiny-heads", 2, "--tiny-vocab-size", 400]
-RL = ["--prompts-per-iteration", 8, "--minibatch-size", 8, "--max-new-tokens", 12, "--sample-every", 0]
+RL = ["--prompts-per-iteration", 8, "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 12,
+      "--sample-every", 0]
 TESTS = Path(__file__).parent
 
 
@@ -49,7 +50,7 @@ def without_time(rows):
 def test_a_reward_for_one_word_raises_its_frequency(run, cli, monkeypatch):
     monkeypatch.chdir(TESTS)  # the source is found as a module beside the user, like any user's own
     cli("train-ppo", "--run-dir", run, "--reward-source", "rl_sources:pays_for_the", "--iterations", 16,
-        "--prompts-per-iteration", 16, "--minibatch-size", 16, "--max-new-tokens", 16, "--learning-rate", 3e-3,
+        "--prompts-per-iteration", 16, "--rollouts", 1, "--minibatch-size", 16, "--max-new-tokens", 16, "--learning-rate", 3e-3,
         "--sample-every", 8)
     rows = read_jsonl(run / "train-ppo" / "metrics.jsonl")
     count = [r["objective/reward_mean"] for r in rows]  # occurrences of "the" per response
@@ -124,7 +125,8 @@ def test_bootstrap_relabels_exactly_the_top_share(run):
 
 
 def test_same_seed_same_metrics_and_resume_equals_uninterrupted(run, cli):
-    args = ["--iterations", 4, *RL, "--disc-learning-rate", 1e-3, "--bootstrap-ratio", 0.25, "--checkpoint-every", 2]
+    args = ["--iterations", 4, *RL, "--disc-steps", 2, "--disc-learning-rate", 1e-3, "--bootstrap-ratio", 0.25,
+            "--checkpoint-every", 2]
     twin = run.parent / "twin"
     shutil.copytree(run, twin)
     cli("train-rlhb", "--run-dir", run, *args)
@@ -171,3 +173,34 @@ def test_a_collapsed_discriminator_is_reported():
         engine._watch_collapse(row)
         flags.append(row["disc/collapsed"])
     assert flags == [0, 0, 0, 0, 0, 1, 1] and engine.collapsed_at == 6
+
+
+def test_frozen_by_default_and_variant_defaults_are_resolved(run, cli):
+    cli("train-rlhb", "--run-dir", run, "--iterations", 1, *RL)
+    config = json.loads((run / "train-rlhb" / "manifest.json").read_text())["config"]
+    assert config["disc_steps"] == 0 and config["reward_scale"] == 0.1 and config["source_warmup_rounds"] == 0
+    assert not any(k.startswith("disc/loss") for k in read_jsonl(run / "train-rlhb" / "metrics.jsonl")[0])
+    cli("train-rlhb", "--run-dir", run, "--iterations", 1, *RL, "--no-behavior", "--reward-form", "probability",
+        "--source-warmup-rounds", 1)
+    config = json.loads((run / "train-rlgaf" / "manifest.json").read_text())["config"]
+    assert config["disc_steps"] == 2 and config["reward_scale"] == 1.0
+
+
+def test_evaluate_judges_every_policy_with_intervals(run, cli):
+    cli("train-oracle", "--run-dir", run, "--iterations", 2, *RL)
+    cli("train-rlhf", "--run-dir", run, "--iterations", 1, *RL, "--stage-name", "my-rlhf")
+    cli("evaluate", "--run-dir", run, "--samples", 2, "--bootstrap-samples", 200, "--max-new-tokens", 12)
+    summary = summary_of(run, "evaluate")
+    assert summary["policies"] == ["train-sft", "train-oracle", "my-rlhf"]
+    assert summary["judges"] == ["gold", "reward_model", "classifier", "discriminator"]
+    detail = json.loads((run / "evaluate" / "summary_detail.json").read_text())
+    for judge in summary["judges"]:
+        entry = detail["scores"]["train-oracle"]["sampled"][judge]
+        assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
+        assert sum(entry["win_tie_loss"].values()) == pytest.approx(1.0, abs=1e-3)  # each rounded to 4 places
+    assert detail["health"]["train-sft"]["kl_to_baseline"] == pytest.approx(0.0, abs=1e-4)
+    assert detail["health"]["train-oracle"]["perplexity_real_responses"] > 1
+    assert detail["references"]["best_in_pool"]["mean"] > detail["references"]["pool_mean"]["mean"]
+    rows = read_jsonl(run / "evaluate" / "results.jsonl")
+    assert len(rows) == 3 * summary["queries"] * (1 + 2)
+    assert set(rows[0]["scores"]) == set(summary["judges"])
