@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The main job on the embedded default: simulate the platform, prepare its logs, show the run.
+# The main job on the embedded default: simulate the platform, prepare its logs, train the starting
+# policy, the judges and the aligners, evaluate them on held-out queries, show the run.
 demo: setup
 	$(BIN)/rlhb simulate-logs --run-dir $(RUN_DIR)
 	$(BIN)/rlhb prepare-behaviors --run-dir $(RUN_DIR)
@@ -29,6 +30,10 @@ demo: setup
 	$(BIN)/rlhb warmup-discriminator --run-dir $(RUN_DIR) --epochs 2
 	$(BIN)/rlhb train-classifier --run-dir $(RUN_DIR) --epochs 2
 	$(BIN)/rlhb train-reward --run-dir $(RUN_DIR) --epochs 3
+	$(BIN)/rlhb train-rlhf --run-dir $(RUN_DIR)
+	$(BIN)/rlhb train-rlhbc --run-dir $(RUN_DIR)
+	$(BIN)/rlhb train-rlhb --run-dir $(RUN_DIR)
+	$(BIN)/rlhb evaluate --run-dir $(RUN_DIR)
 	$(BIN)/rlhb status --run-dir $(RUN_DIR)
 
 bench: setup

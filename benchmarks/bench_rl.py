@@ -45,27 +45,32 @@ def build_run(run_dir: Path) -> None:
     rlhb("warmup-discriminator", "--run-dir", run_dir, "--epochs", 1, "--max-train-rows", 1000)
 
 
-def time_rlhb(run_dir: Path, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds per iteration with and without the discriminator update, interleaved so drift hits both."""
+def time_rlhb(run_dir: Path, repeats: int) -> dict[str, list[float]]:
+    """Seconds per iteration: separate critic with and without the discriminator update, and a critic head
+    sharing the actor's body; interleaved so that drift of the machine hits every variant alike."""
     from rlhb_cli import rundir
     from rlhb_cli.rl.aligners import RLHBConfig, build_engine, rlhb_source_factory
 
-    config = RLHBConfig(prompts_per_iteration=16, rollouts=1, max_new_tokens=NEW_TOKENS, ppo_epochs=4,
-                        minibatch_size=16, iterations=10_000, sample_every=0)
-    with rundir.open_stage(run_dir / "bench-rlhb", "bench-rlhb", config, config.seed) as stage:
-        engine, _, _ = build_engine(config, stage, rlhb_source_factory(config, stage), "RLHB")
-        steps = engine.source.settings.steps
+    engines = {}
+    for critic in ("separate", "shared"):
+        config = RLHBConfig(prompts_per_iteration=16, rollouts=1, max_new_tokens=NEW_TOKENS, ppo_epochs=4,
+                            minibatch_size=16, iterations=10_000, sample_every=0, disc_steps=2, critic=critic)
+        name = f"bench-rlhb-{critic}"
+        with rundir.open_stage(run_dir / name, name, config, config.seed) as stage:
+            engines[critic], _, _ = build_engine(config, stage, rlhb_source_factory(config, stage), "RLHB")
+            stage.set_summary({})
+    for engine in engines.values():
         engine.step()  # warm-up
-        with_disc, without_disc = [], []
-        for _ in range(repeats):
-            for disc_steps, bucket in ((steps, with_disc), (0, without_disc)):
-                engine.source.settings.steps = disc_steps
-                started = time.perf_counter()
-                engine.step()
-                bucket.append(time.perf_counter() - started)
-        engine.source.settings.steps = steps
-        stage.set_summary({"with_disc": with_disc, "without_disc": without_disc})
-    return with_disc, without_disc
+    times: dict[str, list[float]] = {"separate": [], "separate_no_disc": [], "shared": []}
+    for _ in range(repeats):
+        for key, engine, disc_steps in (("separate", engines["separate"], 2),
+                                        ("separate_no_disc", engines["separate"], 0),
+                                        ("shared", engines["shared"], 2)):
+            engine.source.settings.steps = disc_steps
+            started = time.perf_counter()
+            engine.step()
+            times[key].append(time.perf_counter() - started)
+    return times
 
 
 def time_grpo(run_dir: Path, repeats: int) -> list[float]:
@@ -111,15 +116,17 @@ def main() -> None:
         run_dir = options.run_dir or Path(tmp) / "run"
         if options.run_dir is None:
             build_run(run_dir)
-        with_disc, without_disc = time_rlhb(run_dir, options.repeats)
+        times = time_rlhb(run_dir, options.repeats)
         grpo = time_grpo(run_dir, options.repeats)
-    rlhb_s, bare_s, grpo_s = (statistics.median(x) for x in (with_disc, without_disc, grpo))
+    separate, bare, shared, grpo_s = (statistics.median(x) for x in (times["separate"], times["separate_no_disc"],
+                                                                     times["shared"], grpo))
     print(f"\nseconds per cycle (median of {options.repeats}; 16 responses x <= {NEW_TOKENS} tokens, 4 optimizer steps)")
-    print(f"  RLHB iteration (critic + discriminator update)   {rlhb_s:7.3f}")
-    print(f"  RLHB iteration without the discriminator update  {bare_s:7.3f}")
-    print(f"  trl GRPOTrainer (num_iterations=4, beta=0.05)     {grpo_s:7.3f}")
-    print(f"ratio RLHB / GRPO                 {rlhb_s / grpo_s:5.2f}   (goal <= 1.00)")
-    print(f"ratio RLHB with / without update  {rlhb_s / bare_s:5.2f}   (goal <  1.15)")
+    print(f"  RLHB iteration, separate critic + discriminator update   {separate:7.3f}")
+    print(f"  the same without the discriminator update                {bare:7.3f}")
+    print(f"  RLHB iteration, critic head on the actor (--critic shared) {shared:5.3f}")
+    print(f"  trl GRPOTrainer (num_iterations=4, beta=0.05)            {grpo_s:7.3f}")
+    print(f"ratio RLHB / GRPO                 {separate / grpo_s:5.2f}   (shared critic {shared / grpo_s:4.2f}; goal <= 1.00)")
+    print(f"ratio RLHB with / without update  {separate / bare:5.2f}   (goal <  1.15)")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def test_a_collapsed_discriminator_is_reported():
 def test_frozen_by_default_and_variant_defaults_are_resolved(run, cli):
     cli("train-rlhb", "--run-dir", run, "--iterations", 1, *RL)
     config = json.loads((run / "train-rlhb" / "manifest.json").read_text())["config"]
-    assert config["disc_steps"] == 0 and config["reward_scale"] == 0.1 and config["source_warmup_rounds"] == 0
+    assert config["disc_steps"] == 0 and config["reward_scale"] == 0.05 and config["source_warmup_rounds"] == 0
     assert not any(k.startswith("disc/loss") for k in read_jsonl(run / "train-rlhb" / "metrics.jsonl")[0])
     cli("train-rlhb", "--run-dir", run, "--iterations", 1, *RL, "--no-behavior", "--reward-form", "probability",
         "--source-warmup-rounds", 1)
@@ -204,3 +204,18 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
     rows = read_jsonl(run / "evaluate" / "results.jsonl")
     assert len(rows) == 3 * summary["queries"] * (1 + 2)
     assert set(rows[0]["scores"]) == set(summary["judges"])
+
+
+def test_probe_keeps_the_best_policy_and_stops_early(run, cli):
+    cli("train-rlhbc", "--run-dir", run, "--iterations", 6, *RL, "--probe-every", 1, "--probe-queries", 8,
+        "--keep-best", "--early-stop-patience", 2, "--learning-rate", 3e-3)
+    rows = read_jsonl(run / "train-rlhbc" / "metrics.jsonl")
+    probes = [r["probe/reward_mean"] for r in rows]
+    summary = summary_of(run, "train-rlhbc")
+    assert summary["probe_best"] == pytest.approx(max(probes), abs=1e-4)
+    best_at = int(np.argmax(probes)) + 1
+    assert json.loads((run / "train-rlhbc" / "policy" / "policy.json").read_text())["iteration"] == best_at
+    # stopped as soon as two probes in a row failed to beat the best, or ran to the end
+    assert summary["stopped_early"] == (len(rows) < 6)
+    if summary["stopped_early"]:
+        assert len(rows) - best_at == 2

@@ -334,7 +334,8 @@ training_stage_command("train-oracle", OracleConfig, _ALIGNERS, "TESTBED ONLY: P
 from rlhb_cli.stages.evaluate import EvaluateConfig  # noqa: E402
 
 training_stage_command("evaluate", EvaluateConfig, "rlhb_cli.stages.evaluate", "Which policy do users like better? "
-                       "Held-out responses of every policy, judged by gold (simulated logs) and the run's judges.")
+                       "Held-out responses of every policy, judged by gold (simulated logs) and the run's judges.",
+                       renamable=True)
 training_stage_command("train-ppo", CustomPPOConfig, _ALIGNERS, "PPO on your own reward source "
                        "(--reward-source package.module:callable).", "run_custom", renamable=True)
 

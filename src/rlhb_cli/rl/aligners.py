@@ -69,7 +69,7 @@ class RLHBConfig(EngineConfig):
                                               "D(q, r, b) minus the mean logit over other behaviours of the query.")
     contrast_behaviors: int = field(8, help="contrast: behaviours to contrast with (the query's logged ones first).")
     disc_learning_rate: float = field(1e-5, help="Discriminator learning rate during RL.")
-    reward_scale: Optional[float] = field(None, help="Multiply the discriminator's reward by this. Default: 0.1 for "
+    reward_scale: Optional[float] = field(None, help="Multiply the discriminator's reward by this. Default: 0.05 for "
                                                      "contrast (it spans a few logits, ten times the gold reward's "
                                                      "spread, so the KL penalty stays in proportion), else 1.")
     disc_steps: Optional[int] = field(None, help="Discriminator optimizer steps per update. Default: 0 for RLHB (the "
@@ -93,7 +93,7 @@ class RLHBConfig(EngineConfig):
     def __post_init__(self):
         # Defaults that depend on the variant are resolved here, so the manifest records the values used.
         if self.reward_scale is None:
-            self.reward_scale = 0.1 if self.reward_form == "contrast" else 1.0
+            self.reward_scale = 0.05 if self.reward_form == "contrast" else 1.0
         if self.disc_steps is None:
             self.disc_steps = 2 if self.no_behavior else 0
         if self.source_warmup_rounds is None:

@@ -417,7 +417,8 @@ class PPOEngine:
                     sums["policy/approxkl"].append(float(0.5 * masked_mean(log_ratio ** 2, m)))
                     sums["policy/clipfrac"].append(float(masked_mean(
                         ((ratio - 1).abs() > config.cliprange).float(), m)))
-                    sums["policy/entropy"].append(float(masked_mean(entropy_from_logits(response_logits), m)))
+                    if epoch == 0:  # the rollout policy's entropy; later epochs would only repeat it, at a cost
+                        sums["policy/entropy"].append(float(masked_mean(entropy_from_logits(response_logits), m)))
                     sums["loss/policy"].append(policy_loss.item())
                     sums["loss/value"].append(value_loss.item())
                     sums["value/clipfrac"].append(float(masked_mean(
@@ -427,7 +428,7 @@ class PPOEngine:
 
     def _watch_collapse(self, row: dict) -> None:
         """The paper's failure mode: generated text judged real (score near 1) iteration after iteration."""
-        score = row.get("disc/score_fake")
+        score = row.get("disc/score_fake", row.get("disc/score_generated"))  # a frozen one has no update logs
         if score is None or not math.isfinite(score):
             return
         self.collapse_run = self.collapse_run + 1 if score > self.config.collapse_threshold else 0

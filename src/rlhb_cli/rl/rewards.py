@@ -269,16 +269,15 @@ class DiscriminatorSource:
         queries, responses, behaviors, label_tensor, kinds = self.assemble(batch)
         labels = label_tensor.tolist()
         n_bootstrap = int((kinds == "bootstrap").sum())
-        n_replaced = int((kinds == "replaced").sum())
 
-        with torch.no_grad():  # the judgement before this round, on what it is about to learn from
-            before = torch.sigmoid(self._logits(queries, responses, behaviors))
+        # The scores logged are the discriminator's judgement of each step's batch just before that step
+        # learns from it: no extra scoring pass over the whole round.
         model = self.discriminator.judge.model
         model.train()
-        losses = []
+        losses, judged, judged_kinds, judged_labels = [], [], [], []
         for _ in range(s.steps):
             pick = self.rng.permutation(len(labels))[:s.batch_size]
-            loss, _ = self.discriminator.training_loss(
+            loss, logit = self.discriminator.training_loss(
                 [queries[i] for i in pick], [responses[i] for i in pick],
                 [behaviors[i] for i in pick] if self.with_behavior else None,
                 label_tensor[torch.as_tensor(pick)], s.label_smoothing, s.likelihood_weight)
@@ -289,24 +288,27 @@ class DiscriminatorSource:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            judged.append(torch.sigmoid(logit.detach()))
+            judged_kinds.append(kinds[pick])
+            judged_labels.append(label_tensor[torch.as_tensor(pick)])
         model.eval()
         self.updates += 1
-
-        real = before[torch.as_tensor(kinds == "real")]
-        generated = before[torch.as_tensor((kinds == "generated") | (kinds == "bootstrap"))]
-        fake = before[torch.as_tensor(kinds != "real") & (label_tensor < 0.5)]
-        logs = {
-            "disc/loss": float(np.mean(losses)) if losses else 0.0,
-            "disc/score_real": float(real.mean()),
-            "disc/score_fake": float(generated.mean()),  # every generated triplet: the paper's collapse reads here
-            "disc/acc_real": float((real > 0.5).float().mean()),
-            "disc/bootstrapped": float(n_bootstrap),
-            "disc/updates": float(self.updates),
-        }
+        logs = {"disc/bootstrapped": float(n_bootstrap), "disc/updates": float(self.updates)}
+        if not losses:
+            return logs
+        score, kind, label = torch.cat(judged), np.concatenate(judged_kinds), torch.cat(judged_labels)
+        real = score[torch.as_tensor(kind == "real")]
+        generated = score[torch.as_tensor((kind == "generated") | (kind == "bootstrap"))]
+        fake = score[label < 0.5]
+        logs["disc/loss"] = float(np.mean(losses))
+        if len(real):
+            logs |= {"disc/score_real": float(real.mean()), "disc/acc_real": float((real > 0.5).float().mean())}
+        if len(generated):  # every generated triplet, bootstrapped or not: the paper's collapse reads here
+            logs["disc/score_fake"] = float(generated.mean())
         if len(fake):
             logs["disc/acc_fake"] = float((fake <= 0.5).float().mean())
-        if n_replaced:
-            logs["disc/score_replaced"] = float(before[torch.as_tensor(kinds == "replaced")].mean())
+        if (kind == "replaced").any():
+            logs["disc/score_replaced"] = float(score[torch.as_tensor(kind == "replaced")].mean())
         return logs
 
     # ---------------------------------------------------------------------------------------- state
