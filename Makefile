@@ -35,6 +35,7 @@ demo: setup
 	$(BIN)/rlhb train-rlhb --run-dir $(RUN_DIR)
 	$(BIN)/rlhb evaluate --run-dir $(RUN_DIR)
 	$(BIN)/rlhb status --run-dir $(RUN_DIR)
+	$(BIN)/rlhb report --run-dir $(RUN_DIR)
 
 bench: setup
 	$(BIN)/python benchmarks/bench_prepare.py

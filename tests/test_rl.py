@@ -204,6 +204,18 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
     rows = read_jsonl(run / "evaluate" / "results.jsonl")
     assert len(rows) == 3 * summary["queries"] * (1 + 2)
     assert set(rows[0]["scores"]) == set(summary["judges"])
+    twin = run.parent / "twin"  # a second run dir: the report aggregates runs
+    shutil.copytree(run, twin)
+    result = cli("report", "--run-dir", run, "--run-dir", twin)
+    report = (run / "report" / "report.md").read_text()
+    assert "No train-rlhb policy was evaluated." in result.output and "report.md" in result.output
+    for part in ("## Headline", "| my-rlhf |", "(best in pool)", "![training curves](curves.png)",
+                 "## Sample answers"):
+        assert part in report, part
+    assert (run / "report" / "curves.png").stat().st_size > 1000
+    assert (run / "report" / "win_tie_loss.png").stat().st_size > 1000
+    result = cli("report", "--run-dir", run.parent / "nothing", ok=False)
+    assert result.exit_code == 2 and "rlhb evaluate --run-dir" in result.output
 
 
 def test_probe_keeps_the_best_policy_and_stops_early(run, cli):

@@ -340,6 +340,28 @@ training_stage_command("train-ppo", CustomPPOConfig, _ALIGNERS, "PPO on your own
                        "(--reward-source package.module:callable).", "run_custom", renamable=True)
 
 
+@app.command("report")
+def report(
+    run_dirs: Annotated[list[Path], typer.Option("--run-dir", help="Run dir with an evaluation; repeat it to "
+                                                 "aggregate several (e.g. seeds).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where report.md and its plots go (default: "
+                                                "FIRST_RUN_DIR/report).")] = None,
+    rolling: Annotated[Optional[int], typer.Option("--rolling", help="Iterations in the curves' rolling mean (5).")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Queries with answers side by side (4).")] = None,
+) -> None:
+    """A Markdown report with plots: did RLHB beat RLHF and RLHBC, and was training stable?"""
+    def body() -> None:
+        from rlhb_cli.stages import report as report_stage
+        config = build_config(report_stage.ReportConfig, None, dict(run_dirs=run_dirs, rolling=rolling,
+                                                                    samples=samples))
+        target = out or run_dirs[0] / report_stage.STAGE
+        summary = run_stage(report_stage.STAGE, target, config, report_stage.run, force=True)
+        for line in summary["verdict"]:
+            console.print(line)
+        console.print(f"report: {summary['report']}", soft_wrap=True, highlight=False)
+    _guard(body)
+
+
 @app.command("status")
 def status(run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory to describe.")]) -> None:
     """Each stage of a run directory: done / failed / stale / missing, with its headline figures."""

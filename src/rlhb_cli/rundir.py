@@ -44,6 +44,7 @@ PIPELINE: dict[str, str] = {
     "train-rlgaf": "rlhb train-rlhb --no-behavior --run-dir {run_dir}",
     "train-oracle": "rlhb train-oracle --run-dir {run_dir}",
     "evaluate": "rlhb evaluate --run-dir {run_dir}",
+    "report": "rlhb report --run-dir {run_dir}",
 }
 
 # The figures `rlhb status` shows for a stage (its summary.json has more).
@@ -57,6 +58,7 @@ HEADLINES: dict[str, tuple[str, ...]] = {
     **{name: ("reward_first", "reward_final", "kl_final", "disc_collapsed", "seconds")
        for name in ("train-rlhf", "train-rlhbc", "train-rlhb", "train-rlgaf", "train-oracle")},
     "evaluate": ("headline", "queries", "seconds"),
+    "report": ("report", "runs"),
 }
 
 _LIBRARIES = ("rlhb-cli", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "pyarrow", "numpy")
