@@ -189,7 +189,15 @@ def test_frozen_by_default_and_variant_defaults_are_resolved(run, cli):
 def test_evaluate_judges_every_policy_with_intervals(run, cli):
     cli("train-oracle", "--run-dir", run, "--iterations", 2, *RL)
     cli("train-rlhf", "--run-dir", run, "--iterations", 1, *RL, "--stage-name", "my-rlhf")
-    cli("evaluate", "--run-dir", run, "--samples", 2, "--bootstrap-samples", 200, "--max-new-tokens", 12)
+    from chat_server import ChatServer
+    evaluate = ["evaluate", "--run-dir", run, "--samples", 2, "--bootstrap-samples", 200, "--max-new-tokens", 12]
+    with ChatServer() as server:
+        cli(*evaluate, "--judge-url", server.url, "--judge-requests-per-minute", 0)
+        summary = summary_of(run, "evaluate")
+        assert 0 < summary["chat_judge"]["calls"] == len(server.requests) <= 3 * summary["queries"]  # greedy only
+        cli(*evaluate, "--judge-url", server.url, "--judge-requests-per-minute", 0, "--force")
+        assert summary_of(run, "evaluate")["chat_judge"]["calls"] == 0  # the cache answers a rerun
+    cli(*evaluate, "--force")
     summary = summary_of(run, "evaluate")
     assert summary["policies"] == ["train-sft", "train-oracle", "my-rlhf"]
     assert summary["judges"] == ["gold", "reward_model", "classifier", "discriminator"]

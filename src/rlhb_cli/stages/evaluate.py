@@ -40,6 +40,12 @@ class EvaluateConfig:
                                         "judge's scores is a tie.")
     bootstrap_samples: int = field(1000, help="Bootstrap resamples of queries for the 95% intervals.")
     seed: int = field(0, help="Seed of sampling and of the bootstrap.")
+    judge_url: str = field("", help="An OpenAI-compatible endpoint (e.g. https://api.openai.com/v1) whose model rates "
+                                    "each greedy answer 1-10; called only when given; answers cached in "
+                                    "RUN_DIR/.judge-cache.sqlite, so a rerun costs nothing.")
+    judge_model: str = field("gpt-4o", help="Model name sent to --judge-url.")
+    judge_key_env: str = field("RLHB_JUDGE_API_KEY", help="Environment variable holding the endpoint's API key.")
+    judge_requests_per_minute: float = field(60.0, help="Rate limit of calls to --judge-url.")
 
     def __post_init__(self):
         if self.query_set not in ("auto", "test", "environment", "all"):
@@ -52,6 +58,7 @@ class EvaluateConfig:
 
 def bootstrap_interval(per_query: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
     """95% percentile interval of the mean, resampling queries."""
+    per_query = per_query[np.isfinite(per_query)]  # e.g. a chat judge's reply without a rating
     if len(per_query) == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
@@ -62,6 +69,7 @@ def bootstrap_interval(per_query: np.ndarray, resamples: int, seed: int) -> tupl
 
 def win_tie_loss(policy: np.ndarray, baseline: np.ndarray, margin: float) -> dict[str, float]:
     difference = policy - baseline
+    difference = difference[np.isfinite(difference)]
     return {"win": float((difference > margin).mean()), "tie": float((np.abs(difference) <= margin).mean()),
             "loss": float((difference < -margin).mean())}
 
@@ -90,8 +98,10 @@ def discover_policies(run_dir: Path) -> tuple[list[str], dict[str, str]]:
 class Judges:
     """Every judge available in the run dir, each scoring (queries, responses) -> one number per response."""
 
-    def __init__(self, run_dir: Path, stage: rundir.StageRun, behavior_text: str):
+    def __init__(self, run_dir: Path, stage: rundir.StageRun, behavior_text: str, config: EvaluateConfig):
         self.scorers: dict[str, object] = {}
+        self.greedy_only: set[str] = set()
+        self.chat = None
         self.gold = None
         environment = run_dir / "simulate-logs" / "environment.json"
         if environment.exists():
@@ -115,9 +125,16 @@ class Judges:
             discriminator = Discriminator.load(run_dir / "warmup-discriminator" / "model")
             self.scorers["discriminator"] = lambda q, r: discriminator.probability(
                 q, r, [behavior_text] * len(q)).numpy()
+        if config.judge_url:  # costs money per call: greedy answers only, cached
+            from rlhb_cli.chat_judge import ChatJudge
+            self.chat = ChatJudge(config.judge_url, config.judge_model, run_dir / ".judge-cache.sqlite",
+                                  config.judge_key_env, config.judge_requests_per_minute)
+            self.scorers["chat"] = self.chat.score
+            self.greedy_only.add("chat")
 
-    def score(self, queries: list[str], responses: list[str]) -> dict[str, np.ndarray]:
-        return {name: np.asarray(scorer(queries, responses), dtype=np.float64) for name, scorer in self.scorers.items()}
+    def score(self, queries: list[str], responses: list[str], greedy: bool) -> dict[str, np.ndarray]:
+        return {name: np.asarray(scorer(queries, responses), dtype=np.float64) for name, scorer in self.scorers.items()
+                if greedy or name not in self.greedy_only}
 
 
 def _queries(config: EvaluateConfig, run_dir: Path, data, gold) -> dict[str, str]:
@@ -172,7 +189,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     run_dir = stage.dir.parent
     data, spec, template = load_prepared(run_dir, stage)
     best = template.most_preferred(spec)
-    judges = Judges(run_dir, stage, best)
+    judges = Judges(run_dir, stage, best, config)
     query_sets = _queries(config, run_dir, data, judges.gold)
     queries = list(query_sets)
     names, skipped = (config.policies, {}) if config.policies else discover_policies(run_dir)
@@ -206,11 +223,12 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
                                            greedy=decoding == "greedy", seed=config.seed,
                                            temperature=config.temperature)
             texts = [r["response"] for r in responses]
-            judged = judges.score(repeated_queries, texts)
+            judged = judges.score(repeated_queries, texts, greedy=decoding == "greedy")
             scores[name][decoding] = {j: v.reshape(len(queries), repeats).mean(1) for j, v in judged.items()}
             for i, (q, r) in enumerate(zip(repeated_queries, responses)):
                 rows.append({"policy": name, "decoding": decoding, "query": q, "query_set": query_sets[q],
-                             "sample": i % repeats, **r, "scores": {j: float(v[i]) for j, v in judged.items()}})
+                             "sample": i % repeats, **r, "scores": {j: float(v[i]) if np.isfinite(v[i]) else None
+                                                             for j, v in judged.items()}})
             if decoding == "sampled":
                 sampled_texts, sampled_prompts = texts, repeated_prompts
             health.setdefault(name, {})[decoding] = {
@@ -239,7 +257,10 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     _print_table(Console(), summary, names)
     return {"headline": summary["headline"], "queries": len(queries),
             "query_sets": {s: list(query_sets.values()).count(s) for s in set(query_sets.values())},
-            "policies": names, "skipped_policies": skipped, "judges": list(judges.scorers), "baseline": config.baseline,
+            "policies": names, "skipped_policies": skipped, "judges": list(judges.scorers),
+            **({"chat_judge": {"endpoint": judges.chat.endpoint, "model": config.judge_model, "calls": judges.chat.calls,
+                               "cache_hits": judges.chat.cache_hits, "unparsed_replies": judges.chat.unparsed}}
+               if judges.chat else {}), "baseline": config.baseline,
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -251,16 +272,18 @@ def _summarise(config, scores, health, queries, query_sets, judges, names, refer
             table[name][decoding] = {}
             for judge, per_query in by_judge.items():
                 low, high = bootstrap_interval(per_query, config.bootstrap_samples, config.seed)
-                entry = {"mean": round(float(per_query.mean()), 4), "ci95": [round(low, 4), round(high, 4)]}
+                entry = {"mean": round(float(np.nanmean(per_query)), 4), "ci95": [round(low, 4), round(high, 4)]}
+                if not np.isfinite(per_query).all():
+                    entry["unrated_queries"] = int((~np.isfinite(per_query)).sum())
                 if name != config.baseline and decoding in scores[config.baseline]:
                     base = scores[config.baseline][decoding][judge]
-                    spread = np.std(np.concatenate([scores[n][decoding][judge] for n in names
-                                                    if decoding in scores[n]]))
+                    spread = np.nanstd(np.concatenate([scores[n][decoding][judge] for n in names
+                                                       if decoding in scores[n]]))
                     entry["win_tie_loss"] = {k: round(v, 4) for k, v in
                                              win_tie_loss(per_query, base, config.tie_margin * spread).items()}
                     delta = per_query - base
                     low, high = bootstrap_interval(delta, config.bootstrap_samples, config.seed)
-                    entry["gain_over_baseline"] = {"mean": round(float(delta.mean()), 4),
+                    entry["gain_over_baseline"] = {"mean": round(float(np.nanmean(delta)), 4),
                                                    "ci95": [round(low, 4), round(high, 4)]}
                 table[name][decoding][judge] = entry
     headline_judge = "gold" if "gold" in judges.scorers else next(iter(judges.scorers), None)
