@@ -24,18 +24,8 @@ test: setup
 # The main job on the embedded default: simulate the platform, prepare its logs, train the starting
 # policy, the judges and the aligners, evaluate them on held-out queries, show the run.
 demo: setup
-	$(BIN)/rlhb simulate-logs --run-dir $(RUN_DIR)
-	$(BIN)/rlhb prepare-behaviors --run-dir $(RUN_DIR)
-	$(BIN)/rlhb train-sft --run-dir $(RUN_DIR) --epochs 2
-	$(BIN)/rlhb warmup-discriminator --run-dir $(RUN_DIR) --epochs 2
-	$(BIN)/rlhb train-classifier --run-dir $(RUN_DIR) --epochs 2
-	$(BIN)/rlhb train-reward --run-dir $(RUN_DIR) --epochs 3
-	$(BIN)/rlhb train-rlhf --run-dir $(RUN_DIR)
-	$(BIN)/rlhb train-rlhbc --run-dir $(RUN_DIR)
-	$(BIN)/rlhb train-rlhb --run-dir $(RUN_DIR)
-	$(BIN)/rlhb evaluate --run-dir $(RUN_DIR)
-	$(BIN)/rlhb status --run-dir $(RUN_DIR)
-	$(BIN)/rlhb report --run-dir $(RUN_DIR)
+	$(BIN)/rlhb run-all --run-dir $(RUN_DIR) --config experiments/demo.yaml
+	@echo "report: $(RUN_DIR)/report/report.md"
 
 bench: setup
 	$(BIN)/python benchmarks/bench_prepare.py

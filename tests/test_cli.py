@@ -14,7 +14,9 @@ from rlhb_cli.simulator.simulate import SimulateConfig
 
 def test_help_lists_every_stage_with_its_purpose(cli):
     out = cli("--help").output
-    for stage in ("simulate-logs", "import", "prepare-behaviors", "status"):
+    for stage in ("simulate-logs", "import", "prepare-behaviors", "train-sft", "warmup-discriminator",
+                  "train-classifier", "train-reward", "train-rlhf", "train-rlhbc", "train-rlhb", "train-oracle",
+                  "train-ppo", "evaluate", "report", "run-all", "status"):
         assert stage in out
     assert "Validate, anonymise, bin" in out
 
@@ -52,3 +54,21 @@ def test_bad_option_values_end_in_one_line(cli, tmp_path):
     assert result.exit_code == 2 and "behavior_basis must be rates or counts" in result.output
     result = cli("simulate-logs", ok=False)
     assert "give exactly one of --out DIR or --run-dir DIR" in result.output
+
+
+def test_run_all_runs_a_plan_in_order_and_skips_what_is_done(cli, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("simulate-logs: {queries: 40, eval_queries: 10, impressions: 20000}\n"
+                    "prepare-behaviors: {bins: 3}\n")
+    run_dir = tmp_path / "run"
+    out = cli("run-all", "--run-dir", run_dir, "--config", plan).output
+    assert out.index("simulate-logs ->") < out.index("prepare-behaviors ->")
+    assert (run_dir / "prepare-behaviors" / "dataset").exists()
+    again = cli("run-all", "--run-dir", run_dir, "--config", plan).output
+    assert "already done" in again
+    plan.write_text("train-everything: {}\n")
+    result = cli("run-all", "--run-dir", run_dir, "--config", plan, ok=False)
+    assert result.exit_code == 2 and "unknown stage 'train-everything'" in result.output
+    plan.write_text("prepare-behaviors: {bins: 0}\n")
+    result = cli("run-all", "--run-dir", run_dir, "--config", plan, ok=False)
+    assert result.exit_code == 2 and "Traceback" not in result.output

@@ -190,7 +190,8 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
     cli("train-oracle", "--run-dir", run, "--iterations", 2, *RL)
     cli("train-rlhf", "--run-dir", run, "--iterations", 1, *RL, "--stage-name", "my-rlhf")
     from chat_server import ChatServer
-    evaluate = ["evaluate", "--run-dir", run, "--samples", 2, "--bootstrap-samples", 200, "--max-new-tokens", 12]
+    evaluate = ["evaluate", "--run-dir", run, "--samples", 2, "--bootstrap-samples", 200, "--max-new-tokens", 12,
+                "--following-queries", 6]
     with ChatServer() as server:
         cli(*evaluate, "--judge-url", server.url, "--judge-requests-per-minute", 0)
         summary = summary_of(run, "evaluate")
@@ -208,6 +209,10 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
         assert sum(entry["win_tie_loss"].values()) == pytest.approx(1.0, abs=1e-3)  # each rounded to 4 places
     assert detail["health"]["train-sft"]["kl_to_baseline"] == pytest.approx(0.0, abs=1e-4)
     assert detail["health"]["train-oracle"]["perplexity_real_responses"] > 1
+    bins = json.loads((run / "prepare-behaviors" / "bins.json").read_text())
+    following = detail["health"]["train-sft"]["behavior_following"]
+    assert len(following["likes"]["judged_rate_per_level"]) == len(bins["edges"]["likes"]) + 1
+    assert -1 <= following["dislikes"]["spearman"] <= 1 or np.isnan(following["dislikes"]["spearman"])
     assert detail["references"]["best_in_pool"]["mean"] > detail["references"]["pool_mean"]["mean"]
     rows = read_jsonl(run / "evaluate" / "results.jsonl")
     assert len(rows) == 3 * summary["queries"] * (1 + 2)
@@ -218,7 +223,7 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
     report = (run / "report" / "report.md").read_text()
     assert "No train-rlhb policy was evaluated." in result.output and "report.md" in result.output
     for part in ("## Headline", "| my-rlhf |", "(best in pool)", "![training curves](curves.png)",
-                 "## Sample answers"):
+                 "## Behaviour following", "## Sample answers"):
         assert part in report, part
     assert (run / "report" / "curves.png").stat().st_size > 1000
     assert (run / "report" / "win_tie_loss.png").stat().st_size > 1000

@@ -244,6 +244,10 @@ def _config_option(config_cls: type, f: dataclasses.Field, hints: dict) -> tuple
                                                   show_default=False)], None
 
 
+# name -> (config class, module, function, stage_of): what `run-all` needs to run a stage in this process.
+STAGE_RUNNERS: dict[str, tuple[type, str, str, Optional[Callable[[Any], str]]]] = {}
+
+
 def training_stage_command(name: str, config_cls: type, module: str, doc: str, function: str = "run",
                            stage_of: Callable[[Any], str] | None = None, renamable: bool = False) -> None:
     """Register `rlhb NAME`: run dir and control flags, then one option per field of the stage's config.
@@ -251,6 +255,7 @@ def training_stage_command(name: str, config_cls: type, module: str, doc: str, f
     `stage_of(config)` picks the stage folder from the config (train-rlhb --no-behavior writes train-rlgaf);
     `renamable` adds --stage-name, so e.g. RLHB on top of RLHF can sit beside RLHB from SFT.
     """
+    STAGE_RUNNERS[name] = (config_cls, module, function, stage_of)
     hints = typing.get_type_hints(config_cls)
     fields = dataclasses.fields(config_cls)
     parameters = [
@@ -338,6 +343,79 @@ training_stage_command("evaluate", EvaluateConfig, "rlhb_cli.stages.evaluate", "
                        renamable=True)
 training_stage_command("train-ppo", CustomPPOConfig, _ALIGNERS, "PPO on your own reward source "
                        "(--reward-source package.module:callable).", "run_custom", renamable=True)
+
+
+def _run_all(run_dir: Path, plan: dict[str, dict], force: bool) -> None:
+    """Each stage of `plan` in order, in this one process (one import of torch and friends, not one a stage)."""
+    import importlib
+    import time
+
+    from rlhb_cli.behaviors import prepare
+    from rlhb_cli.simulator import simulate
+    from rlhb_cli.stages import report as report_stage
+
+    started = time.perf_counter()
+    for name, options in plan.items():
+        options = dict(options or {})
+        if name == "simulate-logs":
+            config = build_config(SimulateConfig, None, options)
+            summary = run_stage(name, run_dir / name, config, simulate.run, config.seed, force=force)
+        elif name == "prepare-behaviors":
+            config = build_config(PrepareConfig, None, options)
+            upstream: tuple[str, ...] = ()
+            if config.logs is None:
+                config.logs = rundir.require_stage(run_dir, "simulate-logs") / "logs.jsonl"
+                upstream = ("simulate-logs",)
+            summary = run_stage(name, run_dir / name, config, prepare.run, config.seed, upstream, force)
+        elif name == "report":
+            config = build_config(report_stage.ReportConfig, None, {"run_dirs": [run_dir], **options})
+            summary = run_stage(name, run_dir / name, config, report_stage.run, force=True)
+        elif name in STAGE_RUNNERS:
+            config_cls, module, function, stage_of = STAGE_RUNNERS[name]
+            config = build_config(config_cls, None, options)
+            stage_name = stage_of(config) if stage_of else name
+            body = getattr(importlib.import_module(module), function)
+            summary = run_stage(stage_name, run_dir / stage_name, config, body, getattr(config, "seed", None),
+                                force=force)
+        else:
+            raise RlhbError(f"run-all: unknown stage {name!r}; stages: simulate-logs, prepare-behaviors, "
+                            f"{', '.join(STAGE_RUNNERS)}, report")
+        shown = {k: v for k, v in summary.items() if k in rundir.HEADLINES.get(name, ())} or summary
+        _print_summary(f"{name} -> {run_dir / name}", shown)
+        for line in summary.get("verdict", []):
+            console.print(line)
+    console.print(f"run-all: {len(plan)} stages in {time.perf_counter() - started:.0f} s; "
+                  f"`rlhb status --run-dir {run_dir}` lists them")
+
+
+@app.command("run-all")
+def run_all(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory.")],
+    plan_file: Annotated[Optional[Path], typer.Option("--config", help="YAML: stage name -> its options, in the order "
+                                                      "to run (default: the whole pipeline at its defaults).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Run the pipeline (or a YAML plan of stages with their options) in one process; done stages are skipped."""
+    def body() -> None:
+        import yaml
+        default = ["simulate-logs", "prepare-behaviors", "train-sft", "warmup-discriminator", "train-classifier",
+                   "train-reward", "train-rlhf", "train-rlhbc", "train-rlhb", "evaluate", "report"]
+        plan: dict[str, dict] = {name: {} for name in default}
+        if plan_file is not None:
+            try:
+                loaded = yaml.safe_load(plan_file.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise RlhbError(f"{plan_file}: no such file") from None
+            except yaml.YAMLError as exc:
+                raise RlhbError(f"{plan_file}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            if not isinstance(loaded, dict) or not all(isinstance(v, (dict, type(None))) for v in loaded.values()):
+                raise RlhbError(f"{plan_file}: a plan maps stage names to mappings of their options")
+            plan = loaded
+        try:
+            _run_all(run_dir, plan, force)
+        except ValueError as exc:
+            raise RlhbError(str(exc)) from None
+    _guard(body)
 
 
 @app.command("report")

@@ -40,6 +40,8 @@ class EvaluateConfig:
                                         "judge's scores is a tie.")
     bootstrap_samples: int = field(1000, help="Bootstrap resamples of queries for the 95% intervals.")
     seed: int = field(0, help="Seed of sampling and of the bootstrap.")
+    following_queries: int = field(40, help="Behaviour following: queries on which each behaviour-conditioned "
+                                            "policy is asked for every level of likes and of dislikes (0: skip).")
     judge_url: str = field("", help="An OpenAI-compatible endpoint (e.g. https://api.openai.com/v1) whose model rates "
                                     "each greedy answer 1-10; called only when given; answers cached in "
                                     "RUN_DIR/.judge-cache.sqlite, so a rerun costs nothing.")
@@ -156,6 +158,36 @@ def _queries(config: EvaluateConfig, run_dir: Path, data, gold) -> dict[str, str
     return out
 
 
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from rlhb_cli.stats import average_ranks
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(average_ranks(x), average_ranks(y))[0, 1])
+
+
+def behavior_following(model, tokenizer, queries: list[str], spec, template, judge, config: EvaluateConfig) -> dict:
+    """Ask for each level of likes (then of dislikes), the other metrics at their most preferred level, and
+    measure how the judged rate of that metric per view tracks the level asked (Spearman over answers)."""
+    from rlhb_cli.behaviors.binning import most_preferred_levels
+    from rlhb_cli.policies import generate_responses
+    out = {}
+    for metric in ("likes", "dislikes"):
+        asked, judged, per_level = [], [], []
+        for level in range(spec.levels(metric)):
+            levels = most_preferred_levels(spec) | {metric: level}
+            text = template.render(spec, levels)
+            answers = generate_responses(model, tokenizer, [generator_prompt(q, text) for q in queries],
+                                         config.max_new_tokens, greedy=True, seed=config.seed)
+            behavior = judge(queries, [a["response"] for a in answers])
+            rate = behavior[metric] / np.maximum(behavior["pv"], 1e-9)
+            asked += [level] * len(queries)
+            judged += list(rate)
+            per_level.append(round(float(rate.mean()), 5))
+        out[metric] = {"spearman": round(spearman(np.array(asked, float), np.array(judged)), 4),
+                       "judged_rate_per_level": per_level}
+    return out
+
+
 @torch.no_grad()
 def _sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32) -> np.ndarray:
     """Sum of log p(response tokens | prompt) under `model`, per pair (text in, so any tokenizer works)."""
@@ -201,6 +233,12 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     reference, reference_tokenizer = load_causal_lm(reference_path, [])
     reference.eval()
 
+    follow_judge = None  # expected behaviour of (query, response): the gold users, else the run's classifier
+    if judges.gold is not None:
+        follow_judge = judges.gold.expected_behavior_batch
+    elif rundir.stage_state(run_dir / "train-classifier")[0] == "done":
+        from rlhb_cli.stages.classifier import BehaviorClassifier
+        follow_judge = BehaviorClassifier.load(run_dir / "train-classifier" / "model").expected_behavior
     rows: list[dict] = []
     scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # policy -> decoding -> judge -> per-query mean
     health: dict[str, dict] = {}
@@ -239,6 +277,9 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             own = _sequence_logprobs(model, tokenizer, sampled_prompts, sampled_texts)
             ref = _sequence_logprobs(reference, reference_tokenizer, sampled_prompts, sampled_texts)
             health[name]["kl_to_baseline"] = round(float(np.mean(own - ref)), 4)
+        if config.following_queries and condition is not None and follow_judge is not None:
+            health[name]["behavior_following"] = behavior_following(
+                model, tokenizer, queries[:config.following_queries], spec, template, follow_judge, config)
         real_prompts = [generator_prompt(q, b) for q, b in zip(test["query"], test["behavior_text"])]
         logprobs = _sequence_logprobs(model, tokenizer, real_prompts, list(test["response"]))
         tokens = sum(len(tokenizer(" " + r)["input_ids"]) + 1 for r in test["response"])

@@ -240,6 +240,19 @@ def run(config: ReportConfig, stage: rundir.StageRun) -> dict:
             lines.append(f"| {name} | {h.get('kl_to_baseline', float('nan')):.2f} | "
                          f"{h.get('perplexity_real_responses', float('nan')):.3f} | {s.get('distinct_2', 0):.3f} | "
                          f"{s.get('length_tokens', 0):.1f} | {s.get('eos_rate', 0):.2f} |")
+    following = {n: h["behavior_following"] for n, h in health.items() if "behavior_following" in h}
+    if following:
+        lines += ["", "## Behaviour following (first run dir)", "",
+                  "Asked for each level of likes (of dislikes), the other metrics at their best: Spearman between "
+                  "the level asked and the judged rate per view; 1 means the condition steers users' reaction.", "",
+                  "| policy | likes: Spearman | likes rate by level | dislikes: Spearman | dislikes rate by level |",
+                  "|---|---|---|---|---|"]
+        for name, f in following.items():
+            cells = []
+            for metric in ("likes", "dislikes"):
+                rates = " ".join(f"{x:.3f}" for x in f[metric]["judged_rate_per_level"])
+                cells += [f"{f[metric]['spearman']:+.2f}", rates]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if data["samples"]:
         lines += ["", "## Sample answers (greedy, first run dir)", ""]
         for query in list(data["samples"])[:config.samples]:
