@@ -1,0 +1,40 @@
+"""The arithmetic of evaluate and report against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rlhb_cli.stages.evaluate import bootstrap_interval, distinct_2, spearman, win_tie_loss
+from rlhb_cli.stages.report import across_runs, rolling_mean
+
+
+def test_win_tie_loss_by_hand():
+    policy = np.array([0.5, 0.1, 0.0, -0.2, 0.3])
+    baseline = np.array([0.2, 0.1, 0.05, 0.0, np.nan])
+    # differences 0.3 (win), 0 (tie), -0.05 (tie at margin 0.1), -0.2 (loss), NaN (unrated: left out)
+    assert win_tie_loss(policy, baseline, 0.1) == {"win": 0.25, "tie": 0.5, "loss": 0.25}
+    assert win_tie_loss(policy, baseline, 0.0) == {"win": 0.25, "tie": 0.25, "loss": 0.5}
+
+
+def test_bootstrap_interval_of_a_constant_and_of_two_points():
+    assert bootstrap_interval(np.full(10, 0.3), 200, 0) == pytest.approx((0.3, 0.3))
+    low, high = bootstrap_interval(np.array([0.0, 1.0]), 4000, 0)
+    # means of two draws from {0, 1}: 0 (1/4), 0.5 (1/2), 1 (1/4); the 2.5% and 97.5% points are 0 and 1
+    assert (low, high) == (0.0, 1.0)
+    low, high = bootstrap_interval(np.arange(100, dtype=float), 2000, 0)
+    assert low < 49.5 < high and high - low == pytest.approx(2 * 1.96 * 28.87 / 10, rel=0.15)
+    assert all(math.isnan(x) for x in bootstrap_interval(np.array([np.nan]), 10, 0))
+
+
+def test_spearman_distinct_rolling_and_across_runs():
+    assert spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 30, 25])) == pytest.approx(0.8)
+    assert math.isnan(spearman(np.array([1.0, 1, 1]), np.array([1.0, 2, 3])))
+    assert distinct_2(["a b a b"]) == pytest.approx(2 / 3)  # bigrams ab, ba, ab
+    assert rolling_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    single = across_runs([0.2])
+    assert single == {"mean": 0.2, "ci95": None, "runs": 1}
+    three = across_runs([0.1, 0.2, 0.3])  # sd 0.1, t(2) = 4.30: half-width 4.30 * 0.1 / sqrt(3)
+    assert three["ci95"] == pytest.approx([0.2 - 0.24826, 0.2 + 0.24826], abs=1e-4)
