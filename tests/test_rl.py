@@ -85,6 +85,12 @@ def test_every_reward_source_scores_through_its_own_tokenizer(run, cli):
         meta = json.loads((run / stage / "policy" / "policy.json").read_text())
         assert meta["condition"] == "most_preferred" and meta["behavior_text"]
     assert read_jsonl(run / "train-rlgaf" / "metrics.jsonl")[0]["warmup_round"] == 1
+    # the paper's second question: RLHB on top of the RLHF policy, beside RLHB from SFT
+    cli("train-rlhb", "--run-dir", run, "--iterations", 1, *RL, "--init-from", "train-rlhf", "--stage-name",
+        "train-rlhb-on-rlhf")
+    manifest = json.loads((run / "train-rlhb-on-rlhf" / "manifest.json").read_text())
+    assert "train-rlhf" in manifest["upstream"] and manifest["stage"] == "train-rlhb-on-rlhf"
+    assert json.loads((run / "train-rlhb-on-rlhf" / "policy" / "policy.json").read_text())["init_from"] == "train-rlhf"
     status = cli("status", "--run-dir", run).output
     assert "train-rlgaf" in status and "train-oracle" in status
 
@@ -139,6 +145,16 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(run, cli):
     assert len(first) == 4 and first == resumed
     cli("train-rlhb", "--run-dir", twin, *args, "--force")
     assert without_time(read_jsonl(twin / "train-rlhb" / "metrics.jsonl")) == first
+
+
+def test_kl_above_its_bound_warns_or_stops(run, cli):
+    cli("train-rlhf", "--run-dir", run, "--iterations", 2, *RL, "--kl-bound", 0.0, "--kl-estimator", "k3",
+        "--learning-rate", 1e-3)
+    warnings = summary_of(run, "train-rlhf")["warnings"]
+    assert warnings and "iteration 2: KL to the reference" in warnings[-1]
+    result = cli("train-rlhf", "--run-dir", run, "--iterations", 2, *RL, "--kl-bound", 0.0, "--kl-estimator", "k3",
+                 "--learning-rate", 1e-3, "--stop-on-kl-bound", "--force", ok=False)
+    assert result.exit_code == 2 and "above the bound" in result.output and "checkpoint-failed.pt" in result.output
 
 
 def test_failures_are_one_clear_line(run, cli, monkeypatch):
