@@ -38,3 +38,14 @@ def test_spearman_distinct_rolling_and_across_runs():
     assert single == {"mean": 0.2, "ci95": None, "runs": 1}
     three = across_runs([0.1, 0.2, 0.3])  # sd 0.1, t(2) = 4.30: half-width 4.30 * 0.1 / sqrt(3)
     assert three["ci95"] == pytest.approx([0.2 - 0.24826, 0.2 + 0.24826], abs=1e-4)
+
+
+def test_agreement_with_gold_by_hand():
+    from rlhb_cli.stages.evaluate import agreement_with_gold
+    rows = [{"query": q, "scores": {"gold": g, "judge": j}} for q, g, j in (
+        ("a", 0.1, 1.0), ("a", 0.3, 2.0), ("a", 0.2, 3.0),  # pairs: (0.1<0.3 ok) (0.1<0.2 ok) (0.3>0.2 but 2<3)
+        ("b", 0.5, None), ("b", 0.4, 0.0))]  # the unrated answer takes no part
+    out = agreement_with_gold(rows, ["judge"])["judge"]
+    assert out["pair_agreement"] == pytest.approx(2 / 3, abs=1e-4)  # rounded to 4 places
+    assert out["spearman"] == pytest.approx(spearman(np.array([1.0, 2, 3, 0]), np.array([0.1, 0.3, 0.2, 0.4])),
+                                            abs=1e-4)

@@ -225,6 +225,9 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
         assert sum(entry["win_tie_loss"].values()) == pytest.approx(1.0, abs=1e-3)  # each rounded to 4 places
     assert detail["health"]["train-sft"]["kl_to_baseline"] == pytest.approx(0.0, abs=1e-4)
     assert detail["health"]["train-oracle"]["perplexity_real_responses"] > 1
+    trust = detail["health"]["train-oracle"]["judge_agreement_with_gold"]
+    assert set(trust) == {"reward_model", "classifier", "discriminator"}
+    assert all(0 <= t["pair_agreement"] <= 1 for t in trust.values() if t["pair_agreement"] is not None)
     bins = json.loads((run / "prepare-behaviors" / "bins.json").read_text())
     following = detail["health"]["train-sft"]["behavior_following"]
     assert len(following["likes"]["judged_rate_per_level"]) == len(bins["edges"]["likes"]) + 1
@@ -239,7 +242,7 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
     report = (run / "report" / "report.md").read_text()
     assert "No train-rlhb policy was evaluated." in result.output and "report.md" in result.output
     for part in ("## Headline", "| my-rlhf |", "(best in pool)", "![training curves](curves.png)",
-                 "## Behaviour following", "## Sample answers"):
+                 "## Can the judges be trusted?", "## Behaviour following", "## Sample answers"):
         assert part in report, part
     import matplotlib.image
     for png in ("curves.png", "win_tie_loss.png"):  # valid images with something drawn on them

@@ -188,6 +188,27 @@ def behavior_following(model, tokenizer, queries: list[str], spec, template, jud
     return out
 
 
+def agreement_with_gold(rows: list[dict], judges: list[str]) -> dict:
+    """How far each judge can be trusted on one policy's sampled answers: Spearman with gold over all
+    answers, and the share of same-query answer pairs it orders as gold does (0.5 is chance). A judge the
+    policy has learned to fool agrees with gold on the policy's own answers less than on SFT's."""
+    gold = np.array([r["scores"]["gold"] for r in rows], dtype=np.float64)
+    by_query: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_query.setdefault(r["query"], []).append(i)
+    pairs = [(a, b) for group in by_query.values() for k, a in enumerate(group) for b in group[k + 1:]
+             if abs(gold[a] - gold[b]) > 1e-9]
+    out = {}
+    for judge in judges:
+        values = np.array([np.nan if r["scores"][judge] is None else r["scores"][judge] for r in rows])
+        finite = np.isfinite(values)
+        agree = [np.sign(values[a] - values[b]) == np.sign(gold[a] - gold[b]) for a, b in pairs
+                 if finite[a] and finite[b]]
+        out[judge] = {"spearman": round(spearman(values[finite], gold[finite]), 4),
+                      "pair_agreement": round(float(np.mean(agree)), 4) if agree else None}
+    return out
+
+
 @torch.no_grad()
 def _sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32) -> np.ndarray:
     """Sum of log p(response tokens | prompt) under `model`, per pair (text in, so any tokenizer works)."""
@@ -285,6 +306,12 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
         tokens = sum(len(tokenizer(" " + r)["input_ids"]) + 1 for r in test["response"])
         health[name]["perplexity_real_responses"] = round(float(np.exp(-logprobs.sum() / max(tokens, 1))), 4)
 
+    if judges.gold is not None:
+        others = [j for j in judges.scorers if j not in ("gold", *judges.greedy_only)]
+        for name in names:
+            sampled = [r for r in rows if r["policy"] == name and r["decoding"] == "sampled"]
+            if sampled and others:
+                health[name]["judge_agreement_with_gold"] = agreement_with_gold(sampled, others)
     references = {}
     if judges.gold is not None:  # what was achievable on these queries: the environment's own candidates
         pools = {q["text"]: q for q in rundir.read_json(run_dir / "simulate-logs" / "environment.json")["queries"]}

@@ -240,6 +240,18 @@ def run(config: ReportConfig, stage: rundir.StageRun) -> dict:
             lines.append(f"| {name} | {h.get('kl_to_baseline', float('nan')):.2f} | "
                          f"{h.get('perplexity_real_responses', float('nan')):.3f} | {s.get('distinct_2', 0):.3f} | "
                          f"{s.get('length_tokens', 0):.1f} | {s.get('eos_rate', 0):.2f} |")
+    agreement = {n: h["judge_agreement_with_gold"] for n, h in health.items() if "judge_agreement_with_gold" in h}
+    if agreement:
+        judges = list(next(iter(agreement.values())))
+        lines += ["", "## Can the judges be trusted? (first run dir)", "",
+                  "Each judge against gold on the policy's own sampled answers: Spearman, and the share of "
+                  "same-query pairs it orders as gold does (0.5 is chance). A policy that fooled its judge makes "
+                  "that judge agree less on its answers than on the baseline's.", "",
+                  "| policy | " + " | ".join(judges) + " |", "|---|" + "---|" * len(judges)]
+        for name, by_judge in agreement.items():
+            cells = [f"{by_judge[j]['spearman']:+.2f} / {by_judge[j]['pair_agreement']:.2f}"
+                     if by_judge[j]["pair_agreement"] is not None else "-" for j in judges]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     following = {n: h["behavior_following"] for n, h in health.items() if "behavior_following" in h}
     if following:
         lines += ["", "## Behaviour following (first run dir)", "",
