@@ -148,7 +148,7 @@ def draw_wtl(table: dict, out: Path) -> bool:
     rows = [(name, cell["sampled"]["wtl"]) for name, cell in table.items() if "wtl" in cell.get("sampled", {})]
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(rows) + 1.0))
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(rows) + 1.4))
     for y, (name, wtl) in enumerate(rows):
         left = 0.0
         for key, colour in (("win", "#228833"), ("tie", "#bbbbbb"), ("loss", "#cc3311")):
@@ -156,7 +156,7 @@ def draw_wtl(table: dict, out: Path) -> bool:
             left += wtl[key]
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     ax.set_xlim(0, 1)
-    ax.legend(ncol=3, fontsize=7, loc="lower right")
+    ax.legend(ncol=3, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     ax.set_title("Win-Tie-Loss against the baseline (sampled answers)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
