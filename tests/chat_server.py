@@ -32,7 +32,7 @@ class ChatServer:
                 self.wfile.write(data)
 
             def log_message(self, *args):
-                pass
+                """Quiet: the tests read what was asked from `requests`."""
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"

@@ -35,6 +35,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def summary_of(run_dir: Path, stage: str) -> dict:
+    return json.loads((Path(run_dir) / stage / "summary.json").read_text(encoding="utf-8"))
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

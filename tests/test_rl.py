@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_jsonl
+from conftest import read_jsonl, summary_of
 
 TINY = ["--tiny-hidden-size", 32, "--tiny-layers", 1, "--tiny-heads", 2, "--tiny-vocab-size", 400]
 RL = ["--prompts-per-iteration", 8, "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 12,
@@ -37,10 +37,6 @@ def run(rl_base, tmp_path):
     target = tmp_path / "run"
     shutil.copytree(rl_base, target)
     return target
-
-
-def summary_of(run_dir, stage):
-    return json.loads((run_dir / stage / "summary.json").read_text())
 
 
 def without_time(rows):

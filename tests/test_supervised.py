@@ -9,14 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_jsonl, write_jsonl
+from conftest import read_jsonl, summary_of, write_jsonl
 
 TINY = ["--tiny-hidden-size", 32, "--tiny-layers", 1, "--tiny-heads", 2, "--tiny-vocab-size", 400]
 SFT = ["--epochs", 1, "--max-train-rows", 1024, "--batch-size", 32, "--learning-rate", 1e-2, *TINY]
-
-
-def summary_of(run_dir, stage):
-    return json.loads((run_dir / stage / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhb_cli.simulator.world import FILLERS, HEDGES, POLITE_CLOSERS, POLITE_OPENERS, RUDE_CLOSERS, RUDE_OPENERS
+from rlhb_cli.simulator.world import HEDGES, POLITE_CLOSERS, POLITE_OPENERS, RUDE_CLOSERS, RUDE_OPENERS
 
 FEATURES = ("correct", "wrong", "missing", "verbose", "polite", "rude", "source", "hedging", "repetition", "garbled")
 _WORD = re.compile(r"[a-z0-9]+")

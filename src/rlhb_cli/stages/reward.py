@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from rlhb_cli import rundir
 from rlhb_cli.behaviors.prepare import split_queries
