@@ -13,6 +13,7 @@ continues exactly as the uninterrupted one would.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -213,7 +214,7 @@ class PPOEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.eos_token_id is None:
             raise RlhbError(f"{policy_path}: the tokenizer has no EOS token; a response could never end")
-        reference, _ = load_causal_lm(policy_path, [])
+        reference = copy.deepcopy(actor)  # the starting policy, frozen: same weights, no second read from disk
         reference.requires_grad_(False)
         reference.eval()
         critic_body = None
