@@ -1,8 +1,8 @@
 """The one place that turns (query, behaviour text) into model inputs.
 
 The generator learns `generator_prompt(query, behaviour)` in SFT and is asked the same way in RL and
-evaluation, with the most preferred behaviour as the condition; RLHF and RLGAF use the no-behaviour
-variant. Judges (discriminator, classifier, reward model) read `judge_text`, plain text, so a judge
+evaluation, with the most preferred behaviour as the condition (every aligner by default, so they differ
+in their reward only); `--condition none` gives the no-behaviour variant. Judges (discriminator, classifier, reward model) read `judge_text`, plain text, so a judge
 may have a different tokenizer from the policy.
 """
 
