@@ -268,8 +268,11 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
         path = resolve_stage_or_path(name, run_dir, stage, "policy", "policy")
         meta = policy_meta(path)
         condition = meta.get("behavior_text", best) if meta.get("condition") == "most_preferred" else None
-        model, tokenizer = load_causal_lm(path, [])
-        model.eval()
+        if path == reference_path:  # the baseline is loaded already
+            model, tokenizer = reference, reference_tokenizer
+        else:
+            model, tokenizer = load_causal_lm(path, [])
+            model.eval()
         prompts = [generator_prompt(q, condition) for q in queries]
         scores[name] = {}
         sampled_texts, sampled_prompts = [], []
