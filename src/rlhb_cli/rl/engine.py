@@ -191,11 +191,12 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class PPOEngine:
+    """One PPO run: the models, the reward source, `step()` per iteration, `train()` for the whole run."""
+
     def __init__(self, config: EngineConfig, policy_path: Path, reward_source, stage: rundir.StageRun,
                  train_queries: list[str], probe_queries: list[str], behavior_of: Callable[[str], str | None],
                  notes: list[str]):
         from accelerate import Accelerator
-        from transformers import AutoModel
 
         from rlhb_cli.models.load import load_causal_lm
 
@@ -217,11 +218,8 @@ class PPOEngine:
         reference = copy.deepcopy(actor)  # the starting policy, frozen: same weights, no second read from disk
         reference.requires_grad_(False)
         reference.eval()
-        critic_body = None
-        if config.critic == "separate":
-            critic_body = AutoModel.from_pretrained(str(policy_path))
-            if len(self.tokenizer) > critic_body.get_input_embeddings().num_embeddings:
-                critic_body.resize_token_embeddings(len(self.tokenizer))
+        # A separate critic starts from the starting policy's body (a copy: same weights, fitted to the tokenizer).
+        critic_body = copy.deepcopy(actor.base_model) if config.critic == "separate" else None
         model = PolicyAndValue(actor, critic_body)
         optimizer = torch.optim.AdamW([
             {"params": list(actor.parameters()), "lr": config.learning_rate},
