@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 # CPU build on this machine; on a GPU machine: make setup TORCH_SPEC="torch==<version>" (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch
 
 setup: $(STAMP)
 
@@ -26,6 +26,15 @@ test: setup
 demo: setup
 	$(BIN)/rlhb run-all --run-dir $(RUN_DIR) --config experiments/demo.yaml
 	@echo "report: $(RUN_DIR)/report/report.md"
+
+# The paper's claims, each a recipe in experiments/ (see experiments/README.md); SCALE=tiny for a
+# one-minute smoke test. Stages already done are skipped, so an interrupted target continues.
+SCALE ?= small
+PAPER := paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch
+$(PAPER): setup
+	$(BIN)/rlhb experiment run experiments/$@.yaml --scale $(SCALE)
+
+paper: $(PAPER)
 
 bench: setup
 	$(BIN)/python benchmarks/bench_prepare.py

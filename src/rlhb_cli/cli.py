@@ -22,7 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rlhb_cli import rundir
+from rlhb_cli import pipeline, rundir
+from rlhb_cli.pipeline import run_stage
 from rlhb_cli.config import build_config, config_to_dict, help_of
 from rlhb_cli.errors import RlhbError
 
@@ -57,25 +58,6 @@ def _print_summary(title: str, summary: dict) -> None:
         shown = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
         table.add_row(key, shown)
     console.print(table)
-
-
-def run_stage(stage: str, stage_dir: Path, config: Any, body: Callable, seed: int | None = None,
-              upstream: tuple[str, ...] = (), force: bool = False, resume: bool = False,
-              stop_after_steps: int | None = None) -> dict:
-    """Skip when already done with this config and fresh inputs; else run `body(config, stage_run)`."""
-    state, manifest, _ = rundir.stage_state(stage_dir)
-    if state == "done" and not force and manifest and manifest.get("config") == config_to_dict(config):
-        summary = rundir.read_json(stage_dir / rundir.SUMMARY)
-        console.print(f"{stage}: already done in {stage_dir} with this config (--force to run again)")
-        return summary
-    with rundir.open_stage(stage_dir, stage, config, seed) as stage_run:
-        stage_run.resume = resume
-        stage_run.stop_after_steps = stop_after_steps
-        for name in upstream:
-            stage_run.add_upstream(name)
-        summary = body(config, stage_run)
-        stage_run.set_summary(summary)
-    return summary
 
 
 def _guard(fn: Callable[[], None]) -> None:
@@ -244,18 +226,15 @@ def _config_option(config_cls: type, f: dataclasses.Field, hints: dict) -> tuple
                                                   show_default=False)], None
 
 
-# name -> (config class, module, function, stage_of): what `run-all` needs to run a stage in this process.
-STAGE_RUNNERS: dict[str, tuple[type, str, str, Optional[Callable[[Any], str]]]] = {}
-
-
-def training_stage_command(name: str, config_cls: type, module: str, doc: str, function: str = "run",
-                           stage_of: Callable[[Any], str] | None = None, renamable: bool = False) -> None:
+def training_stage_command(name: str, doc: str, renamable: bool = False) -> None:
     """Register `rlhb NAME`: run dir and control flags, then one option per field of the stage's config.
 
-    `stage_of(config)` picks the stage folder from the config (train-rlhb --no-behavior writes train-rlgaf);
-    `renamable` adds --stage-name, so e.g. RLHB on top of RLHF can sit beside RLHB from SFT.
+    The stage's config class and runner come from `pipeline.STAGE_RUNNERS`; its `stage_of(config)` picks
+    the folder (train-rlhb --no-behavior writes train-rlgaf); `renamable` adds --stage-name, so e.g. RLHB
+    on top of RLHF can sit beside RLHB from SFT.
     """
-    STAGE_RUNNERS[name] = (config_cls, module, function, stage_of)
+    runner = pipeline.STAGE_RUNNERS[name]
+    config_cls, module, function, stage_of = runner.config_cls, runner.module, runner.function, runner.stage_of
     hints = typing.get_type_hints(config_cls)
     fields = dataclasses.fields(config_cls)
     parameters = [
@@ -309,79 +288,38 @@ def training_stage_command(name: str, config_cls: type, module: str, doc: str, f
     app.command(name)(command)
 
 
-from rlhb_cli.stages.sft import SFTStageConfig  # noqa: E402
-from rlhb_cli.stages.discriminator import DiscriminatorConfig  # noqa: E402
-from rlhb_cli.stages.classifier import ClassifierConfig  # noqa: E402
-from rlhb_cli.stages.reward import RewardConfig  # noqa: E402
-
-training_stage_command("train-sft", SFTStageConfig, "rlhb_cli.stages.sft",
-                       "Behaviour-conditioned SFT of the starting policy on the logged triplets.")
-training_stage_command("warmup-discriminator", DiscriminatorConfig, "rlhb_cli.stages.discriminator",
-                       "Warm up RLHB's discriminator: real triplets vs behaviour-replaced ones.")
-training_stage_command("train-classifier", ClassifierConfig, "rlhb_cli.stages.classifier",
-                       "Train RLHBC's behaviour classifier: one head per metric's bin.")
-training_stage_command("train-reward", RewardConfig, "rlhb_cli.stages.reward",
-                       "Train RLHF's reward model on preference pairs (Bradley-Terry).")
-
-from rlhb_cli.rl.aligners import CustomPPOConfig, OracleConfig, RLHBCConfig, RLHBConfig, RLHFConfig  # noqa: E402
-
-_ALIGNERS = "rlhb_cli.rl.aligners"
-training_stage_command("train-rlhf", RLHFConfig, _ALIGNERS, "RLHF: PPO on the reward model of train-reward.",
-                       "run_rlhf", renamable=True)
-training_stage_command("train-rlhbc", RLHBCConfig, _ALIGNERS, "RLHBC: PPO on the behaviour classifier's expected "
-                       "shaped reward.", "run_rlhbc", renamable=True)
-training_stage_command("train-rlhb", RLHBConfig, _ALIGNERS, "RLHB: PPO on the discriminator's judgement of "
-                       "(query, response, best behaviour); --disc-steps N lets it learn alongside; --no-behavior is "
-                       "RLGAF (writes train-rlgaf).", "run_rlhb",
-                       stage_of=lambda c: "train-rlgaf" if c.no_behavior else "train-rlhb", renamable=True)
-training_stage_command("train-oracle", OracleConfig, _ALIGNERS, "TESTBED ONLY: PPO on the simulator's gold reward, "
-                       "the ceiling every learned reward is measured against.", "run_oracle", renamable=True)
-from rlhb_cli.stages.evaluate import EvaluateConfig  # noqa: E402
-
-training_stage_command("evaluate", EvaluateConfig, "rlhb_cli.stages.evaluate", "Which policy do users like better? "
-                       "Held-out responses of every policy, judged by gold (simulated logs) and the run's judges.",
+training_stage_command("train-sft", "Behaviour-conditioned SFT of the starting policy on the logged triplets.")
+training_stage_command("warmup-discriminator", "Warm up RLHB's discriminator: real triplets vs behaviour-replaced ones.")
+training_stage_command("train-classifier", "Train RLHBC's behaviour classifier: one head per metric's bin.")
+training_stage_command("train-reward", "Train RLHF's reward model on preference pairs (Bradley-Terry).")
+training_stage_command("train-rlhf", "RLHF: PPO on the reward model of train-reward.", renamable=True)
+training_stage_command("train-rlhbc", "RLHBC: PPO on the behaviour classifier's expected shaped reward.",
                        renamable=True)
-training_stage_command("train-ppo", CustomPPOConfig, _ALIGNERS, "PPO on your own reward source "
-                       "(--reward-source package.module:callable).", "run_custom", renamable=True)
+training_stage_command("train-rlhb", "RLHB: PPO on the discriminator's judgement of (query, response, best "
+                       "behaviour); --disc-steps N lets it learn alongside; --no-behavior is RLGAF (writes "
+                       "train-rlgaf).", renamable=True)
+training_stage_command("train-oracle", "TESTBED ONLY: PPO on the simulator's gold reward, the ceiling every learned "
+                       "reward is measured against.", renamable=True)
+training_stage_command("evaluate", "Which policy do users like better? Held-out responses of every policy, judged by "
+                       "gold (simulated logs) and the run's judges.", renamable=True)
+training_stage_command("train-ppo", "PPO on your own reward source (--reward-source package.module:callable).",
+                       renamable=True)
 
 
 def _run_all(run_dir: Path, plan: dict[str, dict], force: bool) -> None:
     """Each stage of `plan` in order, in this one process (one import of torch and friends, not one a stage)."""
-    import importlib
     import time
 
-    from rlhb_cli.behaviors import prepare
-    from rlhb_cli.simulator import simulate
-    from rlhb_cli.stages import report as report_stage
-
     started = time.perf_counter()
-    for name, options in plan.items():
-        options = dict(options or {})
-        if name == "simulate-logs":
-            config = build_config(SimulateConfig, None, options)
-            summary = run_stage(name, run_dir / name, config, simulate.run, config.seed, force=force)
-        elif name == "prepare-behaviors":
-            config = build_config(PrepareConfig, None, options)
-            upstream: tuple[str, ...] = ()
-            if config.logs is None:
-                config.logs = rundir.require_stage(run_dir, "simulate-logs") / "logs.jsonl"
-                upstream = ("simulate-logs",)
-            summary = run_stage(name, run_dir / name, config, prepare.run, config.seed, upstream, force)
-        elif name == "report":
-            config = build_config(report_stage.ReportConfig, None, {"run_dirs": [run_dir], **options})
-            summary = run_stage(name, run_dir / name, config, report_stage.run, force=True)
-        elif name in STAGE_RUNNERS:
-            config_cls, module, function, stage_of = STAGE_RUNNERS[name]
-            config = build_config(config_cls, None, options)
-            stage_name = stage_of(config) if stage_of else name
-            body = getattr(importlib.import_module(module), function)
-            summary = run_stage(stage_name, run_dir / stage_name, config, body, getattr(config, "seed", None),
-                                force=force)
-        else:
-            raise RlhbError(f"run-all: unknown stage {name!r}; stages: simulate-logs, prepare-behaviors, "
-                            f"{', '.join(STAGE_RUNNERS)}, report")
-        shown = {k: v for k, v in summary.items() if k in rundir.HEADLINES.get(name, ())} or summary
-        _print_summary(f"{name} -> {run_dir / name}", shown)
+    for command, options in plan.items():
+        if command == "report":
+            options = {"run_dirs": [run_dir], **(options or {})}
+        try:
+            name, summary = pipeline.run_step(run_dir, command, options or {}, force=force)
+        except RlhbError as exc:
+            raise RlhbError(f"run-all: {exc}") from None
+        shown = {k: v for k, v in summary.items() if k in rundir.HEADLINES.get(command, ())} or summary
+        _print_summary(f"{command} -> {run_dir / name}", shown)
         for line in summary.get("verdict", []):
             console.print(line)
     console.print(f"run-all: {len(plan)} stages in {time.perf_counter() - started:.0f} s; "
@@ -437,6 +375,58 @@ def report(
         for line in summary["verdict"]:
             console.print(line)
         console.print(f"report: {summary['report']}", soft_wrap=True, highlight=False)
+    _guard(body)
+
+
+experiment_app = typer.Typer(no_args_is_help=True, help="Paper claims as recipes (experiments/*.yaml).")
+app.add_typer(experiment_app, name="experiment", help="Run a recipe's grid of arms and seeds and judge its claims "
+              "(experiments/README.md).")
+RecipeArg = Annotated[Path, typer.Argument(help="The recipe, e.g. experiments/paper-q1.yaml.", show_default=False)]
+ScaleOpt = Annotated[str, typer.Option("--scale", help="small (the default: each recipe within about 30 min on "
+                                       "2 CPU cores) or tiny (every recipe in about a minute: a smoke test).")]
+
+
+@experiment_app.command("run")
+def experiment_run(
+    recipe_path: RecipeArg,
+    scale: ScaleOpt = "small",
+    out: Annotated[Optional[Path], typer.Option("--out", help="The experiment's run dir (default: "
+                                                "experiments/runs/[SCALE/]NAME beside the recipe); its base "
+                                                "stages go to OUT/../base.")]= None,
+    force: ForceOpt = False,
+) -> None:
+    """Run what is not done yet of a recipe, then write results.md: each claim with the rule that judged it."""
+    def body() -> None:
+        from rlhb_cli import experiments
+        recipe = experiments.load_recipe(recipe_path, scale)
+        results = experiments.run_recipe(recipe, out, force, say=lambda m: console.print(m, highlight=False))
+        for claim in results["claims"]:
+            console.print(f"[bold]{claim['verdict']}[/]: {claim['claim']} ({claim['evidence']})", highlight=False)
+        console.print(f"results: {Path(results['run_dir']) / 'results.md'}", soft_wrap=True, highlight=False)
+    _guard(body)
+
+
+@experiment_app.command("plan")
+def experiment_plan(recipe_path: RecipeArg, scale: ScaleOpt = "small",
+                    out: Annotated[Optional[Path], typer.Option("--out", help="As for `run`.")] = None) -> None:
+    """Check a recipe and list its stages, what is done, and the expected time of the rest; runs nothing."""
+    def body() -> None:
+        from rlhb_cli import experiments
+        recipe = experiments.load_recipe(recipe_path, scale)
+        target = out or experiments.default_out(recipe)
+        _, steps = experiments.plan(recipe, target)
+        table = Table(title=f"{recipe.name} at scale {scale} -> {target}", title_justify="left")
+        for column in ("stage", "command", "run dir", "state", "expected"):
+            table.add_column(column, overflow="fold")
+        left = 0.0
+        pending = experiments.expected_pending(steps)
+        for step in steps:
+            done = step not in pending
+            left += 0.0 if done else step.expected_seconds
+            table.add_row(step.stage_name, step.command, str(step.run_dir), "done" if done else "to run",
+                          "" if done else f"{step.expected_seconds / 60:.1f} min")
+        console.print(table)
+        console.print(f"expected about {left / 60:.1f} min for what is left (rates measured on a 2-core CPU)")
     _guard(body)
 
 

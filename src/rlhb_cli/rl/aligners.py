@@ -65,8 +65,9 @@ class RLHBConfig(EngineConfig):
                                                             "stage, or a path to a saved rlhb judge.")
     no_behavior: bool = field(False, help="RLGAF: the adversarial loop on (query, response) alone; the "
                                           "discriminator's body gets a fresh real/fake head.")
-    reward_form: str = field("contrast", help="probability: D(q, r, b); log_probability: log D; contrast: logit "
-                                              "D(q, r, b) minus the mean logit over other behaviours of the query.")
+    reward_form: Optional[str] = field(None, help="probability: D(q, r, b); log_probability: log D; contrast: logit "
+                                                  "D(q, r, b) minus the mean logit over other behaviours of the "
+                                                  "query. Default: contrast, or probability with --no-behavior.")
     contrast_behaviors: int = field(8, help="contrast: behaviours to contrast with (the query's logged ones first).")
     disc_learning_rate: float = field(1e-5, help="Discriminator learning rate during RL.")
     reward_scale: Optional[float] = field(None, help="Multiply the discriminator's reward by this. Default: 0.05 for "
@@ -92,6 +93,8 @@ class RLHBConfig(EngineConfig):
 
     def __post_init__(self):
         # Defaults that depend on the variant are resolved here, so the manifest records the values used.
+        if self.reward_form is None:
+            self.reward_form = "probability" if self.no_behavior else "contrast"
         if self.reward_scale is None:
             self.reward_scale = 0.05 if self.reward_form == "contrast" else 1.0
         if self.disc_steps is None:
