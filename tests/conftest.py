@@ -13,6 +13,7 @@ from rlhb_cli.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+TINY = ["--tiny-hidden-size", 32, "--tiny-layers", 1, "--tiny-heads", 2, "--tiny-vocab-size", 400]
 
 
 class Cli:
@@ -66,3 +67,17 @@ def default_sim(tmp_path_factory, cli) -> Path:
     out = tmp_path_factory.mktemp("default") / "sim"
     cli("simulate-logs", "--out", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def rl_base(small_sim, tmp_path_factory, cli):
+    """SFT policy (vocabulary 400) and judges on fresh tiny backbones with their own tokenizers (1000)."""
+    run_dir = tmp_path_factory.mktemp("rl") / "run"
+    shutil.copytree(small_sim, run_dir)
+    cli("prepare-behaviors", "--run-dir", run_dir)
+    cli("train-sft", "--run-dir", run_dir, "--epochs", 2, "--max-train-rows", 4000, "--learning-rate", 1e-2, *TINY)
+    cli("warmup-discriminator", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 1500,
+        "--learning-rate", 3e-3)
+    cli("train-classifier", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 1500)
+    cli("train-reward", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1)
+    return run_dir

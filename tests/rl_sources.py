@@ -37,3 +37,21 @@ class NanReward:
 
 def pays_nan():
     return NanReward()
+
+
+class RecordingWordReward(WordReward):
+    """The word reward, writing what each process scored to RLHB_TEST_RECORD/rank<RANK>.jsonl."""
+
+    def score(self, queries, responses, behaviors):
+        import json
+        import os
+        from pathlib import Path
+        counts, logs = super().score(queries, responses, behaviors)
+        path = Path(os.environ["RLHB_TEST_RECORD"]) / f"rank{os.environ.get('RANK', '0')}.jsonl"
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"queries": list(queries), "rewards": counts.tolist()}) + "\n")
+        return counts, logs
+
+
+def records_each_process():
+    return RecordingWordReward("the")

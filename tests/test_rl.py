@@ -10,26 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_jsonl, summary_of
+from conftest import TINY, read_jsonl, summary_of
 
-TINY = ["--tiny-hidden-size", 32, "--tiny-layers", 1, "--tiny-heads", 2, "--tiny-vocab-size", 400]
 RL = ["--prompts-per-iteration", 8, "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 12,
       "--sample-every", 0]
 TESTS = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def rl_base(small_sim, tmp_path_factory, cli):
-    """SFT policy (vocabulary 400) and judges on fresh tiny backbones with their own tokenizers (1000)."""
-    run_dir = tmp_path_factory.mktemp("rl") / "run"
-    shutil.copytree(small_sim, run_dir)
-    cli("prepare-behaviors", "--run-dir", run_dir)
-    cli("train-sft", "--run-dir", run_dir, "--epochs", 2, "--max-train-rows", 4000, "--learning-rate", 1e-2, *TINY)
-    cli("warmup-discriminator", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 1500,
-        "--learning-rate", 3e-3)
-    cli("train-classifier", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 1500)
-    cli("train-reward", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1)
-    return run_dir
 
 
 @pytest.fixture
@@ -164,7 +149,7 @@ def test_failures_are_one_clear_line(run, cli, monkeypatch):
         (["train-ppo", "--reward-source", "rl_sources:not_a_source"], "without a score() method"),
         (["train-ppo", "--reward-source", "nowhere:thing"], "cannot import it"),
         (["train-rlhf", "--minibatch-size", 3], "not a multiple of minibatch_size"),
-        (["train-rlhb", "--no-behavior"], "with --no-behavior use probability"),
+        (["train-rlhb", "--no-behavior", "--reward-form", "contrast"], "with --no-behavior use probability"),
         (["train-rlhbc", "--head-weights", "stars=1"], "'stars' is not a metric"),
         (["train-rlhf", "--init-from", "/nonexistent/policy"], "no such starting policy"),
         (["train-rlhf", "--init-from", "train-rlhbc"], "rlhb train-rlhbc --run-dir"),

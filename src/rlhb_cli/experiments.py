@@ -624,6 +624,10 @@ def _cell(entry: dict | None, digits: int = 3) -> str:
     return f"{entry['mean']:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
 
 
+def _seconds(entry: dict | None) -> str:
+    return f"{entry['mean']:.0f}" if entry else "-"
+
+
 def write_results(recipe: Recipe, out: Path, results: dict) -> None:
     """results.json (every number), results.md (claims, tables, plots) and PNGs in the experiment's run dir."""
     has_curves = draw_arm_curves(results["curves"], out / "curves.png")
@@ -651,7 +655,7 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
     for name, arm in results["arms"].items():
         options = ", ".join(f"{k}={v}" for k, v in arm["options"].items()) or "defaults"
         lines.append(f"| {name} | {arm['stage']} | {options} | " + " | ".join(
-            _cell(arm.get(m), 1 if m == "seconds" else 3) for m in shown) + " |")
+            _seconds(arm.get(m)) if m == "seconds" else _cell(arm.get(m)) for m in shown) + " |")
     lines += ["", "What the columns are: " + "; ".join(f"{m}: {METRICS[m]}" for m in shown) + ".", ""]
     if results.get("baseline_gold"):
         lines += ["SFT baseline's gold score: " + ", ".join(f"{d} {_cell(e)}" for d, e in

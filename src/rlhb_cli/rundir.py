@@ -171,6 +171,11 @@ def git_commit() -> str | None:
 
 
 # ----------------------------------------------------------------------------------------- reading
+def is_main_process() -> bool:
+    """Under torchrun / accelerate launch every process runs the stage; only rank 0 writes the run dir."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
@@ -266,7 +271,8 @@ class StageRun:
 
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.dir / name
-        atomic_write_json(path, obj)
+        if is_main_process():
+            atomic_write_json(path, obj)
         return path
 
     def add_input(self, name: str, path: Path) -> None:
@@ -286,7 +292,8 @@ class StageRun:
             self.manifest["summary"] = summary
 
     def _flush(self) -> None:
-        atomic_write_json(self.dir / self.manifest_name, self.manifest)
+        if is_main_process():
+            atomic_write_json(self.dir / self.manifest_name, self.manifest)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ continues exactly as the uninterrupted one would.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -210,6 +211,11 @@ class PPOEngine:
         if len(self.train_queries) < config.prompts_per_iteration:
             raise RlhbError(f"{len(self.train_queries)} training queries, fewer than --prompts-per-iteration "
                             f"{config.prompts_per_iteration}")
+        processes = self.accelerator.num_processes
+        if config.prompts_per_iteration % processes or config.minibatch_size % processes:
+            raise RlhbError(f"--prompts-per-iteration {config.prompts_per_iteration} and --minibatch-size "
+                            f"{config.minibatch_size} must both divide among the {processes} processes")
+        self.local_minibatch = config.minibatch_size // processes
         torch.manual_seed(config.seed)
         actor, self.tokenizer = load_causal_lm(policy_path, notes)
         self.tokenizer.padding_side = "left"
@@ -308,8 +314,28 @@ class PPOEngine:
         return raw, paid.to(self.accelerator.device), dict(logs)
 
     def _mean(self, value) -> float:
+        """The mean over every process (each holds an equal share of the batch), the same on all of them."""
         tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).reshape(-1)
         return float(self.accelerator.gather(tensor.mean().reshape(1)).mean())
+
+    def _std(self, value) -> float:
+        gathered = self.accelerator.gather(torch.as_tensor(value, dtype=torch.float32,
+                                                           device=self.accelerator.device).reshape(-1))
+        return float(gathered.std()) if len(gathered) > 1 else 0.0
+
+    def _update_source(self, rollout: Rollout, raw: torch.Tensor, iteration: int) -> dict:
+        """One update of a learning reward source on the whole batch of every process, with a torch seed of
+        its own: each process makes the same update, so the copies of the discriminator stay identical."""
+        from accelerate.utils import gather_object
+        several = self.accelerator.num_processes > 1
+        batch = GeneratedBatch(
+            gather_object(list(rollout.queries)) if several else rollout.queries,
+            gather_object(list(rollout.texts)) if several else rollout.texts,
+            gather_object(list(rollout.behaviors)) if several else rollout.behaviors,
+            self.accelerator.gather(raw.to(self.accelerator.device)).cpu() if several else raw, iteration)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed * 100_003 + iteration)
+            return self.source.update(batch)
 
     # ------------------------------------------------------------------------------------------- one iteration
     def step(self) -> dict:
@@ -344,20 +370,19 @@ class PPOEngine:
 
         kl_total = kl.sum(1)
         row |= {
-            "objective/reward_mean": self._mean(raw), "objective/reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
+            "objective/reward_mean": self._mean(raw), "objective/reward_std": self._std(raw),
             "objective/paid_mean": self._mean(paid), "objective/kl": self._mean(kl_total),
             "objective/kl_coef": self.kl.value, "objective/non_score_reward": self._mean(-self.kl.value * kl_total),
             "objective/return_mean": self._mean(masked_mean(returns, mask)),
             "objective/rlhf_reward": self._mean(paid - self.kl.value * kl_total),
             "gen/length": self._mean(rollout.lengths.float()), "gen/eos_rate": self._mean(rollout.ended.float()),
-        } | stats | source_logs
+        } | stats | {k: self._mean(v) if isinstance(v, (int, float)) else v for k, v in source_logs.items()}
         self.kl.update(row["objective/kl"], len(rollout.texts) * self.accelerator.num_processes)
 
         if hasattr(self.source, "update") and getattr(self.source, "should_update", lambda i: True)(self.iteration):
             started = time.perf_counter()
             try:
-                row |= self.source.update(GeneratedBatch(rollout.queries, rollout.texts, rollout.behaviors, raw,
-                                                         self.iteration))
+                row |= self._update_source(rollout, raw, self.iteration)
             except FloatingPointError as exc:
                 self._fail(f"{exc} (iteration {self.iteration}, discriminator update)")
             row["time/disc"] = time.perf_counter() - started
@@ -383,8 +408,8 @@ class PPOEngine:
         critic_params = self.unwrapped.critic_parameters()
         for epoch in range(config.ppo_epochs):
             order = torch.randperm(n)
-            for start in range(0, n, config.minibatch_size):
-                index = order[start:start + config.minibatch_size]
+            for start in range(0, n, self.local_minibatch):
+                index = order[start:start + self.local_minibatch]
                 ids, attention, positions = self._inputs(rollout, index)
                 logits, value = self.model(ids, attention, positions)
                 new_logprobs = self._response_logprobs(logits, rollout, index)
@@ -403,7 +428,7 @@ class PPOEngine:
                 loss = policy_loss + config.vf_coef * value_loss
                 if not torch.isfinite(loss):
                     self._fail(f"the PPO loss became {loss.item()} in iteration {self.iteration}, PPO epoch "
-                               f"{epoch + 1}, mini-batch {start // config.minibatch_size + 1} (policy "
+                               f"{epoch + 1}, mini-batch {start // self.local_minibatch + 1} (policy "
                                f"{policy_loss.item()}, value {value_loss.item()})")
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients:
@@ -448,20 +473,26 @@ class PPOEngine:
         return {"probe/reward_mean": self._mean(raw), "probe/length": self._mean(rollout.lengths.float())}
 
     # ------------------------------------------------------------------------------------------- checkpoints
-    def state(self) -> dict:
+    def state(self, rng_states: list | None = None) -> dict:
         return {
             "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "kl": self.kl.state_dict(), "iteration": self.iteration, "rng": torch.get_rng_state(),
+            "kl": self.kl.state_dict(), "iteration": self.iteration,
+            "rng": rng_states or [torch.get_rng_state()],  # one per process
             "source": self.source.state_dict() if hasattr(self.source, "state_dict") else None,
             "collapse": (self.collapse_run, self.collapsed_at), "probe": (self.best_probe, self.probes_since_best),
         }
 
-    def save_checkpoint(self, path: Path | None = None) -> None:
+    def save_checkpoint(self, path: Path | None = None, all_processes: bool = True) -> None:
+        """Written by the main process; `all_processes` (every process calls it) also keeps each one's RNG."""
+        rng_states = None
+        if all_processes and self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+            rng_states = gather_object([torch.get_rng_state()])
         if not self.accelerator.is_main_process:
             return
         path = path or self.stage.dir / CHECKPOINT
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.state() | {"fingerprint": self.fingerprint}, tmp)
+        torch.save(self.state(rng_states) | {"fingerprint": self.fingerprint}, tmp)
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: Path) -> None:
@@ -472,15 +503,43 @@ class PPOEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl.load_state_dict(state["kl"])
         self.iteration = state["iteration"]
-        torch.set_rng_state(state["rng"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rng) == self.accelerator.num_processes:
+            torch.set_rng_state(rng[self.accelerator.process_index])
+        else:  # resumed on another number of processes: reproducible, though not the uninterrupted run
+            torch.set_rng_state(rng[0])
+            torch.manual_seed(int(torch.randint(2**31, (1,))) + self.accelerator.process_index)
         if state["source"] is not None:
             self.source.load_state_dict(state["source"])
         self.collapse_run, self.collapsed_at = state["collapse"]
         self.best_probe, self.probes_since_best = state["probe"]
 
+    def weights_digest(self) -> str:
+        """sha256 of every weight this process trains with: policy, critic and a learning reward source's model."""
+        digest = hashlib.sha256()
+        states = [self.unwrapped.state_dict()]
+        if hasattr(self.source, "state_dict") and isinstance(self.source.state_dict(), dict):
+            states.append(self.source.state_dict().get("model", {}))
+        for state in states:
+            for name, tensor in sorted(state.items()):
+                if torch.is_tensor(tensor):
+                    digest.update(name.encode())
+                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def check_processes_in_sync(self) -> dict:
+        """Several processes must end with the very same weights (DDP for the policy and critic, identical
+        updates for the discriminator); a difference is a bug worth stopping for, so it is checked."""
+        from accelerate.utils import gather_object
+        digests = gather_object([self.weights_digest()])
+        if len(set(digests)) != 1:
+            raise RlhbError(f"the {len(digests)} processes ended with different weights ({', '.join(d[:12] for d in digests)})"
+                            "; the run is not data-parallel as it should be")
+        return {"processes": len(digests), "processes_in_sync": True, "weights_sha256": digests[0]}
+
     def _fail(self, message: str) -> None:
         failed = self.stage.dir / "checkpoint-failed.pt"
-        self.save_checkpoint(failed)
+        self.save_checkpoint(failed, all_processes=False)  # a failure may reach one process only
         raise RlhbError(f"{message}; the state at failure is in {failed}, the last good checkpoint "
                         f"({self.stage.dir / CHECKPOINT}) resumes with --resume")
 
@@ -509,11 +568,11 @@ class PPOEngine:
         else:
             self.metrics.keep_until(-1)
             samples.keep_until(-1)
-            torch.manual_seed(config.seed)
+            torch.manual_seed(config.seed + self.accelerator.process_index)  # each process samples its own way
             for round_ in range(source_warmup_rounds):  # e.g. RLGAF's discriminator meets the policy's text
                 rollout = self.rollout(self.prompts_for(round_ + 1), config.rollouts)
                 raw, _, _ = self.score(rollout)
-                logs = self.source.update(GeneratedBatch(rollout.queries, rollout.texts, rollout.behaviors, raw, 0))
+                logs = self._update_source(rollout, raw, 0)
                 self.metrics.write({"step": 0, "warmup_round": round_ + 1} | logs)
         console = Console(stderr=True)
         main = self.accelerator.is_main_process
@@ -558,7 +617,8 @@ class PPOEngine:
                     raise rundir.StageStopped(f"stopped after {self.iteration} of {config.iterations} iterations")
         if not (config.keep_best and (stage.dir / "policy").exists()):
             self.save_policy(stage.dir / "policy", policy_meta | {"iteration": self.iteration})
-        return self._summary(warnings, stopped_early)
+        in_sync = self.check_processes_in_sync() if self.accelerator.num_processes > 1 else {"processes": 1}
+        return self._summary(warnings, stopped_early) | in_sync
 
     def _show_samples(self, console, samples: MetricsLog, count: int = 4) -> None:
         from rich.table import Table

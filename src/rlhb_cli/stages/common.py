@@ -84,9 +84,10 @@ class MetricsLog:
 
     def __init__(self, path: Path):
         self.path = path
+        self.writes = rundir.is_main_process()  # one process writes; the others' rows are the same, gathered
 
     def keep_until(self, step: int) -> None:
-        if not self.path.exists():
+        if not self.path.exists() or not self.writes:
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -99,6 +100,8 @@ class MetricsLog:
         rundir.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, row: dict) -> None:
+        if not self.writes:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
 

@@ -1,0 +1,165 @@
+"""Experiment recipes: checked before anything runs, run at tiny scale, skipped when done, judged by their rules."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from rlhb_cli.errors import RlhbError
+from rlhb_cli.experiments import Claim, judge_claim, load_recipe
+
+EXPERIMENTS = ROOT / "experiments"
+RECIPES = ("paper-q1", "paper-q2", "ablation-bootstrap", "ablation-rollouts", "ablation-batch")
+VERDICTS = {"reproduced", "not reproduced", "direction only", "contradicted", "not measured"}
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    shutil.copy(EXPERIMENTS / "base.yaml", tmp_path / "base.yaml")
+    path = tmp_path / "recipe.yaml"
+    path.write_text("base: base.yaml\nseeds: [0, 1]\n" + text)
+    return path
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_is_valid_at_both_scales(name):
+    for scale in ("small", "tiny"):
+        recipe = load_recipe(EXPERIMENTS / f"{name}.yaml", scale)
+        assert recipe.claims and len(recipe.seeds) >= 3 and recipe.evaluate is not None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("arms: {a: {stage: train-rlhb}}\nfoo: 1\n", "recipe.yaml:4: foo: unknown key"),
+    ("arms:\n  a: {stage: train-rlhb, rollout: 4}\n", "recipe.yaml:4: arms.a: unknown option 'rollout' for RLHBConfig"),
+    ("arms:\n  a: {stage: train-rlhb, rollouts: many}\n", "recipe.yaml:4: arms.a: --rollouts: 'rollouts' must be int"),
+    ("arms:\n  a: {stage: train-rlhb, bootstrap_ratio: 2}\n", "bootstrap_ratio must be in [0, 1], got 2.0"),
+    ("arms:\n  a: {stage: train-everything}\n", "arms.a: 'stage' must be one of"),
+    ("arms: {}\n", "a recipe needs at least one arm"),
+    ("arms:\n  b: {stage: train-rlhb, init_from: 'a-s{seed}'}\n  a: {stage: train-rlhf}\n",
+     "recipe.yaml:4: arms.b.init_from: 'a-s0' is neither a base stage nor an earlier arm's run"),
+    ("arms: {a: {stage: train-rlhb}}\nclaims:\n  - {claim: x, check: {kind: vibes, metric: gold_gain}}\n",
+     "recipe.yaml:5: claims.0.check: kind must be one of"),
+    ("arms: {a: {stage: train-rlhb}}\nclaims:\n  - {claim: x, check: {kind: better, arm: a, than: z, metric: gold_gain}}\n",
+     "claims.0.check: no arm 'z'"),
+    ("arms: {a: {stage: train-rlhb}}\nclaims:\n  - {claim: x, check: {kind: better, arm: a, metric: height}}\n",
+     "claims.0.check.metric: unknown metric 'height'"),
+    ("arms: {a: {stage: train-rlhb}}\nevaluate: null\nclaims:\n  - {claim: x, check: {kind: better, arm: a, than: a, "
+     "metric: gold_gain}}\n", "gold_gain needs the evaluation"),
+    ("arms: {a: {stage: train-rlhb}}\nscales: {huge: {}}\n", "scales.huge: unknown scale"),
+    ("arms: [\n", "not valid YAML"),
+])
+def test_bad_recipes_fail_in_one_line_naming_file_line_and_key(tmp_path, text, message):
+    path = write_recipe(tmp_path, text)
+    with pytest.raises(RlhbError) as error:
+        load_recipe(path, "small")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_seeds_and_scale_are_checked(tmp_path):
+    path = write_recipe(tmp_path, "arms: {a: {stage: train-rlhb}}\n")
+    path.write_text("base: base.yaml\nseeds: [0, 0]\narms: {a: {stage: train-rlhb}}\n")
+    with pytest.raises(RlhbError, match=r"recipe.yaml:2: seeds: must be a list of distinct"):
+        load_recipe(path, "small")
+    with pytest.raises(RlhbError, match="no scale 'medium'; scales: small, tiny"):
+        load_recipe(EXPERIMENTS / "paper-q1.yaml", "medium")
+
+
+def test_option_layers_arm_over_scale_over_defaults():
+    recipe = load_recipe(EXPERIMENTS / "ablation-rollouts.yaml", "tiny")
+    from rlhb_cli.experiments import arm_options
+    six = next(a for a in recipe.arms if a.name == "rollouts-6")
+    options = arm_options(recipe, six, seed=2)
+    assert options["rollouts"] == 6  # the arm's variable wins over the tiny scale's rollouts: 1
+    assert options["iterations"] == 2 and options["minibatch_size"] == 4  # the scale wins over the recipe's default
+    assert options["seed"] == 2
+    q2 = load_recipe(EXPERIMENTS / "paper-q2.yaml", "small")
+    assert arm_options(q2, q2.arms[1], seed=1)["init_from"] == "rlhf-s1"
+
+
+def _claim(kind: str, **check) -> Claim:
+    return Claim("c", "p", {"kind": kind, "metric": "gold_gain", **check})
+
+
+def _arms(per_run):
+    from rlhb_cli.stages.report import across_runs
+    return {a: {"gold_gain": across_runs([v["gold_gain"] for v in runs.values()])} for a, runs in per_run.items()}
+
+
+@pytest.mark.parametrize("values, kind, check, verdict", [
+    ({"a": [0.05, 0.06, 0.05], "b": [0.01, 0.02, 0.01]}, "better", {"arm": "a", "than": "b"}, "reproduced"),
+    ({"a": [0.01, 0.02, 0.01], "b": [0.05, 0.06, 0.05]}, "better", {"arm": "a", "than": "b"}, "contradicted"),
+    ({"a": [0.05, 0.00, 0.03], "b": [0.01, 0.03, 0.01]}, "better", {"arm": "a", "than": "b"}, "direction only"),
+    ({"a": [0.04, 0.05, 0.045], "b": [0.05, 0.05, 0.05]}, "close_to", {"arm": "a", "to": "b", "share": 0.8},
+     "reproduced"),
+    ({"a": [0.01, 0.02, 0.015], "b": [0.05, 0.05, 0.05]}, "close_to", {"arm": "a", "to": "b", "share": 0.8},
+     "not reproduced"),
+    ({"a": [0.3, 0.31, 0.29], "b": [0.2, 0.21, 0.22], "c": [0.1, 0.12, 0.1]}, "decreasing",
+     {"arms": ["a", "b", "c"]}, "reproduced"),
+    ({"a": [0.3, 0.31, 0.29], "b": [0.4, 0.21, 0.22], "c": [0.35, 0.32, 0.33]}, "decreasing",
+     {"arms": ["a", "b", "c"]}, "not reproduced"),
+    ({"a": [0.05, 0.04, 0.06], "b": [0.04, 0.06, 0.05]}, "similar", {"arm": "a", "to": "b", "within": 0.02},
+     "reproduced"),
+    ({"a": [0.15, 0.14, 0.16], "b": [0.04, 0.06, 0.05]}, "similar", {"arm": "a", "to": "b", "within": 0.02},
+     "not reproduced"),
+    ({"a": [0.97, 0.95, 0.99], "b": [0.5, 0.6, 0.4]}, "reaches", {"arm": "a", "at_least": 0.9}, "reproduced"),
+    ({"a": [0.97, 0.95, 0.99], "b": [0.92, 0.95, 0.9]}, "reaches", {"arm": "a", "at_least": 0.9}, "not reproduced"),
+])
+def test_each_rule_gives_the_verdict_its_numbers_call_for(values, kind, check, verdict):
+    per_run = {arm: {seed: {"gold_gain": v} for seed, v in enumerate(vs)} for arm, vs in values.items()}
+    result = judge_claim(_claim(kind, **check), per_run, _arms(per_run), [0, 1, 2])
+    assert result["verdict"] == verdict, result
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, cli):
+    """Every recipe at scale tiny, sharing one base, as `make paper SCALE=tiny` runs them."""
+    root = tmp_path_factory.mktemp("experiments")
+    outputs = {}
+    for name in RECIPES:
+        outputs[name] = cli("experiment", "run", EXPERIMENTS / f"{name}.yaml", "--scale", "tiny",
+                            "--out", root / name).output
+    return root, outputs
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_runs_at_tiny_scale_and_judges_each_claim(tiny_runs, name):
+    root, outputs = tiny_runs
+    recipe = load_recipe(EXPERIMENTS / f"{name}.yaml", "tiny")
+    results = json.loads((root / name / "results.json").read_text())
+    assert [c["verdict"] in VERDICTS for c in results["claims"]] == [True] * len(recipe.claims)
+    assert set(results["per_run"]) == {a.name for a in recipe.arms}
+    for arm in recipe.arms:
+        for seed in recipe.seeds:
+            figures = results["per_run"][arm.name][str(seed)]
+            assert figures["gold_gain"] is not None and figures["seconds"] > 0
+            manifest = json.loads((root / name / f"{arm.name}-s{seed}" / "manifest.json").read_text())
+            assert manifest["status"] == "done" and manifest["config"]["seed"] == seed
+    markdown = (root / name / "results.md").read_text()
+    assert "smoke test" in markdown and "## Claims" in markdown
+    assert (root / name / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (root / name / "train-sft").is_symlink() and (root / "base" / "train-sft" / "policy").is_dir()
+    assert "expected about" in outputs[name]
+
+
+def test_a_finished_recipe_is_skipped_and_a_changed_arm_reruns_alone(tiny_runs, cli, tmp_path):
+    root, _ = tiny_runs
+    out = root / "paper-q2"
+    stamps = {p.parent.name: json.loads(p.read_text())["finished_at"] for p in out.glob("*/manifest.json")}
+    again = cli("experiment", "run", EXPERIMENTS / "paper-q2.yaml", "--scale", "tiny", "--out", out).output
+    assert "already done" in again and "[1/" not in again
+    assert {p.parent.name: json.loads(p.read_text())["finished_at"]
+            for p in out.glob("*/manifest.json") if p.parent.name != "report"} == \
+        {k: v for k, v in stamps.items() if k != "report"}
+    changed = tmp_path / "paper-q2.yaml"
+    changed.write_text((EXPERIMENTS / "paper-q2.yaml").read_text().replace(
+        "init_from: \"rlhf-s{seed}\"}", "init_from: \"rlhf-s{seed}\", kl_coef: 0.1}"))
+    shutil.copy(EXPERIMENTS / "base.yaml", tmp_path / "base.yaml")
+    plan = cli("experiment", "plan", changed, "--scale", "tiny", "--out", out).output
+    assert plan.count("to run") == 3 + 2  # three seeds of the changed arm, the evaluation and the report
+    cli("experiment", "run", changed, "--scale", "tiny", "--out", out)
+    after = {p.parent.name: json.loads(p.read_text())["finished_at"] for p in out.glob("*/manifest.json")}
+    rerun = sorted(k for k in after if after[k] != stamps.get(k))
+    assert rerun == ["evaluate", "report", "rlhb-on-rlhf-s0", "rlhb-on-rlhf-s1", "rlhb-on-rlhf-s2"]

@@ -1,0 +1,77 @@
+"""The RL stages under `torchrun --nproc_per_node 2` on CPU (gloo): one run, two processes, one run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import read_jsonl, summary_of
+
+TESTS = Path(__file__).parent
+RL = ["--prompts-per-iteration", 8, "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 10,
+      "--sample-every", 0, "--iterations", 3]
+
+
+def torchrun(*args, record: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS))
+    if record is not None:
+        env["RLHB_TEST_RECORD"] = str(record)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "rlhb_cli", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=TESTS, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture
+def run(rl_base, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(rl_base, target)
+    return target
+
+
+def test_two_processes_train_rlhb_in_step_and_write_the_run_dir_once(run):
+    torchrun("train-rlhb", "--run-dir", run, *RL, "--disc-steps", 2, "--reward-form", "probability")
+    summary = summary_of(run, "train-rlhb")
+    # policy, critic and the learning discriminator: the same bytes in both processes (checked by the run)
+    assert summary["processes"] == 2 and summary["processes_in_sync"] is True
+    assert len(summary["weights_sha256"]) == 64
+    rows = read_jsonl(run / "train-rlhb" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]  # written once, not once per process
+    assert all("disc/score_real" in r for r in rows)
+    manifest = json.loads((run / "train-rlhb" / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["summary_file"] == "summary.json"
+    assert sorted(p.name for p in (run / "train-rlhb").iterdir() if not p.name.startswith(".")) == \
+        ["checkpoint.pt", "manifest.json", "metrics.jsonl", "policy", "summary.json"]
+
+
+def test_metrics_are_the_gathered_values_and_each_process_has_its_own_prompts(run, tmp_path, cli, monkeypatch):
+    record = tmp_path / "record"
+    record.mkdir()
+    torchrun("train-ppo", "--run-dir", run, "--reward-source", "rl_sources:records_each_process", *RL, record=record)
+    ranks = [read_jsonl(record / f"rank{r}.jsonl") for r in (0, 1)]
+    assert [len(r) for r in ranks] == [3, 3]
+    rows = read_jsonl(run / "train-ppo" / "metrics.jsonl")
+    for i, row in enumerate(rows):
+        local = [np.mean(rank[i]["rewards"]) for rank in ranks]
+        assert row["objective/reward_mean"] == pytest.approx(np.mean(local), abs=1e-6)
+        both = np.concatenate([rank[i]["rewards"] for rank in ranks])
+        assert row["objective/reward_std"] == pytest.approx(float(np.std(both, ddof=1)), abs=1e-5)
+        assert not set(ranks[0][i]["queries"]) & set(ranks[1][i]["queries"])
+    # the two processes' prompts together are the one-process run's prompts of that iteration
+    single = tmp_path / "single"
+    single.mkdir()
+    monkeypatch.setenv("RLHB_TEST_RECORD", str(single))
+    monkeypatch.chdir(TESTS)
+    cli("train-ppo", "--run-dir", run, "--reward-source", "rl_sources:records_each_process", *RL[:-1], 1,
+        "--stage-name", "one-process")
+    alone = read_jsonl(single / "rank0.jsonl")[0]["queries"]
+    assert sorted(alone) == sorted(ranks[0][0]["queries"] + ranks[1][0]["queries"])
+    assert summary_of(run, "train-ppo")["processes_in_sync"] is True
