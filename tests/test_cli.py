@@ -72,3 +72,16 @@ def test_run_all_runs_a_plan_in_order_and_skips_what_is_done(cli, tmp_path):
     plan.write_text("prepare-behaviors: {bins: 0}\n")
     result = cli("run-all", "--run-dir", run_dir, "--config", plan, ok=False)
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_a_field_added_since_at_its_default_keeps_a_stage_done():
+    from rlhb_cli.config import config_to_dict, same_config
+    from rlhb_cli.rl.aligners import RLHBConfig
+    config = RLHBConfig()
+    recorded = config_to_dict(config)
+    assert same_config(recorded, config)
+    older = {k: v for k, v in recorded.items() if k not in ("lora_r", "gradient_checkpointing")}
+    assert same_config(older, config)  # recorded before those options existed; they are at their defaults
+    assert not same_config(older, RLHBConfig(lora_r=8))
+    assert not same_config({**recorded, "iterations": 7}, config)
+    assert not same_config(None, config)

@@ -119,3 +119,22 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         return v
 
     return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
+
+
+def same_config(recorded: dict[str, Any] | None, config: Any) -> bool:
+    """Whether a stage recorded with `recorded` ran with `config`. A field added to the config since then
+    counts as the same when it is at its default, so a newer rlhb does not redo finished stages."""
+    if recorded is None:
+        return False
+    current = config_to_dict(config)
+    for f in dataclasses.fields(config):
+        if f.name in recorded or f.name not in current:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if default is dataclasses.MISSING:
+            return False
+        if current[f.name] != (str(default) if isinstance(default, Path) else default):
+            return False
+        recorded = {**recorded, f.name: current[f.name]}
+    return recorded == current

@@ -345,10 +345,10 @@ def step_done(step: Step) -> bool:
     if state != "done" or manifest is None:
         return False
     config, _ = pipeline.build_step(step.command, step.options, step.run_dir)
-    from rlhb_cli.config import config_to_dict
+    from rlhb_cli.config import same_config
     if step.command == "prepare-behaviors" and config.logs is None:
         config.logs = step.run_dir / "simulate-logs" / "logs.jsonl"
-    return manifest.get("config") == config_to_dict(config)
+    return same_config(manifest.get("config"), config)
 
 
 def expected_pending(steps: list[Step], force: bool = False) -> list[Step]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 from rich.console import Console
 
 from rlhb_cli import rundir
-from rlhb_cli.config import build_config, config_to_dict
+from rlhb_cli.config import build_config, same_config
 from rlhb_cli.errors import RlhbError
 
 console = Console()
@@ -43,7 +43,7 @@ def run_stage(stage: str, stage_dir: Path, config: Any, body: Callable, seed: in
               stop_after_steps: int | None = None) -> dict:
     """Skip when already done with this config and fresh inputs; else run `body(config, stage_run)`."""
     state, manifest, _ = rundir.stage_state(stage_dir)
-    if state == "done" and not force and manifest and manifest.get("config") == config_to_dict(config):
+    if state == "done" and not force and manifest and same_config(manifest.get("config"), config):
         summary = rundir.read_json(stage_dir / rundir.SUMMARY)
         console.print(f"{stage}: already done in {stage_dir} with this config (--force to run again)")
         return summary

@@ -58,15 +58,40 @@ def load_tokenizer(path: Path, notes: list[str], trust_remote_code: bool = False
 
 
 def load_causal_lm(path: Path, notes: list[str], trust_remote_code: bool = False):
-    """(model, tokenizer) of a local causal LM, with a pad token guaranteed."""
+    """(model, tokenizer) of a local causal LM, with a pad token guaranteed; a LoRA policy comes merged."""
     from transformers import AutoModelForCausalLM
     path = Path(path)
+    if (path / "adapter_config.json").exists():
+        return _load_lora_policy(path, notes, trust_remote_code)
     _check_model_dir(path)
     tokenizer = load_tokenizer(path, notes, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise RlhbError(f"{path}: not a causal language model ({str(exc).splitlines()[0]})") from None
+    return _fit_to_tokenizer(model, tokenizer), tokenizer
+
+
+def _load_lora_policy(path: Path, notes: list[str], trust_remote_code: bool):
+    """A policy trained with --lora-r: its base (policy.json's lora_base, relative to the run dir) plus the
+    adapters, merged into plain weights so that every later stage sees an ordinary causal LM."""
+    import json
+
+    from peft import PeftModel
+    meta_path = path / "policy.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    if "lora_base" not in meta:
+        raise RlhbError(f"{path}: LoRA adapters without policy.json's lora_base; their base model is unknown")
+    base_path = Path(meta["lora_base"])
+    if not base_path.is_absolute():
+        base_path = path.resolve().parent.parent / base_path
+    base, _ = load_causal_lm(base_path, notes, trust_remote_code)
+    tokenizer = load_tokenizer(path, notes, trust_remote_code)
+    try:
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    except (OSError, ValueError, KeyError) as exc:
+        raise RlhbError(f"{path}: the LoRA adapters do not load onto {base_path} ({str(exc).splitlines()[0]})") from None
+    notes.append(f"{path}: LoRA adapters merged into their base {base_path}")
     return _fit_to_tokenizer(model, tokenizer), tokenizer
 
 

@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -55,9 +55,18 @@ class EngineConfig:
     ppo_epochs: int = field(4, help="Passes of PPO updates over each iteration's rollouts.")
     minibatch_size: int = field(16, help="Responses per PPO mini-batch.")
     learning_rate: float = field(1e-4, help="Actor learning rate (AdamW).")
-    critic: str = field("separate", help="separate (own body, a copy of the starting policy) or shared (a value "
-                                         "head on the actor's body).")
+    critic: Optional[str] = field(None, help="separate (own body, a copy of the starting policy) or shared (a "
+                                             "value head on the actor's body). Default: separate; shared with "
+                                             "--lora-r, where the critic is a head on the one frozen base.")
     critic_learning_rate: float = field(1e-4, help="Critic learning rate.")
+    lora_r: int = field(0, help="Train LoRA adapters of this rank instead of every weight (0: full weights). The "
+                                "reference is the base with the adapters off, the critic a value head on it: one "
+                                "copy of the policy's weights instead of three.")
+    lora_alpha: float = field(32.0, help="LoRA scaling numerator (the adapter's update is scaled by alpha / r).")
+    gradient_checkpointing: bool = field(False, help="Recompute the activations of actor and critic in the backward "
+                                                     "pass: far less memory in the PPO update, for more time.")
+    lora_target_modules: str = field("all-linear", help="LoRA: the modules given adapters (peft's target_modules; "
+                                                        "comma-separated names, or all-linear).")
     kl_coef: float = field(0.05, help="Coefficient of the per-token KL penalty against the reference.")
     kl_estimator: str = field("k1", help="k1 (log p - log q) or k3 (non-negative, lower variance).")
     kl_target: float = field(0.0, help="Adapt the KL coefficient towards this total KL per response (0: fixed).")
@@ -87,8 +96,13 @@ class EngineConfig:
     seed: int = field(0, help="Seed of prompt order, sampling and every learning reward source.")
 
     def __post_init__(self):
+        if self.critic is None:
+            self.critic = "shared" if self.lora_r else "separate"
         checks = [
             (self.iterations >= 1, "iterations must be at least 1"),
+            (self.lora_r >= 0, "lora_r must be >= 0"),
+            (not (self.lora_r and self.critic == "separate"), "with --lora-r the critic is a value head on the shared "
+                                                              "base: use --critic shared (its default with LoRA)"),
             (self.prompts_per_iteration >= 1 and self.rollouts >= 1, "prompts_per_iteration and rollouts must be >= 1"),
             (self.minibatch_size >= 1, "minibatch_size must be at least 1"),
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
@@ -142,6 +156,37 @@ class PolicyAndValue(nn.Module):
     def critic_parameters(self):
         body = [] if self.critic_body is None else list(self.critic_body.parameters())
         return body + list(self.value_head.parameters())
+
+
+def attach_lora(actor, config: EngineConfig):
+    """The actor as a peft model: LoRA adapters (trainable) over its frozen weights."""
+    from peft import LoraConfig, get_peft_model
+    targets = config.lora_target_modules
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+    try:
+        return get_peft_model(actor, lora)
+    except ValueError as exc:
+        raise RlhbError(f"--lora-target-modules {targets!r}: {str(exc).splitlines()[0]}") from None
+
+
+def reference_logits(reference, actor, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """Logits of the frozen starting policy: its own copy, or (LoRA) the actor with its adapters off."""
+    if reference is not None:
+        return reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).logits
+    with actor.disable_adapter():
+        return actor(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).logits
+
+
+def base_reference(base: Path, policy_dir: Path) -> str:
+    """Where a LoRA policy's base is: relative to the run dir when inside it (so the run dir can move)."""
+    run_dir = Path(policy_dir).resolve().parent.parent
+    try:
+        return str(Path(base).resolve().relative_to(run_dir))
+    except ValueError:
+        return str(Path(base).resolve())
 
 
 class HFGenerator:
@@ -221,17 +266,32 @@ class PPOEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.eos_token_id is None:
             raise RlhbError(f"{policy_path}: the tokenizer has no EOS token; a response could never end")
-        reference = copy.deepcopy(actor)  # the starting policy, frozen: same weights, no second read from disk
-        reference.requires_grad_(False)
-        reference.eval()
+        self.policy_path = Path(policy_path)
+        if config.lora_r:  # one frozen base: the actor is it with adapters, the reference it without
+            actor = attach_lora(actor, config)
+            reference = None
+        else:
+            reference = copy.deepcopy(actor)  # the starting policy, frozen: same weights, no second read from disk
+            reference.requires_grad_(False)
+            reference.eval()
         # A separate critic starts from the starting policy's body (a copy: same weights, fitted to the tokenizer).
         critic_body = copy.deepcopy(actor.base_model) if config.critic == "separate" else None
+        if config.gradient_checkpointing:
+            for body in (actor, critic_body):
+                if body is not None:
+                    body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = PolicyAndValue(actor, critic_body)
+        # Training mode (from_pretrained leaves eval mode, in which gradient checkpointing is off) without
+        # dropout: PPO's ratios compare log-probabilities that dropout would make noisy.
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
         optimizer = torch.optim.AdamW([
-            {"params": list(actor.parameters()), "lr": config.learning_rate},
+            {"params": [p for p in actor.parameters() if p.requires_grad], "lr": config.learning_rate},
             {"params": model.critic_parameters(), "lr": config.critic_learning_rate}], eps=1e-5, weight_decay=0.0)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.reference = reference.to(self.accelerator.device)
+        self.reference = reference.to(self.accelerator.device) if reference is not None else None
         self.generator = HFGenerator(self.tokenizer, config.max_new_tokens, config.temperature)
         self.kl = KLController(config.kl_coef, config.kl_target or None, config.kl_horizon)
         self.iteration = 0
@@ -291,8 +351,7 @@ class PPOEngine:
             logits, value = self.model(ids, attention, positions)
             logprobs.append(self._response_logprobs(logits, rollout, index))
             values.append(value[:, context - 1:-1])
-            ref_logits = self.reference(input_ids=ids, attention_mask=attention, position_ids=positions,
-                                        use_cache=False).logits
+            ref_logits = reference_logits(self.reference, self.unwrapped.actor, ids, attention, positions)
             ref_logprobs.append(self._response_logprobs(ref_logits, rollout, index))
         padding = rollout.mask == 0
         return (torch.cat(logprobs).masked_fill(padding, INVALID_LOGPROB),
@@ -404,7 +463,7 @@ class PPOEngine:
         context = rollout.prompt_ids.shape[1]
         sums: dict[str, list[float]] = {k: [] for k in ("policy/approxkl", "policy/clipfrac", "policy/entropy",
                                                         "loss/policy", "loss/value", "value/clipfrac", "policy/ratio")}
-        actor_params = list(self.unwrapped.actor.parameters())
+        actor_params = [p for p in self.unwrapped.actor.parameters() if p.requires_grad]
         critic_params = self.unwrapped.critic_parameters()
         for epoch in range(config.ppo_epochs):
             order = torch.randperm(n)
@@ -473,9 +532,18 @@ class PPOEngine:
         return {"probe/reward_mean": self._mean(raw), "probe/length": self._mean(rollout.lengths.float())}
 
     # ------------------------------------------------------------------------------------------- checkpoints
+    def trained_weights(self) -> dict:
+        """Every weight of actor and critic, or under LoRA only the adapters and the value head: the frozen
+        base is the starting policy's, on disk already."""
+        state = self.unwrapped.state_dict()
+        if not self.config.lora_r:
+            return state
+        trained = {name for name, p in self.unwrapped.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if k in trained}
+
     def state(self, rng_states: list | None = None) -> dict:
         return {
-            "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.trained_weights(), "optimizer": self.optimizer.state_dict(),
             "kl": self.kl.state_dict(), "iteration": self.iteration,
             "rng": rng_states or [torch.get_rng_state()],  # one per process
             "source": self.source.state_dict() if hasattr(self.source, "state_dict") else None,
@@ -499,7 +567,11 @@ class PPOEngine:
         state = torch.load(path, weights_only=False, map_location="cpu")
         if state.get("fingerprint") != self.fingerprint:
             raise RlhbError(f"{path}: made with another config or inputs; run without --resume to start over")
-        self.unwrapped.load_state_dict(state["model"])
+        missing, unexpected = self.unwrapped.load_state_dict(state["model"], strict=not self.config.lora_r)
+        absent = set(self.trained_weights()) - set(state["model"])
+        if unexpected or absent:
+            raise RlhbError(f"{path}: its weights do not fit this model ({len(unexpected)} unexpected, "
+                            f"{len(absent)} missing); run without --resume to start over")
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl.load_state_dict(state["kl"])
         self.iteration = state["iteration"]
@@ -546,6 +618,8 @@ class PPOEngine:
     def save_policy(self, path: Path, policy_meta: dict) -> None:
         if not self.accelerator.is_main_process:
             return
+        if self.config.lora_r:  # the adapters alone; loading a policy merges them into this base
+            policy_meta = policy_meta | {"lora_base": base_reference(self.policy_path, path)}
         with rundir.atomic_dir(path) as tmp:
             self.unwrapped.actor.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))

@@ -84,9 +84,11 @@ def distinct_2(texts: list[str]) -> float:
 def discover_policies(run_dir: Path) -> tuple[list[str], dict[str, str]]:
     """(stages with a policy that is done and fresh, {stage: why it is skipped} for the others)."""
     from rlhb_cli.rl.aligners import POLICY_STAGES
-    found = [s for s in POLICY_STAGES if (run_dir / s / "policy" / "config.json").exists()]
-    found += sorted(p.parent.parent.name for p in run_dir.glob("*/policy/config.json")
-                    if p.parent.parent.name not in found)
+    def has_policy(stage_dir: Path) -> bool:  # full weights, or LoRA adapters over a base
+        return any((stage_dir / "policy" / name).exists() for name in ("config.json", "adapter_config.json"))
+
+    found = [s for s in POLICY_STAGES if has_policy(run_dir / s)]
+    found += sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name not in found and has_policy(p))
     usable, skipped = [], {}
     for name in found:
         state, _, detail = rundir.stage_state(run_dir / name)

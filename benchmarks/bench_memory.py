@@ -1,0 +1,113 @@
+"""Peak memory of train-rlhb iterations for a ~30M-parameter policy: full weights against LoRA, side by side.
+
+Each variant runs in a fresh child process (peak resident memory is a per-process figure): it loads the
+data, notes its resident memory, builds the engine (actor, critic, reference, discriminator) and runs two
+default train-rlhb iterations (8 prompts x 4 rollouts, 48 new tokens); the figure is the peak resident
+memory above that starting point. The printed ratio is issue 7's target: LoRA <= 0.6 x full weights. Both
+are measured as they are by default (the PPO mini-batch's activations dominate both) and with
+--gradient-checkpointing, which recomputes those activations so the weights and optimizer states show.
+
+    python benchmarks/bench_memory.py [--run-dir DIR] [--lora-r 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+POLICY = ["--tiny-hidden-size", 512, "--tiny-layers", 11, "--tiny-heads", 8, "--tiny-vocab-size", 1000]
+
+
+def rlhb(*args) -> None:
+    from typer.testing import CliRunner
+
+    from rlhb_cli.cli import app
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    if result.exit_code:
+        sys.exit(f"rlhb {' '.join(map(str, args))} failed:\n{result.output}")
+
+
+def build_run(run_dir: Path) -> None:
+    print(f"building a benchmark run with a ~30M-parameter policy in {run_dir} (a few minutes) ...", flush=True)
+    rlhb("simulate-logs", "--run-dir", run_dir, "--queries", 120, "--eval-queries", 20, "--impressions", 300_000)
+    rlhb("prepare-behaviors", "--run-dir", run_dir)
+    rlhb("train-sft", "--run-dir", run_dir, "--epochs", 1, "--max-train-rows", 64, *POLICY)
+    rlhb("warmup-discriminator", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 500)
+
+
+def kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def child(run_dir: Path, lora_r: int, checkpointing: bool) -> None:
+    """Two iterations of one variant; prints a JSON line with the peak above the starting point."""
+    from rlhb_cli import rundir
+    from rlhb_cli.rl.aligners import RLHBConfig, build_engine, rlhb_source_factory
+    from rlhb_cli.stages.common import load_prepared  # noqa: F401  (imported before the baseline is taken)
+
+    config = RLHBConfig(iterations=10_000, sample_every=0, lora_r=lora_r, gradient_checkpointing=checkpointing)
+    name = f"bench-memory-{'lora' if lora_r else 'full'}{'-checkpointing' if checkpointing else ''}"
+    import torch
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    start = kib("VmRSS")
+    with rundir.open_stage(run_dir / name, name, config, config.seed) as stage:
+        engine, _, _ = build_engine(config, stage, rlhb_source_factory(config, stage), "RLHB")
+        built = kib("VmRSS")
+        for _ in range(2):
+            engine.step()
+        stage.set_summary({})
+    peak = kib("VmHWM")
+    print(json.dumps({"start_mib": start / 1024, "built_mib": built / 1024, "peak_mib": peak / 1024,
+                      "peak_above_start_mib": (peak - start) / 1024,
+                      "policy_parameters": sum(p.numel() for p in engine.unwrapped.actor.parameters()),
+                      "trainable_parameters": sum(p.numel() for p in engine.unwrapped.parameters() if p.requires_grad)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", type=Path, help="Where the benchmark run is built, or reused when it is there already.")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.child is not None:
+        child(options.run_dir, options.child, options.checkpointing)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = options.run_dir or Path(tmp) / "run"
+        if not (run_dir / "warmup-discriminator" / "summary.json").exists():
+            build_run(run_dir)
+        figures = {}
+        for checkpointing in (False, True):
+            for label, r in (("full weights", 0), (f"LoRA r={options.lora_r}", options.lora_r)):
+                out = subprocess.run([sys.executable, __file__, "--run-dir", str(run_dir), "--child", str(r)]
+                                     + ["--checkpointing"] * checkpointing, capture_output=True, text=True, check=False)
+                if out.returncode:
+                    sys.exit(f"{label} failed:\n{out.stderr[-2000:]}")
+                figures[(checkpointing, label)] = json.loads(out.stdout.strip().splitlines()[-1])
+    first = next(iter(figures.values()))
+    print(f"\npeak resident memory of two default train-rlhb iterations (8 prompts x 4 rollouts, 48 tokens, "
+          f"mini-batches of 16) above the loaded data, MiB; policy {first['policy_parameters'] / 1e6:.1f}M parameters")
+    for checkpointing in (False, True):
+        print("  with --gradient-checkpointing" if checkpointing else "  default (activations kept for the backward pass)")
+        for (c, label), f in figures.items():
+            if c == checkpointing:
+                print(f"    {label:<14} peak +{f['peak_above_start_mib']:6.0f}   (models built "
+                      f"+{f['built_mib'] - f['start_mib']:5.0f}; trainable {f['trainable_parameters'] / 1e6:6.2f}M)")
+        full, lora = (f["peak_above_start_mib"] for (c, _), f in figures.items() if c == checkpointing)
+        print(f"    ratio LoRA / full weights   {lora / full:5.2f}   (goal <= 0.60)")
+
+
+if __name__ == "__main__":
+    main()

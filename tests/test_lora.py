@@ -1,0 +1,85 @@
+"""LoRA: one frozen base for actor, reference and critic; adapters that learn, resume, and load as a policy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_jsonl, summary_of
+
+RL = ["--prompts-per-iteration", 8, "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 12,
+      "--sample-every", 0]
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def run(rl_base, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(rl_base, target)
+    return target
+
+
+def without_time(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_the_reference_is_exactly_the_base_with_its_adapters_off(rl_base):
+    from rlhb_cli.models.load import load_causal_lm
+    from rlhb_cli.rl.engine import EngineConfig, attach_lora, reference_logits
+    base, tokenizer = load_causal_lm(rl_base / "train-sft" / "policy", [])
+    actor = attach_lora(load_causal_lm(rl_base / "train-sft" / "policy", [])[0], EngineConfig(lora_r=4))
+    torch.manual_seed(0)
+    for name, parameter in actor.named_parameters():
+        if "lora_B" in name:  # B starts at zero; give the adapters something to change
+            parameter.data.normal_(std=0.5)
+    encoded = tokenizer(["What is the capital of France?", "How do I boil an egg?"], padding=True,
+                        return_tensors="pt")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    positions = (mask.cumsum(1) - mask).clamp(min=0)
+    with torch.no_grad():
+        expected = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        reference = reference_logits(None, actor, ids, mask, positions)
+        adapted = actor(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    assert torch.equal(reference, expected)
+    assert not torch.allclose(adapted, expected, atol=1e-3)
+
+
+def test_lora_ppo_learns_a_reward(run, cli, monkeypatch):
+    monkeypatch.chdir(TESTS)
+    cli("train-ppo", "--run-dir", run, "--reward-source", "rl_sources:pays_for_the", "--iterations", 16,
+        "--prompts-per-iteration", 16, "--rollouts", 1, "--minibatch-size", 16, "--max-new-tokens", 16,
+        "--learning-rate", 1e-2, "--sample-every", 0, "--lora-r", 8)
+    count = [r["objective/reward_mean"] for r in read_jsonl(run / "train-ppo" / "metrics.jsonl")]
+    assert np.mean(count[-4:]) > 2 * np.mean(count[:4]), count
+    summary = summary_of(run, "train-ppo")
+    assert summary["trainable_parameters"] < summary["policy_parameters"] / 5
+
+
+def test_lora_rlhb_checkpoints_adapters_only_resumes_and_evaluates(run, cli):
+    args = ["--iterations", 4, *RL, "--lora-r", 4, "--checkpoint-every", 2, "--disc-steps", 2]
+    twin = run.parent / "twin"
+    shutil.copytree(run, twin)
+    cli("train-rlhb", "--run-dir", run, *args)
+    cli("train-rlhb", "--run-dir", twin, *args, "--stop-after-steps", 2)
+    cli("train-rlhb", "--run-dir", twin, *args, "--resume")
+    first = without_time(read_jsonl(run / "train-rlhb" / "metrics.jsonl"))
+    assert len(first) == 4 and first == without_time(read_jsonl(twin / "train-rlhb" / "metrics.jsonl"))
+    checkpoint = torch.load(run / "train-rlhb" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["model"] and all("lora_" in k or k.startswith("value_head.") for k in checkpoint["model"])
+    manifest = json.loads((run / "train-rlhb" / "manifest.json").read_text())
+    assert manifest["config"]["critic"] == "shared"
+    policy = run / "train-rlhb" / "policy"
+    assert (policy / "adapter_config.json").exists() and not (policy / "model.safetensors").exists()
+    assert json.loads((policy / "policy.json").read_text())["lora_base"] == "train-sft/policy"
+    moved = run.parent / "moved"
+    shutil.move(run, moved)  # the base is found relative to the run dir
+    cli("evaluate", "--run-dir", moved, "--samples", 1, "--max-new-tokens", 8, "--following-queries", 0,
+        "--bootstrap-samples", 20)
+    assert "train-rlhb" in summary_of(moved, "evaluate")["policies"]
+    result = cli("train-rlhb", "--run-dir", moved, *args, "--critic", "separate", "--force", ok=False)
+    assert result.exit_code == 2 and "use --critic shared" in result.output
