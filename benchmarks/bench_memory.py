@@ -20,19 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from common import rlhb  # noqa: E402  (also sets the offline environment)
 
 POLICY = ["--tiny-hidden-size", 512, "--tiny-layers", 11, "--tiny-heads", 8, "--tiny-vocab-size", 1000]
-
-
-def rlhb(*args) -> None:
-    from typer.testing import CliRunner
-
-    from rlhb_cli.cli import app
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    if result.exit_code:
-        sys.exit(f"rlhb {' '.join(map(str, args))} failed:\n{result.output}")
 
 
 def build_run(run_dir: Path) -> None:
@@ -54,7 +44,6 @@ def child(run_dir: Path, lora_r: int, checkpointing: bool) -> None:
     """Two iterations of one variant; prints a JSON line with the peak above the starting point."""
     from rlhb_cli import rundir
     from rlhb_cli.rl.aligners import RLHBConfig, build_engine, rlhb_source_factory
-    from rlhb_cli.stages.common import load_prepared  # noqa: F401  (imported before the baseline is taken)
 
     config = RLHBConfig(iterations=10_000, sample_every=0, lora_r=lora_r, gradient_checkpointing=checkpointing)
     name = f"bench-memory-{'lora' if lora_r else 'full'}{'-checkpointing' if checkpointing else ''}"

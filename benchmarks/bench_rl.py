@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,17 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from typer.testing import CliRunner  # noqa: E402
-
-from rlhb_cli.cli import app  # noqa: E402
+from common import rlhb  # noqa: E402
 
 NEW_TOKENS = 32
-
-
-def rlhb(*args) -> None:
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    if result.exit_code:
-        sys.exit(f"rlhb {' '.join(map(str, args))} failed:\n{result.output}")
 
 
 def build_run(run_dir: Path) -> None:

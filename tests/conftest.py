@@ -14,6 +14,9 @@ from rlhb_cli.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY = ["--tiny-hidden-size", 32, "--tiny-layers", 1, "--tiny-heads", 2, "--tiny-vocab-size", 400]
+# RL options that keep an aligner run to seconds on the tiny base
+RL = ["--prompts-per-iteration", 8, "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 12,
+      "--sample-every", 0]
 
 
 class Cli:
@@ -53,12 +56,17 @@ def small_sim(tmp_path_factory, cli) -> Path:
     return run_dir
 
 
+def private_copy(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of a shared run dir that one test may change."""
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    return target
+
+
 @pytest.fixture
 def sim_run(small_sim, tmp_path) -> Path:
     """A private copy of the small simulated run dir."""
-    target = tmp_path / "run"
-    shutil.copytree(small_sim, target)
-    return target
+    return private_copy(small_sim, tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +89,14 @@ def rl_base(small_sim, tmp_path_factory, cli):
     cli("train-classifier", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 1500)
     cli("train-reward", "--run-dir", run_dir, "--backbone", "tiny", "--epochs", 1)
     return run_dir
+
+
+@pytest.fixture
+def rl_run(rl_base, tmp_path) -> Path:
+    """A private copy of the RL base run dir."""
+    return private_copy(rl_base, tmp_path)
+
+
+def without_time(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their wall-clock figures, which no two runs share."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]

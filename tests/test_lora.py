@@ -7,25 +7,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from conftest import read_jsonl, summary_of
+from conftest import RL, read_jsonl, summary_of, without_time
 
-RL = ["--prompts-per-iteration", 8, "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 12,
-      "--sample-every", 0]
 TESTS = Path(__file__).parent
-
-
-@pytest.fixture
-def run(rl_base, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(rl_base, target)
-    return target
-
-
-def without_time(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
 def test_the_reference_is_exactly_the_base_with_its_adapters_off(rl_base):
@@ -49,21 +35,23 @@ def test_the_reference_is_exactly_the_base_with_its_adapters_off(rl_base):
     assert not torch.allclose(adapted, expected, atol=1e-3)
 
 
-def test_lora_ppo_learns_a_reward(run, cli, monkeypatch):
+def test_lora_ppo_learns_a_reward(rl_run, cli, monkeypatch):
+    run = rl_run
     monkeypatch.chdir(TESTS)
     cli("train-ppo", "--run-dir", run, "--reward-source", "rl_sources:pays_for_the", "--iterations", 16,
         "--prompts-per-iteration", 16, "--rollouts", 1, "--minibatch-size", 16, "--max-new-tokens", 16,
         "--learning-rate", 1e-2, "--sample-every", 0, "--lora-r", 8)
     count = [r["objective/reward_mean"] for r in read_jsonl(run / "train-ppo" / "metrics.jsonl")]
     assert np.mean(count[-4:]) > 2 * np.mean(count[:4]), count
-    summary = summary_of(run, "train-ppo")
+    summary = summary_of(rl_run, "train-ppo")
     assert summary["trainable_parameters"] < summary["policy_parameters"] / 5
 
 
-def test_lora_rlhb_checkpoints_adapters_only_resumes_and_evaluates(run, cli):
+def test_lora_rlhb_checkpoints_adapters_only_resumes_and_evaluates(rl_run, cli):
+    run = rl_run
     args = ["--iterations", 4, *RL, "--lora-r", 4, "--checkpoint-every", 2, "--disc-steps", 2]
     twin = run.parent / "twin"
-    shutil.copytree(run, twin)
+    shutil.copytree(rl_run, twin)
     cli("train-rlhb", "--run-dir", run, *args)
     cli("train-rlhb", "--run-dir", twin, *args, "--stop-after-steps", 2)
     cli("train-rlhb", "--run-dir", twin, *args, "--resume")
@@ -77,7 +65,7 @@ def test_lora_rlhb_checkpoints_adapters_only_resumes_and_evaluates(run, cli):
     assert (policy / "adapter_config.json").exists() and not (policy / "model.safetensors").exists()
     assert json.loads((policy / "policy.json").read_text())["lora_base"] == "train-sft/policy"
     moved = run.parent / "moved"
-    shutil.move(run, moved)  # the base is found relative to the run dir
+    shutil.move(rl_run, moved)  # the base is found relative to the run dir
     cli("evaluate", "--run-dir", moved, "--samples", 1, "--max-new-tokens", 8, "--following-queries", 0,
         "--bootstrap-samples", 20)
     assert "train-rlhb" in summary_of(moved, "evaluate")["policies"]

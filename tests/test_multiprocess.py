@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +30,8 @@ def torchrun(*args, record: Path | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def run(rl_base, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(rl_base, target)
-    return target
+def run(rl_run):
+    return rl_run
 
 
 def test_two_processes_train_rlhb_in_step_and_write_the_run_dir_once(run):

@@ -10,22 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, read_jsonl, summary_of
+from conftest import RL, read_jsonl, summary_of, without_time
 
-RL = ["--prompts-per-iteration", 8, "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 12,
-      "--sample-every", 0]
 TESTS = Path(__file__).parent
 
 
 @pytest.fixture
-def run(rl_base, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(rl_base, target)
-    return target
-
-
-def without_time(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+def run(rl_run):
+    return rl_run  # every test here trains in its own copy of the RL base
 
 
 def test_a_reward_for_one_word_raises_its_frequency(run, cli, monkeypatch):

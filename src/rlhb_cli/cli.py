@@ -24,7 +24,7 @@ from rich.table import Table
 
 from rlhb_cli import pipeline, rundir
 from rlhb_cli.pipeline import run_stage
-from rlhb_cli.config import build_config, config_to_dict, help_of
+from rlhb_cli.config import build_config, help_of
 from rlhb_cli.errors import RlhbError
 
 app = typer.Typer(

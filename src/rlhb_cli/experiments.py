@@ -24,6 +24,7 @@ import yaml
 
 from rlhb_cli import pipeline, rundir
 from rlhb_cli.errors import RlhbError
+from rlhb_cli.plots import label_iteration_axis, save_figure
 from rlhb_cli.stages.report import across_runs, rolling_mean
 
 RECIPE_KEYS = {"title", "base", "seeds", "arms", "arm_defaults", "evaluate", "claims", "scales", "notes"}
@@ -584,13 +585,9 @@ def draw_arm_curves(curves: dict[str, list[list[dict]]], out: Path) -> bool:
                 length = min(len(s) for s in series)
                 mean = np.mean([s[:length] for s in series], axis=0)
                 ax.plot(range(1, length + 1), mean, color=colour, lw=1.6, label=arm)
-        ax.set_title(CURVE_TITLES[key], fontsize=9)
-        ax.set_xlabel("iteration", fontsize=8)
-        ax.tick_params(labelsize=7)
+        label_iteration_axis(ax, CURVE_TITLES[key])
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out)
     return True
 
 
@@ -611,9 +608,7 @@ def draw_gains(arms: dict, out: Path) -> bool:
     ax.axvline(0, color="#888888", lw=0.8)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     ax.set_title("gold gain over SFT, sampled answers (mean over seeds, 95% interval)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out)
     return True
 
 
@@ -673,7 +668,7 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
                 "-" if figures.get(m) is None else f"{figures[m]:+.4f}" if m != "seconds" else f"{figures[m]:.1f}"
                 for m in shown) + " |")
     if recipe.evaluate is not None:
-        lines += ["", f"Per-run detail (judges' trust, behaviour following, sample answers): "
-                  f"[report/report.md](report/report.md).", ""]
+        lines += ["", "Per-run detail (judges' trust, behaviour following, sample answers): "
+                  "[report/report.md](report/report.md).", ""]
     rundir.atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     rundir.atomic_write_json(out / "results.json", results)

@@ -35,6 +35,21 @@ def behavior_histograms(data: dict, out: Path) -> None:
     tmp.replace(out)
 
 
+def label_iteration_axis(ax, title: str) -> None:
+    """A training-curve panel's title and x axis, in the small type every report uses."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("iteration", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def save_figure(fig, out: Path) -> None:
+    """Tight layout, PNG at 80 dpi, and the figure freed (reports draw many)."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
 KINDS = {"histograms": behavior_histograms}
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from rlhb_cli import rundir
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
+from rlhb_cli.plots import label_iteration_axis, save_figure
 
 STAGE = "report"
 CURVES = (("objective/reward_mean", "reward (its own source)"), ("objective/return_mean", "return"),
@@ -131,13 +132,9 @@ def draw_curves(curves: dict, window: int, out: Path) -> bool:
                 steps, values = zip(*points)
                 ax.plot(steps, values, color=colour, alpha=0.2, lw=0.8)
                 ax.plot(steps, rolling_mean(list(values), window), color=colour, lw=1.6, label=name if j == 0 else None)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("iteration", fontsize=8)
-        ax.tick_params(labelsize=7)
+        label_iteration_axis(ax, title)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out)
     return True
 
 
@@ -158,9 +155,7 @@ def draw_wtl(table: dict, out: Path) -> bool:
     ax.set_xlim(0, 1)
     ax.legend(ncol=3, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     ax.set_title("Win-Tie-Loss against the baseline (sampled answers)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out)
     return True
 
 
