@@ -71,3 +71,21 @@ def test_lora_rlhb_checkpoints_adapters_only_resumes_and_evaluates(rl_run, cli):
     assert "train-rlhb" in summary_of(moved, "evaluate")["policies"]
     result = cli("train-rlhb", "--run-dir", moved, *args, "--critic", "separate", "--force", ok=False)
     assert result.exit_code == 2 and "use --critic shared" in result.output
+
+
+def test_the_discriminator_can_learn_through_adapters_of_its_own(rl_run, cli):
+    run = rl_run
+    args = ["--iterations", 3, *RL, "--disc-steps", 2, "--disc-learning-rate", 1e-3, "--disc-lora-r", 4,
+            "--checkpoint-every", 1]
+    twin = run.parent / "twin"
+    shutil.copytree(run, twin)
+    cli("train-rlhb", "--run-dir", run, *args)
+    rows = read_jsonl(run / "train-rlhb" / "metrics.jsonl")
+    assert all("disc/loss" in r for r in rows)
+    cli("train-rlhb", "--run-dir", twin, *args, "--stop-after-steps", 2)
+    cli("train-rlhb", "--run-dir", twin, *args, "--resume")
+    assert without_time(read_jsonl(twin / "train-rlhb" / "metrics.jsonl")) == without_time(rows)
+    source = torch.load(run / "train-rlhb" / "checkpoint.pt", weights_only=False)["source"]["model"]
+    assert source and all("lora_" in k or "modules_to_save" in k for k in source), sorted(source)[:5]
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in source.items())  # the adapters learned
+    assert "LoRA adapters of rank 4" in " ".join(summary_of(run, "train-rlhb")["notes"])

@@ -90,6 +90,8 @@ class RLHBConfig(EngineConfig):
                                                       "(RLGAF's 'good' responses; 0: all).")
     source_warmup_rounds: Optional[int] = field(None, help="Discriminator updates on the starting policy's text "
                                                            "before PPO. Default: 8 with --no-behavior, else 0.")
+    disc_lora_r: int = field(0, help="The discriminator learns through LoRA adapters of this rank on its own "
+                                     "frozen base, its head in full (0: every weight learns).")
 
     def __post_init__(self):
         # Defaults that depend on the variant are resolved here, so the manifest records the values used.
@@ -111,6 +113,8 @@ class RLHBConfig(EngineConfig):
             raise ValueError(f"bootstrap_ratio must be in [0, 1], got {self.bootstrap_ratio}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.disc_lora_r < 0:
+            raise ValueError(f"disc_lora_r must be >= 0, got {self.disc_lora_r}")
         if not 0 <= self.real_min_reward_quantile < 1:
             raise ValueError(f"real_min_reward_quantile must be in [0, 1), got {self.real_min_reward_quantile}")
 
@@ -212,6 +216,10 @@ def rlhb_source_factory(config: RLHBConfig, stage: rundir.StageRun) -> Callable:
             notes.append("RLGAF: the discriminator's body comes from the warm-up, its real/fake head is new")
         else:
             judge = warmed
+        if config.disc_lora_r:
+            from rlhb_cli.rl.engine import attach_judge_lora
+            judge.model = attach_judge_lora(judge.model, config.disc_lora_r, config.lora_alpha)
+            notes.append(f"the discriminator learns through LoRA adapters of rank {config.disc_lora_r}")
         train = data["train"]
         real_rows = None
         if config.real_min_reward_quantile > 0:

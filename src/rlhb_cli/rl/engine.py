@@ -170,6 +170,13 @@ def attach_lora(actor, config: EngineConfig):
         raise RlhbError(f"--lora-target-modules {targets!r}: {str(exc).splitlines()[0]}") from None
 
 
+def attach_judge_lora(model, rank: int, alpha: float):
+    """A judge (sequence classifier) as a peft model: LoRA adapters on its body, its head trained in full."""
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, task_type="SEQ_CLS",
+                                            target_modules="all-linear"))
+
+
 def reference_logits(reference, actor, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """Logits of the frozen starting policy: its own copy, or (LoRA) the actor with its adapters off."""
     if reference is not None:

@@ -168,8 +168,8 @@ class DiscriminatorSource:
         self.spec, self.template = spec, template
         self.rng = np.random.default_rng([settings.seed, 11])
         self.updates = 0
-        self.optimizer = torch.optim.AdamW(discriminator.judge.model.parameters(), lr=settings.learning_rate,
-                                           weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW([p for p in discriminator.judge.model.parameters() if p.requires_grad],
+                                           lr=settings.learning_rate, weight_decay=0.0)
         self._contrast_cache: dict[str, list[str]] = {}
         if settings.reward_form == "contrast":
             self._behaviors_of_query: dict[str, list[str]] = {}
@@ -313,11 +313,19 @@ class DiscriminatorSource:
 
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"model": self.discriminator.judge.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """Its learning weights (with LoRA: the adapters and the head; the base is the warmed-up one on disk)."""
+        model = self.discriminator.judge.model
+        weights = model.state_dict()
+        if any(not p.requires_grad for p in model.parameters()):
+            learning = {name for name, p in model.named_parameters() if p.requires_grad}
+            weights = {k: v for k, v in weights.items() if k in learning}
+        return {"model": weights, "optimizer": self.optimizer.state_dict(),
                 "rng": self.rng.bit_generator.state, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.discriminator.judge.model.load_state_dict(state["model"])
+        model = self.discriminator.judge.model
+        frozen_base = any(not p.requires_grad for p in model.parameters())
+        model.load_state_dict(state["model"], strict=not frozen_base)
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
         self.updates = state["updates"]
