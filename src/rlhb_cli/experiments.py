@@ -331,12 +331,8 @@ def plan(recipe: Recipe, out: Path) -> tuple[Path, list[Step]]:
         options = {**recipe.evaluate, "baseline": baseline, "policies": [baseline, *names]}
         steps.append(Step(out, "evaluate", "evaluate", options,
                           expected_seconds=_expected(recipe, "evaluate", options, len(names) + 1)))
-        steps.append(Step(out, "report", "report", {"run_dirs": [out]}, expected_seconds=rates_of(recipe, "report")))
+        steps.append(Step(out, "report", "report", {"run_dirs": [out]}, expected_seconds=_expected(recipe, "report", {})))
     return base_dir, steps
-
-
-def rates_of(recipe: Recipe, key: str) -> float:
-    return recipe.expected_seconds.get(key, 0.0)
 
 
 def step_done(step: Step) -> bool:
@@ -390,7 +386,6 @@ def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False,
     say(f"{recipe.name} at scale {recipe.scale}: {len(steps)} stages, {len(steps) - len(pending)} already done; "
         f"expected about {expected / 60:.1f} min for the rest (rates measured on a 2-core CPU).")
     started = time.perf_counter()
-    wall: dict[str, float] = {}
     for i, step in enumerate(steps, 1):
         if step.run_dir == out and not (out / "train-sft").exists():
             link_base(base_dir, out, list(recipe.base_stages))
@@ -401,9 +396,8 @@ def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False,
         step_started = time.perf_counter()
         pipeline.run_step(step.run_dir, step.command, step.options, step.stage_name,
                           force=force and step.command != "report")
-        wall[step.stage_name] = round(time.perf_counter() - step_started, 1)
         expected -= step.expected_seconds
-        say(f"    done in {wall[step.stage_name]:.0f} s; about {max(expected, 0) / 60:.1f} min left")
+        say(f"    done in {time.perf_counter() - step_started:.0f} s; about {max(expected, 0) / 60:.1f} min left")
     link_base(base_dir, out, list(recipe.base_stages))
     results = collect_results(recipe, out, base_dir)
     results["wall_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
