@@ -386,9 +386,8 @@ def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False,
     say(f"{recipe.name} at scale {recipe.scale}: {len(steps)} stages, {len(steps) - len(pending)} already done; "
         f"expected about {expected / 60:.1f} min for the rest (rates measured on a 2-core CPU).")
     started = time.perf_counter()
+    link_base(base_dir, out, list(recipe.base_stages))  # links to stages the base may still have to train
     for i, step in enumerate(steps, 1):
-        if step.run_dir == out and not (out / "train-sft").exists():
-            link_base(base_dir, out, list(recipe.base_stages))
         if not force and step_done(step):  # asked now: a rerun upstream makes the stages after it stale
             continue
         say(f"[{i}/{len(steps)}] {step.stage_name} ({step.command}) in {step.run_dir}; "
@@ -398,7 +397,6 @@ def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False,
                           force=force and step.command != "report")
         expected -= step.expected_seconds
         say(f"    done in {time.perf_counter() - step_started:.0f} s; about {max(expected, 0) / 60:.1f} min left")
-    link_base(base_dir, out, list(recipe.base_stages))
     results = collect_results(recipe, out, base_dir)
     results["wall_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     write_results(recipe, out, results)
