@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import read_jsonl, summary_of
+from conftest import TINY, private_copy, read_jsonl, summary_of
 
 TESTS = Path(__file__).parent
 RL = ["--prompts-per-iteration", 8, "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 10,
@@ -72,3 +72,39 @@ def test_metrics_are_the_gathered_values_and_each_process_has_its_own_prompts(ru
     alone = read_jsonl(single / "rank0.jsonl")[0]["queries"]
     assert sorted(alone) == sorted(ranks[0][0]["queries"] + ranks[1][0]["queries"])
     assert summary_of(run, "train-ppo")["processes_in_sync"] is True
+
+
+SUPERVISED = [
+    ("train-sft", ["--epochs", 1, "--max-train-rows", 400, "--batch-size", 16, *TINY]),
+    # without the likelihood term (a mean over the real rows of each process's share) a step is exactly
+    # the one-process step on the whole batch, so the two runs' numbers must agree
+    ("warmup-discriminator", ["--backbone", "tiny", "--epochs", 1, "--max-train-rows", 300, "--likelihood-weight", 0,
+                              "--learning-rate", 3e-3]),
+    ("train-classifier", ["--backbone", "tiny", "--epochs", 1, "--max-train-rows", 300]),
+    ("train-reward", ["--backbone", "tiny", "--epochs", 1]),
+]
+
+
+def test_supervised_stages_under_two_processes_write_once_and_agree(small_sim, tmp_path, cli):
+    two = private_copy(small_sim, tmp_path / "two")
+    cli("prepare-behaviors", "--run-dir", two)
+    one = private_copy(two, tmp_path / "one")
+    for stage, options in SUPERVISED:
+        torchrun(stage, "--run-dir", two, *options)
+        cli(stage, "--run-dir", one, *options)
+        summary = summary_of(two, stage)
+        assert summary["processes"] == 2 and summary["processes_in_sync"] is True, stage
+        assert json.loads((two / stage / "manifest.json").read_text())["status"] == "done"
+        # the same files as the one-process run: nothing written twice, no scratch left behind
+        assert sorted(p.name for p in (two / stage).iterdir()) == sorted(p.name for p in (one / stage).iterdir())
+        steps = [r["step"] for r in read_jsonl(two / stage / "metrics.jsonl") if "loss/train" in r or "loss" in r]
+        assert steps == sorted(set(steps)), stage
+    rows = {run: [r for r in read_jsonl(run / "warmup-discriminator" / "metrics.jsonl")] for run in (one, two)}
+    assert [r["step"] for r in rows[one]] == [r["step"] for r in rows[two]]
+    for a, b in zip(rows[one], rows[two]):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    # the two-process SFT policy is a policy like any other: the RL stages start from it
+    torchrun("train-ppo", "--run-dir", two, "--reward-source", "rl_sources:records_each_process", *RL[:-1], 1,
+             record=tmp_path)
+    assert summary_of(two, "train-ppo")["processes_in_sync"] is True

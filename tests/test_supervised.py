@@ -179,3 +179,10 @@ def test_too_little_data_and_single_class_heads_are_refused(cli, tmp_path):
     assert "the validation split has 0 rows" in result.output
     result = cli("train-classifier", "--run-dir", tmp_path / "nothing", ok=False)
     assert "run `rlhb prepare-behaviors LOGS --run-dir" in result.output
+
+
+def test_a_run_whose_warmup_is_exactly_one_step_trains(run, cli):
+    # 300 rows / 32 = 10 steps at a warm-up share of 0.1: OneCycleLR alone divides by zero here
+    cli("train-classifier", "--run-dir", run, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 300,
+        "--warmup-fraction", 0.1)
+    assert summary_of(run, "train-classifier")["heads"]

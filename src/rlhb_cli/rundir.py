@@ -24,7 +24,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from rlhb_cli import distributed
 from rlhb_cli.config import config_to_dict
+from rlhb_cli.distributed import is_main_process
 from rlhb_cli.errors import RlhbError
 
 MANIFEST = "manifest.json"
@@ -70,7 +72,10 @@ def now() -> str:
 
 # ----------------------------------------------------------------------------------------- writing
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write, flush, then rename: readers see the old file or the whole new one, never a part."""
+    """Write, flush, then rename: readers see the old file or the whole new one, never a part.
+    Under a launcher only the main process writes (the others hold the same bytes)."""
+    if not is_main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -95,7 +100,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` in one rename."""
+    """Yield a temporary sibling directory; on success it replaces `path` in one rename.
+    Under a launcher the other processes write into scratch space that is thrown away."""
+    if not is_main_process():
+        scratch = Path(tempfile.mkdtemp(prefix=f"rlhb-rank{distributed.process_index()}-"))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
@@ -171,11 +184,6 @@ def git_commit() -> str | None:
 
 
 # ----------------------------------------------------------------------------------------- reading
-def is_main_process() -> bool:
-    """Under torchrun / accelerate launch every process runs the stage; only rank 0 writes the run dir."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
@@ -336,6 +344,7 @@ def open_stage(stage_dir: Path, stage: str, config: Any, seed: int | None,
     manifest["status"] = "done"
     manifest["finished_at"] = now()
     run._flush()
+    distributed.wait_for_everyone()  # what this stage wrote is there for every process's next step
 
 
 def status_rows(run_dir: Path) -> list[dict[str, Any]]:

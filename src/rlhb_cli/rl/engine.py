@@ -14,7 +14,6 @@ continues exactly as the uninterrupted one would.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhb_cli import rundir
+from rlhb_cli import distributed, rundir
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.rl.core import (INVALID_LOGPROB, KLController, generalized_advantages, kl_per_token, masked_mean,
@@ -595,26 +594,10 @@ class PPOEngine:
 
     def weights_digest(self) -> str:
         """sha256 of every weight this process trains with: policy, critic and a learning reward source's model."""
-        digest = hashlib.sha256()
         states = [self.unwrapped.state_dict()]
         if hasattr(self.source, "state_dict") and isinstance(self.source.state_dict(), dict):
             states.append(self.source.state_dict().get("model", {}))
-        for state in states:
-            for name, tensor in sorted(state.items()):
-                if torch.is_tensor(tensor):
-                    digest.update(name.encode())
-                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
-
-    def check_processes_in_sync(self) -> dict:
-        """Several processes must end with the very same weights (DDP for the policy and critic, identical
-        updates for the discriminator); a difference is a bug worth stopping for, so it is checked."""
-        from accelerate.utils import gather_object
-        digests = gather_object([self.weights_digest()])
-        if len(set(digests)) != 1:
-            raise RlhbError(f"the {len(digests)} processes ended with different weights ({', '.join(d[:12] for d in digests)})"
-                            "; the run is not data-parallel as it should be")
-        return {"processes": len(digests), "processes_in_sync": True, "weights_sha256": digests[0]}
+        return distributed.weights_digest(states)
 
     def _fail(self, message: str) -> None:
         failed = self.stage.dir / "checkpoint-failed.pt"
@@ -698,7 +681,7 @@ class PPOEngine:
                     raise rundir.StageStopped(f"stopped after {self.iteration} of {config.iterations} iterations")
         if not (config.keep_best and (stage.dir / "policy").exists()):
             self.save_policy(stage.dir / "policy", policy_meta | {"iteration": self.iteration})
-        in_sync = self.check_processes_in_sync() if self.accelerator.num_processes > 1 else {"processes": 1}
+        in_sync = distributed.check_in_sync(self.weights_digest()) if self.accelerator.num_processes > 1 else {"processes": 1}
         return self._summary(warnings, stopped_early) | in_sync
 
     def _show_samples(self, console, samples: MetricsLog, count: int = 4) -> None:

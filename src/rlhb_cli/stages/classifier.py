@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhb_cli import rundir
+from rlhb_cli import distributed, rundir
 from rlhb_cli.behaviors.binning import METRICS, shaped_reward
 from rlhb_cli.config import config_to_dict, field
 from rlhb_cli.errors import RlhbError
@@ -36,7 +36,7 @@ class ClassifierConfig:
     heads: list[str] = field(help="Behaviour metrics to predict, one head each.", factory=lambda: list(METRICS))
     max_length: int = field(192, help="Tokens of judge input kept (question, answer).")
     epochs: int = field(3, help="Passes over the training rows.")
-    batch_size: int = field(32, help="Rows per optimizer step.")
+    batch_size: int = field(32, help="Rows per optimizer step (in all, split among the processes of a launcher).")
     learning_rate: float = field(3e-4, help="Peak learning rate of the one-cycle schedule.")
     weight_decay: float = field(0.01, help="AdamW weight decay on matrices.")
     warmup_fraction: float = field(0.1, help="Share of steps rising to the peak learning rate.")
@@ -209,5 +209,6 @@ def run(config: ClassifierConfig, stage: rundir.StageRun) -> dict:
         "backbone": config.backbone,
         "parameters": param_count(model),
         "notes": notes,
+        **distributed.processes_summary(model),
         "seconds": round(time.perf_counter() - started, 1),
     }

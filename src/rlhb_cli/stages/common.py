@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhb_cli import rundir
+from rlhb_cli import distributed, rundir
 from rlhb_cli.behaviors.binning import BinSpec
 from rlhb_cli.behaviors.text import BehaviorTemplate
 from rlhb_cli.errors import RlhbError
@@ -64,15 +64,16 @@ def judge_backbone(name: str, run_dir: Path, stage: rundir.StageRun, num_labels:
     if name == "tiny":
         from transformers import LlamaForSequenceClassification
         init = stage.dir / "init"
-        if not (init / "config.json").exists():
-            tokenizer = train_tokenizer(corpus() if callable(corpus) else corpus_of(corpus),
-                                        (spec or TinyModelSpec()).vocab_size)
-            config = tiny_llama_config(spec or TinyModelSpec(), tokenizer)
-            config.num_labels = num_labels
-            model = LlamaForSequenceClassification(config)
-            with rundir.atomic_dir(init) as tmp:
-                model.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
+        with distributed.main_process_first():  # built once, by the main process; the others read it
+            if not (init / "config.json").exists():
+                tokenizer = train_tokenizer(corpus() if callable(corpus) else corpus_of(corpus),
+                                            (spec or TinyModelSpec()).vocab_size)
+                config = tiny_llama_config(spec or TinyModelSpec(), tokenizer)
+                config.num_labels = num_labels
+                model = LlamaForSequenceClassification(config)
+                with rundir.atomic_dir(init) as tmp:
+                    model.save_pretrained(str(tmp))
+                    tokenizer.save_pretrained(str(tmp))
         return load_sequence_classifier(init, num_labels, notes)
     if name == "minilm":
         return load_sequence_classifier(minilm_path(), num_labels, notes)
@@ -84,7 +85,7 @@ class MetricsLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.writes = rundir.is_main_process()  # one process writes; the others' rows are the same, gathered
+        self.writes = distributed.is_main_process()  # one process writes; the others' rows are the same, gathered
 
     def keep_until(self, step: int) -> None:
         if not self.path.exists() or not self.writes:
@@ -112,14 +113,16 @@ class MetricsLog:
 
 
 def progress_bar():
-    """A rich progress bar with loss and rate, on stderr (quiet when stderr is not a terminal)."""
+    """A rich progress bar with loss and rate, on stderr (quiet when stderr is not a terminal, and in all
+    processes but the main one)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} it/s"),
-                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
+                    TimeRemainingColumn(), console=console, transient=True,
+                    disable=not (console.is_terminal and distributed.is_main_process()))
 
 
 def param_count(model) -> int:
@@ -136,6 +139,16 @@ def trainer_resume_point(stage: rundir.StageRun, metrics: MetricsLog) -> str | N
     return None
 
 
+def evaluate_before_training(trainer) -> dict:
+    """`trainer.evaluate()` on the untrained model. accelerate marks a model it prepared for evaluation as
+    prepared, so the training that follows would not wrap it in DDP, and under a launcher every process
+    would train alone (measured: the processes ended with different weights). The mark is lifted here."""
+    metrics = trainer.evaluate()
+    if getattr(trainer.model, "_is_accelerate_prepared", False):
+        trainer.model._is_accelerate_prepared = False
+    return metrics
+
+
 def stop_if_unfinished(trainer) -> None:
     """A Trainer stopped by --stop-after-steps leaves the stage `stopped`, not done."""
     if trainer.state.global_step < trainer.state.max_steps:
@@ -143,10 +156,11 @@ def stop_if_unfinished(trainer) -> None:
 
 
 def trl_config(config_cls, **kwargs):
-    """A trl config on CPU terms; trl still passes transformers' renamed `gradient_checkpointing`, whose
-    deprecation warning says nothing a user could act on."""
+    """A trl config, on the CPU unless there is a GPU. trl still passes transformers' renamed
+    `gradient_checkpointing`, whose deprecation warning says nothing a user could act on."""
     import warnings
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
-        return config_cls(bf16=False, fp16=False, report_to="none", gradient_checkpointing=False, use_cpu=True,
+        return config_cls(bf16=False, fp16=False, report_to="none", gradient_checkpointing=False,
+                          use_cpu=not torch.cuda.is_available(),
                           disable_tqdm=True, dataloader_num_workers=0, **kwargs)

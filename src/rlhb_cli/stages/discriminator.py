@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhb_cli import rundir
+from rlhb_cli import distributed, rundir
 from rlhb_cli.behaviors.binning import METRICS, BinSpec
 from rlhb_cli.behaviors.text import BehaviorTemplate
 from rlhb_cli.config import config_to_dict, field
@@ -43,7 +43,7 @@ class DiscriminatorConfig:
                                                "added to the real/fake loss.")
     max_length: int = field(192, help="Tokens of judge input kept (behaviour, question, answer).")
     epochs: int = field(3, help="Passes over the training triplets.")
-    batch_size: int = field(32, help="Triplets per optimizer step.")
+    batch_size: int = field(32, help="Triplets per optimizer step (in all, split among the processes of a launcher).")
     learning_rate: float = field(3e-4, help="Peak learning rate of the one-cycle schedule.")
     weight_decay: float = field(0.01, help="AdamW weight decay on matrices.")
     warmup_fraction: float = field(0.1, help="Share of steps rising to the peak learning rate.")
@@ -321,6 +321,7 @@ def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
         "parameters": param_count(model),
         "parameters_changed": changed,
         "notes": notes,
+        **distributed.processes_summary(model),
         "seconds": round(time.perf_counter() - started, 1),
     }
     return summary

@@ -3,6 +3,10 @@
 Texts are tokenized once. The batch order of epoch e is a permutation seeded by (seed, e), so a run
 resumed from a checkpoint (model, optimizer, schedule, RNG state, step) sees exactly the batches the
 uninterrupted run would have, and ends with the same numbers.
+
+Under a launcher each process takes its share of every batch and DDP averages the gradients, weighted
+so that a step equals the one-process step on the whole batch; every process evaluates the whole
+validation set (the weights are the same), and only the main one writes.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rlhb_cli import distributed
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.judge import Judge
 from rlhb_cli.rundir import StageRun, StageStopped
@@ -48,11 +53,38 @@ def _pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(path, judge, optimizer, scheduler, step, fingerprint, window=(0.0, 0)) -> None:
+    """Written by the main process; keeps every process's RNG (each has its own dropout)."""
+    rng = [torch.get_rng_state()]
+    if distributed.num_processes() > 1:
+        from accelerate.utils import gather_object
+        rng = gather_object(rng)
+    if not distributed.is_main_process():
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"model": judge.model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                "scheduler": scheduler.state_dict(), "rng": rng, "step": step,
                 "fingerprint": fingerprint, "loss_window": window}, tmp)
     os.replace(tmp, path)
+
+
+def _restore_rng(saved) -> None:
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == distributed.num_processes():
+        torch.set_rng_state(states[distributed.process_index()])
+    else:  # resumed on another number of processes: reproducible, though not the uninterrupted run
+        torch.set_rng_state(states[0])
+        torch.manual_seed(int(torch.randint(2**31, (1,))) + distributed.process_index())
+
+
+def _share(index: np.ndarray) -> tuple[np.ndarray, float]:
+    """This process's rows of a batch and the weight of its mean loss, so that DDP's average of the
+    processes' gradients is the gradient of the whole batch's mean loss. A process left without a row
+    (a last batch smaller than the number of processes) takes one with weight 0."""
+    rank, processes = distributed.process_index(), distributed.num_processes()
+    mine = index[rank::processes]
+    if len(mine) == 0:
+        return index[:1], 0.0
+    return mine, len(mine) * processes / len(index)
 
 
 def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
@@ -63,13 +95,18 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
     n = len(encoded)
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total = steps_per_epoch * settings.epochs
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = judge.model
     decay = [p for name, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for name, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=settings.learning_rate)
+    # OneCycleLR divides by zero when the warm-up is exactly one step; one step of warm-up is none at all
+    warmup = settings.warmup_fraction if abs(settings.warmup_fraction * total - 1) > 1e-9 else 0.5 / total
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.learning_rate, total_steps=total,
-                                                    pct_start=settings.warmup_fraction, anneal_strategy="cos")
+                                                    pct_start=warmup, anneal_strategy="cos")
     metrics = MetricsLog(stage.dir / "metrics.jsonl")
     checkpoint = stage.dir / CHECKPOINT
     start = 0
@@ -80,14 +117,15 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        _restore_rng(state["rng"])
         start = state["step"]
         resumed_window = state.get("loss_window", (0.0, 0))
         metrics.keep_until(start)
     else:
         resumed_window = (0.0, 0)
         metrics.keep_until(-1)
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(settings.seed + distributed.process_index())
+    trained = accelerator.prepare_model(model)  # DDP under a launcher (the same module otherwise)
     model.train()
     pad_id = judge.tokenizer.pad_token_id
     evaluation: dict = {}
@@ -98,13 +136,16 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
             epoch, k = divmod(step, steps_per_epoch)
             order = np.random.default_rng([settings.seed, epoch]).permutation(n)
             index = order[k * settings.batch_size:(k + 1) * settings.batch_size]
-            batch = _pad([encoded[i] for i in index], pad_id)
-            loss = loss_fn(judge.forward_logits(batch), targets[torch.as_tensor(index)])
+            mine, weight = _share(index)
+            batch = _pad([encoded[i] for i in mine], pad_id)
+            logits = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            local = loss_fn(logits, targets[torch.as_tensor(mine)])
+            loss = accelerator.reduce(local.detach() * weight, "mean")  # the whole batch's mean loss
             if not torch.isfinite(loss):
                 _save_checkpoint(checkpoint, judge, optimizer, scheduler, step, fingerprint)
                 raise RlhbError(f"{stage.stage}: the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
                                 f"checkpoint kept in {checkpoint}; lower --learning-rate")
-            loss.backward()
+            (local * weight).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()
             scheduler.step()

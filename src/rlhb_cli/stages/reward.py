@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from rlhb_cli import rundir
+from rlhb_cli import distributed, rundir
 from rlhb_cli.behaviors.prepare import split_queries
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
@@ -33,7 +33,7 @@ class RewardConfig:
     backbone: str = field("sft", help="sft (the SFT policy's body), tiny (fresh), minilm (pretrained encoder) or a path.")
     max_length: int = field(192, help="Tokens of judge input kept (question, answer).")
     epochs: float = field(2.0, help="Passes over the training pairs.")
-    batch_size: int = field(16, help="Pairs per optimizer step.")
+    batch_size: int = field(16, help="Pairs per optimizer step (in all, split among the processes of a launcher).")
     learning_rate: float = field(3e-4, help="Peak learning rate.")
     validation_fraction: float = field(0.15, help="Share of prompts whose pairs are held out.")
     max_reject_ratio: float = field(0.1, help="Fail when more than this share of pair lines is bad.")
@@ -127,7 +127,7 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
     args = trl_config(
         TrlRewardConfig,
         output_dir=str(stage.dir / "checkpoints"), num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=32,
+        per_device_train_batch_size=distributed.per_process(config.batch_size, "--batch-size"), per_device_eval_batch_size=32,
         learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.01,
         logging_steps=10, eval_strategy="epoch", save_strategy="steps", save_steps=config.checkpoint_every,
         save_total_limit=1, seed=config.seed, data_seed=config.seed, max_length=config.max_length,
@@ -162,5 +162,6 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
         "backbone": config.backbone,
         "parameters": param_count(trainer.model),
         "notes": notes,
+        **distributed.processes_summary(trainer.model),
         "seconds": round(time.perf_counter() - started, 1),
     }

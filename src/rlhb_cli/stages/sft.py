@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhb_cli import rundir
+from rlhb_cli import distributed, rundir
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.load import TinyModelSpec, load_causal_lm, tiny_llama_config
 from rlhb_cli.models.tokenizer import train_tokenizer
 from rlhb_cli.prompts import generator_prompt
-from rlhb_cli.stages.common import (MetricsLog, corpus_of, load_prepared, param_count, progress_bar, seed_everything,
-                                   stop_if_unfinished, trainer_resume_point,
+from rlhb_cli.stages.common import (MetricsLog, corpus_of, evaluate_before_training, load_prepared, param_count,
+                                   progress_bar, seed_everything, stop_if_unfinished, trainer_resume_point,
                                    trl_config)
 
 STAGE = "train-sft"
@@ -37,7 +37,7 @@ class SFTStageConfig:
     tiny_layers: int = field(2, help="tiny: transformer layers.")
     tiny_heads: int = field(4, help="tiny: attention heads.")
     epochs: float = field(3.0, help="Passes over the training rows.")
-    batch_size: int = field(32, help="Rows per optimizer step.")
+    batch_size: int = field(32, help="Rows per optimizer step (in all, split among the processes of a launcher).")
     learning_rate: float = field(2e-3, help="Peak learning rate (2e-3 suits the tiny model; use ~2e-5 for a real one).")
     max_length: int = field(256, help="Tokens kept per prompt + completion.")
     min_reward_quantile: float = field(0.0, help="Train only on rows whose shaped reward is above this quantile (0: all).")
@@ -128,12 +128,13 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     notes: list[str] = []
     if config.model == "tiny":
         init = stage.dir / "init"
-        if not (init / "config.json").exists():
-            tokenizer = train_tokenizer(corpus_of(data["train"]), config.tiny_vocab_size)
-            model = LlamaForCausalLM(tiny_llama_config(config.tiny_spec, tokenizer))
-            with rundir.atomic_dir(init) as tmp:
-                model.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
+        with distributed.main_process_first():  # built once, by the main process; the others read it
+            if not (init / "config.json").exists():
+                tokenizer = train_tokenizer(corpus_of(data["train"]), config.tiny_vocab_size)
+                model = LlamaForCausalLM(tiny_llama_config(config.tiny_spec, tokenizer))
+                with rundir.atomic_dir(init) as tmp:
+                    model.save_pretrained(str(tmp))
+                    tokenizer.save_pretrained(str(tmp))
         model_path = init
     else:
         model_path = Path(config.model)
@@ -147,7 +148,7 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     args = trl_config(
         SFTConfig,
         output_dir=str(stage.dir / "checkpoints"), num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=64,
+        per_device_train_batch_size=distributed.per_process(config.batch_size, "--batch-size"), per_device_eval_batch_size=64,
         learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
         logging_steps=10, eval_strategy="epoch", save_strategy="steps", save_steps=config.checkpoint_every,
         save_total_limit=1, seed=config.seed, data_seed=config.seed, max_length=config.max_length,
@@ -163,7 +164,7 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     if resume_from:
         untrained = rundir.read_json(stage.dir / "untrained.json")
     else:
-        untrained = {"eval_loss": trainer.evaluate()["eval_loss"]}
+        untrained = {"eval_loss": evaluate_before_training(trainer)["eval_loss"]}
         rundir.atomic_write_json(stage.dir / "untrained.json", untrained)
     result = trainer.train(resume_from_checkpoint=resume_from)
     stop_if_unfinished(trainer)
@@ -182,5 +183,6 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
         "model": config.model,
         "parameters": param_count(model),
         "notes": notes,
+        **distributed.processes_summary(trainer.model),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -1,0 +1,91 @@
+"""Several processes, one run: what every stage needs to run under `torchrun` or `accelerate launch`.
+
+Every process runs the same stage on its share of the data; only the main process (rank 0) writes the
+run directory, so the other processes' writes go to scratch space and vanish. Whatever one process
+builds and the others then read (a tokenizer trained on the fly, a model saved for the next stage) is
+made under `main_process_first()` or followed by `wait_for_everyone()`. With one process all of this
+is free: nothing is initialised and nothing waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from typing import Iterable, Iterator
+
+from rlhb_cli.errors import RlhbError
+
+
+def process_index() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def num_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_process(total: int, option: str) -> int:
+    """A batch size given as the total of one optimizer step, split evenly among the processes."""
+    if total % num_processes():
+        raise RlhbError(f"{option} {total} must divide among the {num_processes()} processes")
+    return total // num_processes()
+
+
+def is_main_process() -> bool:
+    """Under torchrun / accelerate launch every process runs the stage; only rank 0 writes the run dir."""
+    return process_index() == 0
+
+
+def _state():
+    """accelerate's process state (it sets up the process group once: gloo on CPU, nccl on GPU)."""
+    import torch
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def wait_for_everyone() -> None:
+    if num_processes() > 1:
+        _state().wait_for_everyone()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """The main process runs the block first (building and saving, say); the others then run it and find it done."""
+    if not is_main_process():
+        wait_for_everyone()
+    yield
+    if is_main_process():
+        wait_for_everyone()
+
+
+def weights_digest(state_dicts: Iterable[dict]) -> str:
+    """sha256 over the tensors of some state dicts, by sorted name: equal only for the very same weights."""
+    import torch
+    digest = hashlib.sha256()
+    for state in state_dicts:
+        for name, tensor in sorted(state.items()):
+            if torch.is_tensor(tensor):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_in_sync(digest: str) -> dict:
+    """Data-parallel processes must end with the very same weights; a difference is a bug worth stopping for."""
+    digests = [digest]
+    if num_processes() > 1:
+        from accelerate.utils import gather_object
+        _state()
+        digests = gather_object([digest])
+    if len(set(digests)) != 1:
+        raise RlhbError(f"the {len(digests)} processes ended with different weights ({', '.join(d[:12] for d in digests)})"
+                        "; the run is not data-parallel as it should be")
+    return {"processes": len(digests), "processes_in_sync": True, "weights_sha256": digests[0]}
+
+
+def processes_summary(*models) -> dict:
+    """For a stage's summary: how many processes trained, and (with more than one) proof they agree."""
+    if num_processes() == 1:
+        return {"processes": 1}
+    return check_in_sync(weights_digest(model.state_dict() for model in models))
