@@ -84,8 +84,9 @@ def check_in_sync(digest: str) -> dict:
     return {"processes": len(digests), "processes_in_sync": True, "weights_sha256": digests[0]}
 
 
-def processes_summary(*models) -> dict:
-    """For a stage's summary: how many processes trained, and (with more than one) proof they agree."""
+def processes_summary(*state_dicts: dict) -> dict:
+    """For a stage's summary: how many processes trained, and (with more than one) proof that they all
+    hold the very same weights (those of `state_dicts`)."""
     if num_processes() == 1:
         return {"processes": 1}
-    return check_in_sync(weights_digest(model.state_dict() for model in models))
+    return check_in_sync(weights_digest(state_dicts))

@@ -592,12 +592,12 @@ class PPOEngine:
         self.collapse_run, self.collapsed_at = state["collapse"]
         self.best_probe, self.probes_since_best = state["probe"]
 
-    def weights_digest(self) -> str:
-        """sha256 of every weight this process trains with: policy, critic and a learning reward source's model."""
+    def trained_states(self) -> list[dict]:
+        """Every weight this process trains: policy, critic and a learning reward source's model."""
         states = [self.unwrapped.state_dict()]
         if hasattr(self.source, "state_dict") and isinstance(self.source.state_dict(), dict):
             states.append(self.source.state_dict().get("model", {}))
-        return distributed.weights_digest(states)
+        return states
 
     def _fail(self, message: str) -> None:
         failed = self.stage.dir / "checkpoint-failed.pt"
@@ -681,8 +681,7 @@ class PPOEngine:
                     raise rundir.StageStopped(f"stopped after {self.iteration} of {config.iterations} iterations")
         if not (config.keep_best and (stage.dir / "policy").exists()):
             self.save_policy(stage.dir / "policy", policy_meta | {"iteration": self.iteration})
-        in_sync = distributed.check_in_sync(self.weights_digest()) if self.accelerator.num_processes > 1 else {"processes": 1}
-        return self._summary(warnings, stopped_early) | in_sync
+        return self._summary(warnings, stopped_early) | distributed.processes_summary(*self.trained_states())
 
     def _show_samples(self, console, samples: MetricsLog, count: int = 4) -> None:
         from rich.table import Table

@@ -209,6 +209,6 @@ def run(config: ClassifierConfig, stage: rundir.StageRun) -> dict:
         "backbone": config.backbone,
         "parameters": param_count(model),
         "notes": notes,
-        **distributed.processes_summary(model),
+        **distributed.processes_summary(model.state_dict()),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -321,7 +321,7 @@ def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
         "parameters": param_count(model),
         "parameters_changed": changed,
         "notes": notes,
-        **distributed.processes_summary(model),
+        **distributed.processes_summary(model.state_dict()),
         "seconds": round(time.perf_counter() - started, 1),
     }
     return summary

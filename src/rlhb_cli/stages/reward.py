@@ -162,6 +162,6 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
         "backbone": config.backbone,
         "parameters": param_count(trainer.model),
         "notes": notes,
-        **distributed.processes_summary(trainer.model),
+        **distributed.processes_summary(trainer.model.state_dict()),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -183,6 +183,6 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
         "model": config.model,
         "parameters": param_count(model),
         "notes": notes,
-        **distributed.processes_summary(trainer.model),
+        **distributed.processes_summary(trainer.model.state_dict()),
         "seconds": round(time.perf_counter() - started, 1),
     }
