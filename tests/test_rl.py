@@ -103,6 +103,54 @@ def test_bootstrap_relabels_exactly_the_top_share(run):
     assert (origin == "real").sum() == 10 and (origin == "replaced").sum() == 5
 
 
+def test_a_round_reads_each_pair_once_and_learns_as_if_it_read_every_triplet(run):
+    """Factorized discriminator: replaced negatives are drawn on the round's real rows, a step takes whole
+    groups of triplets sharing a (query, response), and reading each text once gives the loss and the
+    gradient of reading every triplet on its own."""
+    import datasets
+    from rlhb_cli.behaviors.binning import BinSpec
+    from rlhb_cli.behaviors.text import BehaviorTemplate
+    from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource, GeneratedBatch
+    from rlhb_cli.stages.discriminator import Discriminator
+    train = datasets.load_from_disk(str(run / "prepare-behaviors" / "dataset"))["train"]
+    spec = BinSpec.from_json(json.loads((run / "prepare-behaviors" / "bins.json").read_text()))
+    settings = AdversarialSettings("contrast", 8, 1e-4, 1, 16, 0, 1, 0.0, 0.0, 3.0, 1.0, 0)
+    disc = Discriminator.load(run / "warmup-discriminator" / "model")
+    assert disc.form == "factorized"
+    source = DiscriminatorSource(disc, settings, train, spec, BehaviorTemplate.load("en"))
+    batch = GeneratedBatch(train["query"][:4], [f"answer {i}" for i in range(4)], train["behavior_text"][:4],
+                           torch.zeros(4), 1)
+    queries, responses, behaviors, labels, origin = source.assemble(batch)
+    real = {(q, r) for q, r, o in zip(queries, responses, origin) if o == "real"}
+    replaced = [(q, r) for q, r, o in zip(queries, responses, origin) if o == "replaced"]
+    assert len(replaced) == 12 and set(replaced) <= real
+    groups = source._groups(queries, responses, behaviors)
+    assert sorted(i for g in groups for i in g) == list(range(len(queries)))
+    assert all(len({(queries[i], responses[i]) for i in g}) == 1 for g in groups)
+    assert len(groups) < len(queries)
+
+    model = disc.judge.model
+    model.train()
+    pick = [i for g in groups[:3] for i in g]
+    args = ([queries[i] for i in pick], [responses[i] for i in pick], [behaviors[i] for i in pick])
+    assert len(set(zip(args[0], args[1]))) < len(pick)  # the batch repeats texts
+    read, encode = [], disc.judge.encode
+    disc.judge.encode = lambda texts: read.extend(texts) or encode(texts)
+    loss, logit = disc.training_loss(*args, labels[torch.tensor(pick)], 0.0, 1.0)
+    disc.judge.encode = encode
+    assert len(read) == 3  # three groups, three texts read
+    loss.backward()
+    shared = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    one_by_one = torch.cat([disc.judge.forward_logits(disc.judge.encode(disc.texts([q], [r], [b])))
+                            for q, r, b in zip(*args)])
+    expected_loss, expected_logit = disc.loss_from_raw(one_by_one, labels[torch.tensor(pick)], disc.levels(args[2]),
+                                                       disc.marginals(args[2]), 0.0, 1.0)
+    expected_loss.backward()
+    assert torch.allclose(logit, expected_logit, atol=1e-5) and torch.allclose(loss, expected_loss, atol=1e-6)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(shared, model.parameters()))
+
+
 def test_same_seed_same_metrics_and_resume_equals_uninterrupted(run, cli):
     args = ["--iterations", 4, *RL, "--disc-steps", 2, "--disc-learning-rate", 1e-3, "--bootstrap-ratio", 0.25,
             "--checkpoint-every", 2]

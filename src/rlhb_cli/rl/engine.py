@@ -141,16 +141,19 @@ class PolicyAndValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, response_length: int):
+        """(logits, values) at the positions that predict the last `response_length` tokens: the LM head
+        runs on those only (on a short answer after a long prompt, most of its cost)."""
         shared = self.critic_body is None
+        keep = response_length + 1
         out = self.actor(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         output_hidden_states=shared, use_cache=False)
+                         output_hidden_states=shared, use_cache=False, logits_to_keep=keep)
         if shared:
             hidden = out.hidden_states[-1]
         else:
             hidden = self.critic_body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       use_cache=False).last_hidden_state
-        return out.logits, self.value_head(hidden).squeeze(-1)
+        return out.logits[:, :-1], self.value_head(hidden[:, -keep:-1]).squeeze(-1)
 
     def critic_parameters(self):
         body = [] if self.critic_body is None else list(self.critic_body.parameters())
@@ -176,14 +179,15 @@ def attach_judge_lora(model, rank: int, alpha: float):
                                             target_modules="all-linear"))
 
 
-def reference_logits(reference, actor, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """Logits of the frozen starting policy: its own copy, or (LoRA) the actor with its adapters off."""
+def reference_logits(reference, actor, input_ids, attention_mask, position_ids, keep: int = 0) -> torch.Tensor:
+    """Logits of the frozen starting policy: its own copy, or (LoRA) the actor with its adapters off; at the
+    last `keep` positions only (0: all)."""
     if reference is not None:
         return reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).logits
+                         use_cache=False, logits_to_keep=keep).logits
     with actor.disable_adapter():
         return actor(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False).logits
+                     use_cache=False, logits_to_keep=keep).logits
 
 
 def base_reference(base: Path, policy_dir: Path) -> str:
@@ -341,24 +345,23 @@ class PPOEngine:
         return ids.masked_fill(attention == 0, 0), attention, _positions(attention)
 
     def _response_logprobs(self, logits: torch.Tensor, rollout: Rollout, index=slice(None)) -> torch.Tensor:
+        """Log-probabilities of the sampled tokens from the logits at the positions that predict them."""
         from trl.trainer.utils import selective_log_softmax
-        context = rollout.prompt_ids.shape[1]
-        logits = logits[:, context - 1:-1] / self.config.temperature
-        return selective_log_softmax(logits, rollout.responses[index])
+        return selective_log_softmax(logits / self.config.temperature, rollout.responses[index])
 
     @torch.no_grad()
     def _old_policy_pass(self, rollout: Rollout, chunk: int = 32):
         """Log-probabilities of actor and reference, and values, at rollout time."""
         logprobs, ref_logprobs, values = [], [], []
-        context = rollout.prompt_ids.shape[1]
+        length = rollout.responses.shape[1]
         for start in range(0, len(rollout.texts), chunk):
             index = slice(start, start + chunk)
             ids, attention, positions = self._inputs(rollout, index)
-            logits, value = self.model(ids, attention, positions)
+            logits, value = self.model(ids, attention, positions, length)
             logprobs.append(self._response_logprobs(logits, rollout, index))
-            values.append(value[:, context - 1:-1])
-            ref_logits = reference_logits(self.reference, self.unwrapped.actor, ids, attention, positions)
-            ref_logprobs.append(self._response_logprobs(ref_logits, rollout, index))
+            values.append(value)
+            ref_logits = reference_logits(self.reference, self.unwrapped.actor, ids, attention, positions, length + 1)
+            ref_logprobs.append(self._response_logprobs(ref_logits[:, :-1], rollout, index))
         padding = rollout.mask == 0
         return (torch.cat(logprobs).masked_fill(padding, INVALID_LOGPROB),
                 torch.cat(ref_logprobs).masked_fill(padding, INVALID_LOGPROB),
@@ -466,7 +469,7 @@ class PPOEngine:
         config = self.config
         n = len(rollout.texts)
         mask = rollout.mask
-        context = rollout.prompt_ids.shape[1]
+        length = rollout.responses.shape[1]
         sums: dict[str, list[float]] = {k: [] for k in ("policy/approxkl", "policy/clipfrac", "policy/entropy",
                                                         "loss/policy", "loss/value", "value/clipfrac", "policy/ratio")}
         actor_params = [p for p in self.unwrapped.actor.parameters() if p.requires_grad]
@@ -476,11 +479,10 @@ class PPOEngine:
             for start in range(0, n, self.local_minibatch):
                 index = order[start:start + self.local_minibatch]
                 ids, attention, positions = self._inputs(rollout, index)
-                logits, value = self.model(ids, attention, positions)
+                logits, value = self.model(ids, attention, positions, length)
                 new_logprobs = self._response_logprobs(logits, rollout, index)
                 m = mask[index]
                 new_logprobs = new_logprobs.masked_fill(m == 0, INVALID_LOGPROB)
-                value = value[:, context - 1:-1]
                 clipped_value = old_values[index] + (value - old_values[index]).clamp(-config.cliprange_value,
                                                                                       config.cliprange_value)
                 value_losses = torch.max((value - returns[index]) ** 2, (clipped_value - returns[index]) ** 2)
@@ -502,12 +504,11 @@ class PPOEngine:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
-                    response_logits = logits[:, context - 1:-1]
                     sums["policy/approxkl"].append(float(0.5 * masked_mean(log_ratio ** 2, m)))
                     sums["policy/clipfrac"].append(float(masked_mean(
                         ((ratio - 1).abs() > config.cliprange).float(), m)))
                     if epoch == 0:  # the rollout policy's entropy; later epochs would only repeat it, at a cost
-                        sums["policy/entropy"].append(float(masked_mean(entropy_from_logits(response_logits), m)))
+                        sums["policy/entropy"].append(float(masked_mean(entropy_from_logits(logits), m)))
                     sums["loss/policy"].append(policy_loss.item())
                     sums["loss/value"].append(value_loss.item())
                     sums["value/clipfrac"].append(float(masked_mean(

@@ -166,6 +166,7 @@ class DiscriminatorSource:
         self.behaviors = self.train["behavior_text"]
         self.real_rows = np.arange(len(self.queries)) if real_rows is None else real_rows
         self.spec, self.template = spec, template
+        self._fakes = None  # built at the first update that needs behaviour-replaced negatives
         self.rng = np.random.default_rng([settings.seed, 11])
         self.updates = 0
         self.optimizer = torch.optim.AdamW([p for p in discriminator.judge.model.parameters() if p.requires_grad],
@@ -254,8 +255,12 @@ class DiscriminatorSource:
             origin.append("bootstrap" if i in bootstrapped else "generated")
         n_replaced = int(round(s.replaced_negatives * n_generated)) if self.with_behavior else 0
         if n_replaced:
-            from rlhb_cli.stages.discriminator import make_fakes
-            rows, fakes, _ = make_fakes(self.train, self.rng, n_replaced, (0.25, 0.5, 0.25), self.spec, self.template)
+            # Replaced on the round's real rows: a (query, response) read once serves its real behaviour and
+            # its replaced ones (see `update`), and the pair teaches the contrast the reward is made of.
+            if self._fakes is None:
+                from rlhb_cli.stages.discriminator import FakeMaker
+                self._fakes = FakeMaker(self.train, self.spec, self.template)
+            rows, fakes, _ = self._fakes.make(self.rng, n_replaced, (0.25, 0.5, 0.25), candidates=real_index)
             queries += [self.queries[i] for i in rows]
             responses += [self.responses[i] for i in rows]
             behaviors += fakes
@@ -263,20 +268,30 @@ class DiscriminatorSource:
             origin += ["replaced"] * len(rows)
         return queries, responses, behaviors, torch.tensor(labels), np.array(origin)
 
+    def _groups(self, queries, responses, behaviors) -> list[list[int]]:
+        """The round's triplets grouped by the text the judge reads (in the order of first appearance): a
+        step takes whole groups, so each text it reads serves all its triplets. Triplets of the joint form
+        read their behaviour too and stand alone."""
+        texts = self.discriminator.texts(queries, responses, behaviors if self.with_behavior else None)
+        members: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            members.setdefault(text, []).append(i)
+        return list(members.values())
+
     def update(self, batch: GeneratedBatch) -> dict[str, float]:
         """One round of discriminator learning on this iteration's generated triplets; returns disc/ logs."""
         s = self.settings
         queries, responses, behaviors, label_tensor, kinds = self.assemble(batch)
-        labels = label_tensor.tolist()
         n_bootstrap = int((kinds == "bootstrap").sum())
 
         # The scores logged are the discriminator's judgement of each step's batch just before that step
         # learns from it: no extra scoring pass over the whole round.
         model = self.discriminator.judge.model
         model.train()
+        groups = self._groups(queries, responses, behaviors)
         losses, judged, judged_kinds, judged_labels = [], [], [], []
         for _ in range(s.steps):
-            pick = self.rng.permutation(len(labels))[:s.batch_size]
+            pick = np.array([i for g in self.rng.permutation(len(groups)) for i in groups[g]][:s.batch_size])
             loss, logit = self.discriminator.training_loss(
                 [queries[i] for i in pick], [responses[i] for i in pick],
                 [behaviors[i] for i in pick] if self.with_behavior else None,

@@ -147,8 +147,16 @@ class Discriminator:
     def training_loss(self, queries: list[str], responses: list[str], behavior_texts: list[str] | None,
                       labels: torch.Tensor, label_smoothing: float = 0.0,
                       likelihood_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, logit) of a batch of labelled triplets, with gradients (the caller sets train mode)."""
-        raw = self.judge.forward_logits(self.judge.encode(self.texts(queries, responses, behavior_texts)))
+        """(loss, logit) of a batch of labelled triplets, with gradients (the caller sets train mode).
+
+        A text the judge reads more than once in the batch (factorized: a (query, response) with its real
+        behaviour and replaced ones) goes through it once."""
+        texts = self.texts(queries, responses, behavior_texts)
+        unique = list(dict.fromkeys(texts))
+        raw = self.judge.forward_logits(self.judge.encode(unique))
+        if len(unique) < len(texts):
+            position = {t: i for i, t in enumerate(unique)}
+            raw = raw[torch.tensor([position[t] for t in texts])]
         if self.form == "factorized":
             return self.loss_from_raw(raw, labels, self.levels(behavior_texts), self.marginals(behavior_texts),
                                       label_smoothing, likelihood_weight)
@@ -189,41 +197,54 @@ def shifted_text(rng: np.random.Generator, bins: dict[str, int], spec: BinSpec, 
     return template.render(spec, levels)
 
 
+class FakeMaker:
+    """Behaviour-replaced fakes of a split's rows; its indexes are built once (the RL loop draws every round)."""
+
+    def __init__(self, split, spec: BinSpec, template: BehaviorTemplate):
+        self.texts = list(split["behavior_text"])
+        self.queries = list(split["query"])
+        self.by_query = defaultdict(list)
+        for i, q in enumerate(self.queries):
+            self.by_query[q].append(i)
+        columns = {m: list(split[f"{m}_bin"]) for m in METRICS}
+        self.bins = [{m: columns[m][i] for m in METRICS} for i in range(len(self.texts))]
+        self.spec, self.template = spec, template
+        if len(set(self.texts)) < 2:
+            raise RlhbError("every row has the same behaviour text: there is nothing to tell real from fake")
+
+    def make(self, rng: np.random.Generator, count: int, weights: tuple[float, float, float],
+             candidates=None) -> tuple[list[int], list[str], list[str]]:
+        """(row index, fake behaviour text, strategy) for `count` fakes of rows drawn from `candidates` (default:
+        every row); never the row's own behaviour."""
+        texts, queries = self.texts, self.queries
+        probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
+        rows, fakes, kinds = [], [], []
+        attempts = 0
+        while len(rows) < count and attempts < count * 20:
+            attempts += 1
+            i = int(rng.integers(len(texts))) if candidates is None else int(candidates[rng.integers(len(candidates))])
+            kind = ("random", "same_query", "shifted")[rng.choice(3, p=probabilities)]
+            fake = None
+            if kind == "same_query":
+                others = [j for j in self.by_query[queries[i]] if texts[j] != texts[i]]
+                fake = texts[others[rng.integers(len(others))]] if others else None
+            elif kind == "shifted":
+                fake = shifted_text(rng, self.bins[i], self.spec, self.template)
+            if fake is None:  # random, or a strategy that had nothing to offer for this row
+                kind = "random"
+                fake = texts[int(rng.integers(len(texts)))]
+            if fake == texts[i]:
+                continue
+            rows.append(i)
+            fakes.append(fake)
+            kinds.append(kind)
+        return rows, fakes, kinds
+
+
 def make_fakes(split, rng: np.random.Generator, count: int, weights: tuple[float, float, float], spec: BinSpec,
                template: BehaviorTemplate) -> tuple[list[int], list[str], list[str]]:
-    """(row index, fake behaviour text, strategy) for `count` fakes; never the row's own behaviour."""
-    texts = split["behavior_text"]
-    queries = split["query"]
-    by_query = defaultdict(list)
-    for i, q in enumerate(queries):
-        by_query[q].append(i)
-    columns = {m: split[f"{m}_bin"] for m in METRICS}
-    bins = [{m: columns[m][i] for m in METRICS} for i in range(len(texts))]
-    distinct = len(set(texts))
-    if distinct < 2:
-        raise RlhbError("every row has the same behaviour text: there is nothing to tell real from fake")
-    probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
-    rows, fakes, kinds = [], [], []
-    attempts = 0
-    while len(rows) < count and attempts < count * 20:
-        attempts += 1
-        i = int(rng.integers(len(texts)))
-        kind = ("random", "same_query", "shifted")[rng.choice(3, p=probabilities)]
-        fake = None
-        if kind == "same_query":
-            others = [j for j in by_query[queries[i]] if texts[j] != texts[i]]
-            fake = texts[others[rng.integers(len(others))]] if others else None
-        elif kind == "shifted":
-            fake = shifted_text(rng, bins[i], spec, template)
-        if fake is None:  # random, or a strategy that had nothing to offer for this row
-            kind = "random"
-            fake = texts[int(rng.integers(len(texts)))]
-        if fake == texts[i]:
-            continue
-        rows.append(i)
-        fakes.append(fake)
-        kinds.append(kind)
-    return rows, fakes, kinds
+    """(row index, fake behaviour text, strategy) for `count` fakes of random rows of the split."""
+    return FakeMaker(split, spec, template).make(rng, count, weights)
 
 
 def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
