@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhb_cli.rl.core import (KLController, generalized_advantages, kl_per_token, masked_mean, response_mask,
-                              whiten)
+from rlhb_cli.rl.core import (KLController, generalized_advantages, kl_per_token, length_trend, masked_mean,
+                              response_mask, whiten)
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -77,3 +77,16 @@ def test_adaptive_kl_coefficient_moves_towards_the_target():
     assert adaptive.value == pytest.approx(0.12)
     adaptive.update(3.0, 50)  # error -0.5 clipped to -0.2, half a horizon
     assert adaptive.value == pytest.approx(0.12 * 0.9)
+
+
+def test_length_trend_removes_what_length_explains_and_nothing_else():
+    lengths = torch.tensor([4, 8, 12, 16])
+    paid_for_length = 0.5 * lengths + 1.0
+    trend, slope = length_trend(paid_for_length, lengths)
+    assert slope == pytest.approx(0.5)
+    assert (paid_for_length - trend).tolist() == pytest.approx([6.0] * 4)  # flat, at the batch mean
+    unrelated = torch.tensor([1.0, -1.0, -1.0, 1.0])  # orthogonal to length: kept as it is
+    trend, slope = length_trend(unrelated, lengths)
+    assert slope == pytest.approx(0.0) and trend.abs().max() < 1e-6
+    trend, slope = length_trend(torch.tensor([1.0, 2.0]), torch.tensor([5, 5]))  # one length: nothing to fit
+    assert slope == 0.0 and trend.tolist() == [0.0, 0.0]

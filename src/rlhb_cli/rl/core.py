@@ -75,6 +75,17 @@ def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: to
     return advantages, advantages + values
 
 
+def length_trend(rewards: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(slope x (length - mean length), slope): the part of a batch's rewards that a least-squares line in
+    response length explains. Subtracting it leaves rewards with no linear trend in length, same mean."""
+    centred = lengths.float() - lengths.float().mean()
+    spread = float((centred ** 2).sum())
+    if spread == 0.0:
+        return torch.zeros_like(rewards, dtype=torch.float32), 0.0
+    slope = float((centred * (rewards.float() - rewards.float().mean())).sum()) / spread
+    return slope * centred, slope
+
+
 def response_mask(responses: torch.Tensor, eos_token_id: int, pad_token_id: int):
     """(responses with padding after the first EOS, mask incl. the EOS, lengths, ended with EOS)."""
     import warnings

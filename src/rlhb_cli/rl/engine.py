@@ -29,8 +29,8 @@ from torch import nn
 from rlhb_cli import distributed, rundir
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.rl.core import (INVALID_LOGPROB, KLController, generalized_advantages, kl_per_token, masked_mean,
-                              response_mask, whiten)
+from rlhb_cli.rl.core import (INVALID_LOGPROB, KLController, generalized_advantages, kl_per_token, length_trend,
+                              masked_mean, response_mask, whiten)
 from rlhb_cli.rl.rewards import GeneratedBatch
 from rlhb_cli.stages.common import MetricsLog
 
@@ -81,6 +81,9 @@ class EngineConfig:
     whiten_rewards: bool = field(False, help="Scale per-token rewards to unit variance (mean kept) before GAE.")
     reward_scale: float = field(1.0, help="Multiply the source's reward by this before clipping.")
     reward_clip: float = field(0.0, help="Clip the scaled reward to [-c, c] (0: no clipping).")
+    length_debias: bool = field(False, help="Remove from each iteration's rewards their linear trend in response "
+                                            "length (least squares over the whole batch): a judge that pays for "
+                                            "length, long or short, no longer steers the policy by it.")
     missing_eos_penalty: float = field(0.0, help="Subtracted from the reward of a response that hit max_new_tokens "
                                                  "without EOS.")
     collapse_threshold: float = field(0.95, help="A learning discriminator whose fake score stays above this ...")
@@ -375,11 +378,23 @@ class PPOEngine:
             raise RlhbError(f"the reward source {self.source.name!r} returned {len(raw)} rewards for "
                             f"{len(rollout.texts)} responses")
         paid = raw * self.config.reward_scale
+        logs = dict(logs)
+        if self.config.length_debias:
+            trend, logs["objective/length_slope"] = self._length_trend(paid, rollout.lengths)
+            paid = paid - trend
         if self.config.reward_clip:
             paid = paid.clamp(-self.config.reward_clip, self.config.reward_clip)
         if self.config.missing_eos_penalty:
             paid = paid - self.config.missing_eos_penalty * (~rollout.ended).float()
-        return raw, paid.to(self.accelerator.device), dict(logs)
+        return raw, paid.to(self.accelerator.device), logs
+
+    def _length_trend(self, reward: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This process's share of `length_trend` fitted on every process's batch (each removes the same trend)."""
+        device = self.accelerator.device
+        trend, slope = length_trend(self.accelerator.gather(reward.to(device)).cpu(),
+                                    self.accelerator.gather(lengths.to(device)).cpu())
+        mine = self.accelerator.process_index * len(reward)
+        return trend[mine:mine + len(reward)], slope
 
     def _mean(self, value) -> float:
         """The mean over every process (each holds an equal share of the batch), the same on all of them."""
