@@ -216,11 +216,13 @@ def test_frozen_by_default_and_variant_defaults_are_resolved(run, cli):
     cli("train-rlhb", "--run-dir", run, "--iterations", 1, *RL)
     config = json.loads((run / "train-rlhb" / "manifest.json").read_text())["config"]
     assert config["disc_steps"] == 0 and config["reward_scale"] == 0.05 and config["source_warmup_rounds"] == 0
+    assert config["length_debias"] is True
+    assert "objective/length_slope" in read_jsonl(run / "train-rlhb" / "metrics.jsonl")[0]
     assert not any(k.startswith("disc/loss") for k in read_jsonl(run / "train-rlhb" / "metrics.jsonl")[0])
     cli("train-rlhb", "--run-dir", run, "--iterations", 1, *RL, "--no-behavior", "--reward-form", "probability",
         "--source-warmup-rounds", 1)
     config = json.loads((run / "train-rlgaf" / "manifest.json").read_text())["config"]
-    assert config["disc_steps"] == 2 and config["reward_scale"] == 1.0
+    assert config["disc_steps"] == 2 and config["reward_scale"] == 1.0 and config["length_debias"] is False
 
 
 def test_evaluate_judges_every_policy_with_intervals(run, cli):

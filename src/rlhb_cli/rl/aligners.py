@@ -73,6 +73,10 @@ class RLHBConfig(EngineConfig):
     reward_scale: Optional[float] = field(None, help="Multiply the discriminator's reward by this. Default: 0.05 for "
                                                      "contrast (it spans a few logits, ten times the gold reward's "
                                                      "spread, so the KL penalty stays in proportion), else 1.")
+    length_debias: Optional[bool] = field(None, help="Remove each iteration's linear trend of reward in response "
+                                                     "length. Default: on for RLHB (the discriminators pay for short "
+                                                     "answers, gold does not; measured: three seeds all gained with "
+                                                     "it, one lost without), off with --no-behavior.")
     disc_steps: Optional[int] = field(None, help="Discriminator optimizer steps per update. Default: 0 for RLHB (the "
                                                  "warmed-up discriminator stays frozen: measured best on the simulated "
                                                  "testbed), 2 with --no-behavior (its new head must learn); 2 gives "
@@ -99,6 +103,8 @@ class RLHBConfig(EngineConfig):
             self.reward_form = "probability" if self.no_behavior else "contrast"
         if self.reward_scale is None:
             self.reward_scale = 0.05 if self.reward_form == "contrast" else 1.0
+        if self.length_debias is None:
+            self.length_debias = not self.no_behavior
         if self.disc_steps is None:
             self.disc_steps = 2 if self.no_behavior else 0
         if self.source_warmup_rounds is None:
