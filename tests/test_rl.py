@@ -189,6 +189,7 @@ def test_failures_are_one_clear_line(run, cli, monkeypatch):
         (["train-ppo", "--reward-source", "rl_sources:not_a_source"], "without a score() method"),
         (["train-ppo", "--reward-source", "nowhere:thing"], "cannot import it"),
         (["train-rlhf", "--minibatch-size", 3], "not a multiple of minibatch_size"),
+        (["train-rlhf", "--rollouts", 1, "--minibatch-size", 8, "--group-baseline"], "group_baseline needs"),
         (["train-rlhb", "--no-behavior", "--reward-form", "contrast"], "with --no-behavior use probability"),
         (["train-rlhbc", "--head-weights", "stars=1"], "'stars' is not a metric"),
         (["train-rlhf", "--init-from", "/nonexistent/policy"], "no such starting policy"),

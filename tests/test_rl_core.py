@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhb_cli.rl.core import (KLController, generalized_advantages, kl_per_token, length_trend, masked_mean,
-                              response_mask, whiten)
+from rlhb_cli.rl.core import (KLController, generalized_advantages, kl_per_token, leave_one_out_baseline,
+                              length_trend, masked_mean, response_mask, whiten)
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -90,3 +90,14 @@ def test_length_trend_removes_what_length_explains_and_nothing_else():
     assert slope == pytest.approx(0.0) and trend.abs().max() < 1e-6
     trend, slope = length_trend(torch.tensor([1.0, 2.0]), torch.tensor([5, 5]))  # one length: nothing to fit
     assert slope == 0.0 and trend.tolist() == [0.0, 0.0]
+
+
+def test_leave_one_out_baseline_is_the_mean_of_the_siblings():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 10.0, 10.0, 10.0])  # two prompts, three answers each
+    baseline = leave_one_out_baseline(rewards, 3)
+    assert baseline.tolist() == pytest.approx([4.0, 3.5, 1.5, 10.0, 10.0, 10.0])
+    centred = rewards - baseline
+    assert centred[3:].tolist() == [0.0, 0.0, 0.0]  # a prompt whose answers all score alike teaches nothing
+    assert centred[:3].sum() == pytest.approx(0.0)  # a constant added to one prompt's rewards is gone
+    assert (rewards + torch.tensor([5.0] * 3 + [0.0] * 3) - leave_one_out_baseline(
+        rewards + torch.tensor([5.0] * 3 + [0.0] * 3), 3)).tolist() == pytest.approx(centred.tolist())

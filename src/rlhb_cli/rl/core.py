@@ -86,6 +86,14 @@ def length_trend(rewards: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Te
     return slope * centred, slope
 
 
+def leave_one_out_baseline(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """For each reward, the mean of the other rewards in its group (consecutive runs of `group_size`: the
+    answers to one prompt). Subtracting it pays each answer for beating its siblings (RLOO's baseline)."""
+    groups = rewards.reshape(-1, group_size)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return others.reshape(rewards.shape)
+
+
 def response_mask(responses: torch.Tensor, eos_token_id: int, pad_token_id: int):
     """(responses with padding after the first EOS, mask incl. the EOS, lengths, ended with EOS)."""
     import warnings

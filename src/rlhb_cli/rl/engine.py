@@ -29,8 +29,8 @@ from torch import nn
 from rlhb_cli import distributed, rundir
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.rl.core import (INVALID_LOGPROB, KLController, generalized_advantages, kl_per_token, length_trend,
-                              masked_mean, response_mask, whiten)
+from rlhb_cli.rl.core import (INVALID_LOGPROB, KLController, generalized_advantages, kl_per_token,
+                              leave_one_out_baseline, length_trend, masked_mean, response_mask, whiten)
 from rlhb_cli.rl.rewards import GeneratedBatch
 from rlhb_cli.stages.common import MetricsLog
 
@@ -84,6 +84,10 @@ class EngineConfig:
     length_debias: bool = field(False, help="Remove from each iteration's rewards their linear trend in response "
                                             "length (least squares over the whole batch): a judge that pays for "
                                             "length, long or short, no longer steers the policy by it.")
+    group_baseline: bool = field(False, help="Subtract from each response's reward the mean reward of the other "
+                                             "responses to the same prompt (leave-one-out, as RLOO; needs "
+                                             "--rollouts >= 2): a judge's opinion of the query itself, the same "
+                                             "for every answer to it, no longer reaches the policy.")
     missing_eos_penalty: float = field(0.0, help="Subtracted from the reward of a response that hit max_new_tokens "
                                                  "without EOS.")
     collapse_threshold: float = field(0.95, help="A learning discriminator whose fake score stays above this ...")
@@ -107,6 +111,7 @@ class EngineConfig:
                                                               "base: use --critic shared (its default with LoRA)"),
             (self.prompts_per_iteration >= 1 and self.rollouts >= 1, "prompts_per_iteration and rollouts must be >= 1"),
             (self.minibatch_size >= 1, "minibatch_size must be at least 1"),
+            (not self.group_baseline or self.rollouts >= 2, "group_baseline needs --rollouts 2 or more"),
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.ppo_epochs >= 1, "ppo_epochs must be at least 1"),
@@ -379,6 +384,8 @@ class PPOEngine:
                             f"{len(rollout.texts)} responses")
         paid = raw * self.config.reward_scale
         logs = dict(logs)
+        if self.config.group_baseline:
+            paid = paid - leave_one_out_baseline(paid, self.config.rollouts)
         if self.config.length_debias:
             trend, logs["objective/length_slope"] = self._length_trend(paid, rollout.lengths)
             paid = paid - trend
