@@ -37,6 +37,26 @@ def is_main_process() -> bool:
     return process_index() == 0
 
 
+def refuse_sharded_weights() -> None:
+    """The RL engine generates from whole weights and keeps its own reference copy: under DeepSpeed ZeRO-3
+    (weights sharded) it would fail deep inside a forward pass; say so at the start instead."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    stage, source = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), "the accelerate config's zero_stage"
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if config_file and config_file.lower() != "none":
+        import json
+        try:
+            stage = str(json.loads(open(config_file).read()).get("zero_optimization", {}).get("stage", stage))
+            source = f"{config_file}: zero_optimization.stage"
+        except (OSError, ValueError, AttributeError):
+            pass  # accelerate reports an unreadable DeepSpeed config itself
+    if stage == "3":
+        raise RlhbError(f"DeepSpeed ZeRO-3 ({source} = 3) is not supported by the RL engine (it generates from "
+                        f"whole weights); use ZeRO-2 (experiments/accelerate/deepspeed-zero2.yaml), with --lora-r "
+                        f"for large policies")
+
+
 def _state():
     """accelerate's process state (it sets up the process group once: gloo on CPU, nccl on GPU)."""
     import torch

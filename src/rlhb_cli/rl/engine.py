@@ -264,6 +264,7 @@ class PPOEngine:
 
         from rlhb_cli.models.load import load_causal_lm
 
+        distributed.refuse_sharded_weights()
         self.config = config
         self.stage = stage
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
