@@ -3,8 +3,9 @@
 RLHB: 16 prompts x 1 response of up to 32 new tokens, 4 PPO epochs (4 optimizer steps), critic, reward from
 the discriminator, and its update. GRPO: 16 completions (4 prompts x 4) of up to 32 tokens, num_iterations=4
 (one generation reused for 4 optimizer steps), beta=0.05 (a reference model too). Both are timed as the
-median over `--repeats` cycles after one warm-up cycle; the printed ratios are the targets of issue 4:
-RLHB / GRPO <= 1.0, and RLHB with / without the discriminator update < 1.15.
+median over `--repeats` cycles after one warm-up cycle, interleaved (after each GRPO cycle, one iteration of
+each RLHB variant), with the median of the per-round ratios beside each ratio of medians. The ratios are
+the targets of issue 4: RLHB / GRPO <= 1.0, and RLHB with / without the discriminator update < 1.15.
 
     python benchmarks/bench_rl.py [--run-dir DIR] [--repeats 5]
 """
@@ -36,9 +37,9 @@ def build_run(run_dir: Path) -> None:
     rlhb("warmup-discriminator", "--run-dir", run_dir, "--epochs", 1, "--max-train-rows", 1000)
 
 
-def time_rlhb(run_dir: Path, repeats: int) -> dict[str, list[float]]:
-    """Seconds per iteration: separate critic with and without the discriminator update, and a critic head
-    sharing the actor's body; interleaved so that drift of the machine hits every variant alike."""
+def build_rlhb_engines(run_dir: Path) -> dict:
+    """The RLHB engines timed: a separate critic (with and without the discriminator update) and a critic head
+    sharing the actor's body, each after one warm-up iteration."""
     from rlhb_cli import rundir
     from rlhb_cli.rl.aligners import RLHBConfig, build_engine, rlhb_source_factory
 
@@ -52,19 +53,23 @@ def time_rlhb(run_dir: Path, repeats: int) -> dict[str, list[float]]:
             stage.set_summary({})
     for engine in engines.values():
         engine.step()  # warm-up
-    times: dict[str, list[float]] = {"separate": [], "separate_no_disc": [], "shared": []}
-    for _ in range(repeats):
-        for key, engine, disc_steps in (("separate", engines["separate"], 2),
-                                        ("separate_no_disc", engines["separate"], 0),
-                                        ("shared", engines["shared"], 2)):
-            engine.source.settings.steps = disc_steps
-            started = time.perf_counter()
-            engine.step()
-            times[key].append(time.perf_counter() - started)
-    return times
+    return engines
 
 
-def time_grpo(run_dir: Path, repeats: int) -> list[float]:
+def time_rlhb_round(engines: dict, times: dict[str, list[float]]) -> None:
+    """One iteration of each RLHB variant, appended to `times`."""
+    for key, engine, disc_steps in (("separate", engines["separate"], 2),
+                                    ("separate_no_disc", engines["separate"], 0),
+                                    ("shared", engines["shared"], 2)):
+        engine.source.settings.steps = disc_steps
+        started = time.perf_counter()
+        engine.step()
+        times.setdefault(key, []).append(time.perf_counter() - started)
+
+
+def time_side_by_side(run_dir: Path, repeats: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Seconds per RLHB iteration (each variant) and per GRPO cycle, interleaved: after each GRPO cycle of
+    4 optimizer steps, one iteration of each RLHB variant runs, so drift of the machine hits all alike."""
     import datasets
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -72,6 +77,7 @@ def time_grpo(run_dir: Path, repeats: int) -> list[float]:
     from rlhb_cli.prompts import generator_prompt
     from rlhb_cli.stages.common import trl_config
 
+    engines = build_rlhb_engines(run_dir)
     policy = run_dir / "train-sft" / "policy"
     tokenizer = AutoTokenizer.from_pretrained(str(policy))
     queries = sorted(set(datasets.load_from_disk(str(run_dir / "prepare-behaviors" / "dataset"))["train"]["query"]))
@@ -80,22 +86,29 @@ def time_grpo(run_dir: Path, repeats: int) -> list[float]:
     def length_reward(completions, **kwargs):
         return [float(len(c)) / 100 for c in completions]
 
-    stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
-
     cycle = 4  # optimizer steps per generation: num_iterations=4, one batch per generation
+    rlhb_times: dict[str, list[float]] = {}
+    grpo_times: list[float] = []
+
+    class Interleave(TrainerCallback):
+        cycle_started: float | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % cycle:
+                return
+            if self.cycle_started is not None:  # the first cycle is GRPO's warm-up
+                grpo_times.append(time.perf_counter() - self.cycle_started)
+                time_rlhb_round(engines, rlhb_times)
+            self.cycle_started = time.perf_counter()
+
     with tempfile.TemporaryDirectory() as out:
         args = trl_config(GRPOConfig, output_dir=out, per_device_train_batch_size=16, num_generations=4,
                           max_completion_length=NEW_TOKENS, num_iterations=4, beta=0.05, learning_rate=1e-5,
                           max_steps=cycle * (repeats + 1), logging_steps=10_000, save_strategy="no", seed=0)
         trainer = GRPOTrainer(model=str(policy), reward_funcs=length_reward, args=args, train_dataset=prompts,
-                              processing_class=tokenizer, callbacks=[Clock()])
+                              processing_class=tokenizer, callbacks=[Interleave()])
         trainer.train()
-    ends = stamps[cycle - 1::cycle]  # the end of each cycle; the first is the warm-up
-    return [b - a for a, b in zip(ends, ends[1:])]
+    return rlhb_times, grpo_times
 
 
 def main() -> None:
@@ -107,17 +120,24 @@ def main() -> None:
         run_dir = options.run_dir or Path(tmp) / "run"
         if options.run_dir is None:
             build_run(run_dir)
-        times = time_rlhb(run_dir, options.repeats)
-        grpo = time_grpo(run_dir, options.repeats)
+        times, grpo = time_side_by_side(run_dir, options.repeats)
     separate, bare, shared, grpo_s = (statistics.median(x) for x in (times["separate"], times["separate_no_disc"],
                                                                      times["shared"], grpo))
+
+    def paired(key: str, reference: list[float]) -> str:
+        """The median of the per-round ratios: each pair ran back to back, so it is the steadier figure."""
+        ratios = sorted(a / b for a, b in zip(times[key], reference))
+        return f"per round {statistics.median(ratios):4.2f}, range {ratios[0]:4.2f}-{ratios[-1]:4.2f}"
+
     print(f"\nseconds per cycle (median of {options.repeats}; 16 responses x <= {NEW_TOKENS} tokens, 4 optimizer steps)")
     print(f"  RLHB iteration, separate critic + discriminator update   {separate:7.3f}")
     print(f"  the same without the discriminator update                {bare:7.3f}")
     print(f"  RLHB iteration, critic head on the actor (--critic shared) {shared:5.3f}")
     print(f"  trl GRPOTrainer (num_iterations=4, beta=0.05)            {grpo_s:7.3f}")
-    print(f"ratio RLHB / GRPO                 {separate / grpo_s:5.2f}   (shared critic {shared / grpo_s:4.2f}; goal <= 1.00)")
-    print(f"ratio RLHB with / without update  {separate / bare:5.2f}   (goal <  1.15)")
+    print(f"ratio RLHB / GRPO                 {separate / grpo_s:5.2f}   ({paired('separate', grpo)}; goal <= 1.00)")
+    print(f"  with --critic shared            {shared / grpo_s:5.2f}   ({paired('shared', grpo)})")
+    print(f"ratio RLHB with / without update  {separate / bare:5.2f}   "
+          f"({paired('separate', times['separate_no_disc'])}; goal <  1.15)")
 
 
 if __name__ == "__main__":
