@@ -358,40 +358,23 @@ class PPOEngine:
         from trl.trainer.utils import selective_log_softmax
         return selective_log_softmax(logits / self.config.temperature, rollout.responses[index])
 
-    def _old_policy_pass(self, rollout: Rollout, first: torch.Tensor, chunk: int = 32):
-        """Log-probabilities of actor and reference, and values, at rollout time; and the forward pass, with
-        its graph, of the update's first mini-batch (rows `first`).
-
-        Before the first optimizer step the actor is the rollout policy, so that pass's outputs are these rows'
-        old log-probabilities and values: the update reuses it instead of running it again (with one mini-batch
-        per iteration, the actor and critic then run once fewer per iteration)."""
-        n, length = len(rollout.texts), rollout.responses.shape[1]
-        ids, attention, positions = self._inputs(rollout, first)
-        first_logits, first_value = self.model(ids, attention, positions, length)
-        logprobs = torch.empty(rollout.responses.shape, device=first_logits.device)
-        values = torch.empty_like(logprobs)
-        ref_logprobs = torch.empty_like(logprobs)
-        with torch.no_grad():
-            logprobs[first] = self._response_logprobs(first_logits.detach(), rollout, first)
-            values[first] = first_value.detach()
-            rest = torch.ones(n, dtype=torch.bool)
-            rest[first] = False
-            rest = rest.nonzero().squeeze(1)
-            for start in range(0, len(rest), chunk):
-                index = rest[start:start + chunk]
-                ids, attention, positions = self._inputs(rollout, index)
-                logits, value = self.model(ids, attention, positions, length)
-                logprobs[index] = self._response_logprobs(logits, rollout, index)
-                values[index] = value
-            for start in range(0, n, chunk):
-                index = slice(start, start + chunk)
-                ids, attention, positions = self._inputs(rollout, index)
-                ref_logits = reference_logits(self.reference, self.unwrapped.actor, ids, attention, positions,
-                                              length + 1)
-                ref_logprobs[index] = self._response_logprobs(ref_logits[:, :-1], rollout, index)
+    @torch.no_grad()
+    def _old_policy_pass(self, rollout: Rollout, chunk: int = 32):
+        """Log-probabilities of actor and reference, and values, at rollout time."""
+        logprobs, ref_logprobs, values = [], [], []
+        length = rollout.responses.shape[1]
+        for start in range(0, len(rollout.texts), chunk):
+            index = slice(start, start + chunk)
+            ids, attention, positions = self._inputs(rollout, index)
+            logits, value = self.model(ids, attention, positions, length)
+            logprobs.append(self._response_logprobs(logits, rollout, index))
+            values.append(value)
+            ref_logits = reference_logits(self.reference, self.unwrapped.actor, ids, attention, positions, length + 1)
+            ref_logprobs.append(self._response_logprobs(ref_logits[:, :-1], rollout, index))
         padding = rollout.mask == 0
-        return (logprobs.masked_fill(padding, INVALID_LOGPROB), ref_logprobs.masked_fill(padding, INVALID_LOGPROB),
-                values.masked_fill(padding, 0.0), (first_logits, first_value))
+        return (torch.cat(logprobs).masked_fill(padding, INVALID_LOGPROB),
+                torch.cat(ref_logprobs).masked_fill(padding, INVALID_LOGPROB),
+                torch.cat(values).masked_fill(padding, 0.0))
 
     def score(self, rollout: Rollout, source=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(raw reward, shaped reward the policy is paid, source logs)."""
@@ -463,9 +446,7 @@ class PPOEngine:
                        f"{self.iteration} (rollout scoring)")
 
         started = time.perf_counter()
-        first_order = torch.randperm(len(rollout.texts))  # the update's first epoch's order
-        logprobs, ref_logprobs, values, first_pass = self._old_policy_pass(
-            rollout, first_order[:self.local_minibatch])
+        logprobs, ref_logprobs, values = self._old_policy_pass(rollout)
         mask = rollout.mask
         kl = kl_per_token(logprobs, ref_logprobs, config.kl_estimator) * mask
         rewards = -self.kl.value * kl
@@ -475,7 +456,7 @@ class PPOEngine:
             rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = generalized_advantages(rewards, values, mask, config.gamma, config.lam)
         advantages = whiten(advantages, mask)
-        stats = self._ppo_update(rollout, logprobs, values, advantages, returns, first_order, first_pass)
+        stats = self._ppo_update(rollout, logprobs, values, advantages, returns)
         row["time/update"] = time.perf_counter() - started
 
         kl_total = kl.sum(1)
@@ -506,10 +487,7 @@ class PPOEngine:
         self.last_rollout, self.last_raw = rollout, raw
         return row
 
-    def _ppo_update(self, rollout: Rollout, old_logprobs, old_values, advantages, returns, first_order: torch.Tensor,
-                    first_pass: tuple) -> dict:
-        """`ppo_epochs` passes over the rollout in mini-batches; epoch 0 takes `first_order`, and its first
-        mini-batch's forward pass is `first_pass` (made by `_old_policy_pass`)."""
+    def _ppo_update(self, rollout: Rollout, old_logprobs, old_values, advantages, returns) -> dict:
         from trl.trainer.utils import entropy_from_logits
         config = self.config
         n = len(rollout.texts)
@@ -520,15 +498,11 @@ class PPOEngine:
         actor_params = [p for p in self.unwrapped.actor.parameters() if p.requires_grad]
         critic_params = self.unwrapped.critic_parameters()
         for epoch in range(config.ppo_epochs):
-            order = first_order if epoch == 0 else torch.randperm(n)
+            order = torch.randperm(n)
             for start in range(0, n, self.local_minibatch):
                 index = order[start:start + self.local_minibatch]
-                if epoch == 0 and start == 0:
-                    logits, value = first_pass
-                    first_pass = None  # its graph is freed by the backward pass below
-                else:
-                    ids, attention, positions = self._inputs(rollout, index)
-                    logits, value = self.model(ids, attention, positions, length)
+                ids, attention, positions = self._inputs(rollout, index)
+                logits, value = self.model(ids, attention, positions, length)
                 new_logprobs = self._response_logprobs(logits, rollout, index)
                 m = mask[index]
                 new_logprobs = new_logprobs.masked_fill(m == 0, INVALID_LOGPROB)
