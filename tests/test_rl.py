@@ -289,3 +289,13 @@ def test_probe_keeps_the_best_policy_and_stops_early(run, cli):
     assert summary["stopped_early"] == (len(rows) < 6)
     if summary["stopped_early"]:
         assert len(rows) - best_at == 2
+
+
+def test_group_baseline_pays_answers_against_their_siblings_and_leaves_the_probe_alone(run, cli):
+    args = ["--prompts-per-iteration", 4, "--rollouts", 2, "--minibatch-size", 8, "--max-new-tokens", 12,
+            "--sample-every", 0, "--iterations", 2, "--group-baseline", "--probe-every", 1, "--probe-queries", 7]
+    cli("train-rlhbc", "--run-dir", run, *args, "--stage-name", "rlhbc-grouped")
+    rows = read_jsonl(run / "rlhbc-grouped" / "metrics.jsonl")
+    for row in rows:  # each prompt's answers are paid their difference: the paid rewards sum to zero
+        assert abs(row["objective/paid_mean"]) < 1e-6 and abs(row["objective/reward_mean"]) > 1e-4
+        assert "probe/reward_mean" in row  # 7 greedy answers, one per query: nothing to group

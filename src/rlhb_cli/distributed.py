@@ -47,7 +47,8 @@ def refuse_sharded_weights() -> None:
     if config_file and config_file.lower() != "none":
         import json
         try:
-            stage = str(json.loads(open(config_file).read()).get("zero_optimization", {}).get("stage", stage))
+            with open(config_file) as handle:
+                stage = str(json.load(handle).get("zero_optimization", {}).get("stage", stage))
             source = f"{config_file}: zero_optimization.stage"
         except (OSError, ValueError, AttributeError):
             pass  # accelerate reports an unreadable DeepSpeed config itself

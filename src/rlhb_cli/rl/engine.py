@@ -248,6 +248,7 @@ class Rollout:
     lengths: torch.Tensor
     ended: torch.Tensor
     texts: list[str]
+    repeats: int = 1  # answers per prompt, consecutive (a probe's greedy rollout has 1)
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -346,7 +347,7 @@ class PPOEngine:
         raw = self.generator.generate(self.unwrapped.actor, encoded["input_ids"], encoded["attention_mask"], greedy)
         responses, mask, lengths, ended, texts = self.generator.decode(raw)
         return Rollout(prompts, queries, behaviors, encoded["input_ids"], encoded["attention_mask"], responses,
-                       mask, lengths, ended, texts)
+                       mask, lengths, ended, texts, repeats)
 
     def _inputs(self, rollout: Rollout, index=slice(None)):
         ids = torch.cat([rollout.prompt_ids[index], rollout.responses[index]], dim=1)
@@ -385,8 +386,8 @@ class PPOEngine:
                             f"{len(rollout.texts)} responses")
         paid = raw * self.config.reward_scale
         logs = dict(logs)
-        if self.config.group_baseline:
-            paid = paid - leave_one_out_baseline(paid, self.config.rollouts)
+        if self.config.group_baseline and rollout.repeats > 1:
+            paid = paid - leave_one_out_baseline(paid, rollout.repeats)
         if self.config.length_debias:
             trend, logs["objective/length_slope"] = self._length_trend(paid, rollout.lengths)
             paid = paid - trend
