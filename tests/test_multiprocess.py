@@ -130,13 +130,14 @@ def test_only_rank_0_writes_and_batch_sizes_must_divide(tmp_path, monkeypatch):
 
 def test_deepspeed_zero3_is_refused_in_one_line_naming_where_it_was_asked(rl_run, cli, monkeypatch, tmp_path):
     from rlhb_cli.distributed import refuse_sharded_weights
+    from rlhb_cli.errors import RlhbError
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     refuse_sharded_weights()  # ZeRO-2 shards optimizer states and gradients only: allowed
     config_file = tmp_path / "ds.json"
     config_file.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config_file))
-    with pytest.raises(Exception, match=f"{config_file}: zero_optimization.stage = 3"):
+    with pytest.raises(RlhbError, match=f"{config_file}: zero_optimization.stage = 3"):
         refuse_sharded_weights()
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
