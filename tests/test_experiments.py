@@ -10,10 +10,10 @@ import pytest
 
 from conftest import ROOT
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.experiments import Claim, judge_claim, load_recipe
+from rlhb_cli.experiments import Claim, judge_claim, load_recipe, plan
 
 EXPERIMENTS = ROOT / "experiments"
-RECIPES = ("paper-q1", "paper-q2", "ablation-bootstrap", "ablation-rollouts", "ablation-batch")
+RECIPES = ("paper-q1", "paper-q2", "ablation-bootstrap", "ablation-rollouts", "ablation-batch", "sharper-logs")
 VERDICTS = {"reproduced", "not reproduced", "direction only", "contradicted", "not measured"}
 
 
@@ -65,6 +65,20 @@ def test_seeds_and_scale_are_checked(tmp_path):
         load_recipe(path, "small")
     with pytest.raises(RlhbError, match="no scale 'medium'; scales: small, tiny"):
         load_recipe(EXPERIMENTS / "paper-q1.yaml", "medium")
+
+
+def test_a_recipe_that_changes_a_base_stage_trains_a_base_of_its_own(tmp_path):
+    shared = load_recipe(write_recipe(tmp_path, "arms: {a: {stage: train-rlhb}}\n"), "tiny")
+    arm_only = load_recipe(write_recipe(tmp_path, "arms: {a: {stage: train-rlhb}}\n"
+                                                  "scales: {tiny: {train-rlhb: {kl_coef: 0.1}}}\n"), "tiny")
+    own = load_recipe(write_recipe(tmp_path, "arms: {a: {stage: train-rlhb}}\n"
+                                             "scales: {tiny: {simulate-logs: {impressions: 1000000}}}\n"), "tiny")
+    runs = tmp_path / "runs"
+    assert [plan(r, runs / "recipe")[0] for r in (shared, arm_only, own)] == \
+        [runs / "base", runs / "base", runs / "base-recipe"]
+    assert own.base_stages["simulate-logs"]["impressions"] == 1_000_000
+    assert shared.base_stages["simulate-logs"]["impressions"] == 100_000  # base.yaml's tiny scale, untouched
+    assert load_recipe(EXPERIMENTS / "sharper-logs.yaml", "small").base_name == "base-sharper-logs"
 
 
 def test_option_layers_arm_over_scale_over_defaults():
@@ -140,7 +154,7 @@ def test_every_recipe_runs_at_tiny_scale_and_judges_each_claim(tiny_runs, name):
     markdown = (root / name / "results.md").read_text()
     assert "smoke test" in markdown and "## Claims" in markdown
     assert (root / name / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (root / name / "train-sft").is_symlink() and (root / "base" / "train-sft" / "policy").is_dir()
+    assert (root / name / "train-sft").is_symlink() and (root / recipe.base_name / "train-sft" / "policy").is_dir()
     assert "expected about" in outputs[name]
 
 

@@ -3,7 +3,7 @@
 A recipe (experiments/NAME.yaml) names a base (the shared stages: simulated logs, SFT policy, judges),
 its arms (an RL stage with the options that make it that arm), the seeds, the evaluation, and the
 claims with the rule that decides each. `run_recipe` runs the base once per scale into
-RUNS/base, links its stages into RUNS/NAME, runs every arm for every seed as `ARM-sSEED`, evaluates
+RUNS/base (RUNS/base-NAME for a recipe whose scales change a base stage), links its stages into RUNS/NAME, runs every arm for every seed as `ARM-sSEED`, evaluates
 them all, and writes results.md, results.json and plots. Stages already done with the same config
 are skipped: the run directory's manifests decide, so an interrupted experiment continues where it
 stopped. Seeds vary the RL stages; the base is trained once (its seed is its own config's).
@@ -145,6 +145,7 @@ class Recipe:
     arms: list[Arm]
     base_path: Path
     base_stages: dict[str, dict]  # command -> options, scale applied
+    base_name: str  # folder of the trained base beside the recipes' runs: shared unless the recipe changes it
     arm_defaults: dict[str, dict]  # command -> options every arm of that command starts from, scale applied
     evaluate: dict[str, Any] | None  # options of the evaluation, scale applied; None: no evaluation
     claims: list[Claim]
@@ -186,8 +187,11 @@ def load_recipe(path: Path, scale: str = "small") -> Recipe:
         if name not in scales:
             raise recipe_file.error(("scales", name), f"unknown scale; the base has {', '.join(sorted(scales))}")
     scale_options = {}
+    base_commands = set(base_file.mapping(("stages",), base_file.data.get("stages")))
+    changes_base = False
     for source, where in ((base_file, ("scales", scale)), (recipe_file, ("scales", scale))):
         layer = source.mapping(where, (source.data.get("scales") or {}).get(scale))
+        changes_base |= source is recipe_file and bool(base_commands & set(layer))
         for command, options in layer.items():
             scale_options[command] = _merge(scale_options.get(command, {}),
                                             source.mapping(where + (command,), options))
@@ -228,6 +232,9 @@ def load_recipe(path: Path, scale: str = "small") -> Recipe:
     recipe = Recipe(
         name=Path(path).stem, path=Path(path), title=str(data.get("title", Path(path).stem)), scale=scale,
         seeds=seeds, arms=arms, base_path=base_path, base_stages=base_stages,
+        # A recipe that changes a base stage trains a base of its own: sharing the folder would make
+        # each recipe retrain the other's base in turn.
+        base_name=base_path.stem + (f"-{Path(path).stem}" if changes_base else ""),
         arm_defaults={c: _merge(arm_defaults.get(c), scale_options.get(c)) for c in RL_COMMANDS},
         evaluate=evaluate, claims=[], notes=str(data.get("notes", "")).strip(),
         expected_seconds={str(k): float(v) for k, v in base_file.mapping(
@@ -317,7 +324,7 @@ def _expected(recipe: Recipe, command: str, options: dict, evaluated: int = 0) -
 
 def plan(recipe: Recipe, out: Path) -> tuple[Path, list[Step]]:
     """(base run dir, every step in order): the base stages, then each seed's arms, the evaluation, the report."""
-    base_dir = out.parent / "base"
+    base_dir = out.parent / recipe.base_name
     steps = [Step(base_dir, c, c, o, expected_seconds=_expected(recipe, c, o)) for c, o in recipe.base_stages.items()]
     names = []
     for seed in recipe.seeds:
