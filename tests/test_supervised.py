@@ -35,6 +35,7 @@ def test_sft_learns_and_leaves_a_loadable_policy(sft_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     summary = summary_of(sft_run, "train-sft")
     assert summary["val_perplexity"] < summary["untrained_val_perplexity"] / 5
+    assert summary["val_perplexity_by_epoch"] == [summary["val_perplexity"]]  # one epoch, read from the log
     rows = read_jsonl(sft_run / "train-sft" / "metrics.jsonl")
     losses = [r["loss/train"] for r in rows if "loss/train" in r]
     assert losses[-1] < losses[0]
@@ -45,6 +46,17 @@ def test_sft_learns_and_leaves_a_loadable_policy(sft_run):
     assert tokenizer.pad_token == "<pad>" and tokenizer.eos_token == "</s>" and tokenizer.chat_template
     manifest = json.loads((sft_run / "train-sft" / "manifest.json").read_text())
     assert "prepare-behaviors" in manifest["upstream"] and manifest["status"] == "done"
+
+
+def test_an_sft_policy_still_improving_in_its_last_epoch_is_noted():
+    from rlhb_cli.stages.sft import convergence_note, perplexity_by_epoch
+    history = [{"eval_loss": 6.92, "epoch": 0}, {"loss": 1.2, "epoch": 0.5}, {"eval_loss": 0.5659, "epoch": 1.0},
+               {"eval_loss": 0.4366, "epoch": 2.0}, {"eval_loss": 0.4366, "epoch": 2.0}]  # the final evaluate again
+    assert perplexity_by_epoch(history) == [1.761, 1.547]
+    note = convergence_note(perplexity_by_epoch(history))  # the demo's 2-epoch policy: 12% in its last epoch
+    assert note is not None and "fell 12%" in note and "1.761 -> 1.547" in note
+    assert convergence_note([1.749, 1.409, 1.369]) is None  # its 3-epoch policy: 3%, converged enough
+    assert convergence_note([1.5]) is None
 
 
 def test_sft_resume_gives_the_uninterrupted_numbers(run, cli):
