@@ -265,6 +265,15 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
     result = cli("report", "--run-dir", run, "--run-dir", twin)
     report = (run / "report" / "report.md").read_text()
     assert "No train-rlhb policy was evaluated." in result.output and "report.md" in result.output
+    from rlhb_cli.stages.sft import convergence_note
+    sft = summary_of(run, "train-sft")  # the fixture's toy SFT (2 epochs) stops short of convergence
+    note = convergence_note(sft["val_perplexity_by_epoch"])
+    assert note in sft["notes"] and f"- train-sft (run dir 1 of 2): {note}." in report
+    for run_dir in (run, twin):  # had both converged, the report would not say so
+        path = run_dir / "train-sft" / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "val_perplexity_by_epoch": [1.749, 1.409, 1.369]}))
+    cli("report", "--run-dir", run, "--run-dir", twin)
+    assert "short of convergence" not in (run / "report" / "report.md").read_text()
     for part in ("## Headline", "| my-rlhf |", "(best in pool)", "![training curves](curves.png)",
                  "## Can the judges be trusted?", "## Behaviour following", "## Sample answers"):
         assert part in report, part

@@ -185,6 +185,19 @@ def verdicts(table: dict) -> list[str]:
     return lines
 
 
+def unconverged_policies(summaries: dict[str, list[dict]]) -> list[str]:
+    """Evaluated SFT policies still improving when their training stopped: gains over them are read with that."""
+    from rlhb_cli.stages.sft import convergence_note
+    lines = []
+    for name, runs in summaries.items():
+        for number, summary in enumerate(runs, 1):
+            note = convergence_note(summary.get("val_perplexity_by_epoch") or [])
+            if note:
+                lines.append(f"{name} (run dir {number} of {len(runs)}): {note}.")
+                break
+    return lines
+
+
 def run(config: ReportConfig, stage: rundir.StageRun) -> dict:
     data = collect(config.run_dirs)
     for run_dir in config.run_dirs:
@@ -196,6 +209,7 @@ def run(config: ReportConfig, stage: rundir.StageRun) -> dict:
              f"Judge of the headline: **{table['judge']}**. Means over queries with 95% bootstrap intervals "
              f"(one run) or over runs with 95% t-intervals (several).", "", "## Verdict", ""]
     lines += [f"- {v}" for v in verdicts(table["table"])]
+    lines += [f"- {note}" for note in unconverged_policies(data["summaries"])]
     lines += ["", "## Headline", "", "| policy | greedy | sampled | gain over baseline (sampled) | W/T/L (sampled) |",
               "|---|---|---|---|---|"]
     for name, cells in table["table"].items():
