@@ -3,8 +3,9 @@
 A recipe (experiments/NAME.yaml) names a base (the shared stages: simulated logs, SFT policy, judges),
 its arms (an RL stage with the options that make it that arm), the seeds, the evaluation, and the
 claims with the rule that decides each. `run_recipe` runs the base once per scale into
-RUNS/base (RUNS/base-NAME for a recipe whose scales change a base stage), links its stages into RUNS/NAME, runs every arm for every seed as `ARM-sSEED`, evaluates
-them all, and writes results.md, results.json and plots. Stages already done with the same config
+RUNS/base (RUNS/base-NAME for a recipe whose scales change a base stage), links its stages into
+RUNS/NAME, runs every arm for every seed as `ARM-sSEED`, evaluates them all, and writes results.md,
+results.json and plots. Stages already done with the same config
 are skipped: the run directory's manifests decide, so an interrupted experiment continues where it
 stopped. Seeds vary the RL stages; the base is trained once (its seed is its own config's).
 """
