@@ -49,3 +49,21 @@ def test_agreement_with_gold_by_hand():
     assert out["pair_agreement"] == pytest.approx(2 / 3, abs=1e-4)  # rounded to 4 places
     assert out["spearman"] == pytest.approx(spearman(np.array([1.0, 2, 3, 0]), np.array([0.1, 0.3, 0.2, 0.4])),
                                             abs=1e-4)
+
+
+def test_correct_pair_agreement_and_feature_rates_by_hand():
+    from rlhb_cli.simulator.gold import FEATURES
+    from rlhb_cli.stages.evaluate import agreement_with_gold, feature_rates
+    rows = [{"query": q, "scores": {"gold": g, "judge": j}, "gold_features": f} for q, g, j, f in (
+        ("a", 0.4, 1.0, ["correct", "polite"]), ("a", 0.1, 2.0, ["wrong"]), ("a", 0.2, 0.5, ["wrong", "polite"]),
+        ("b", 0.3, 0.9, ["correct"]), ("b", 0.0, 0.1, ["missing"]), ("b", 0.5, 0.9, ["correct", "source"]))]
+    # (correct, not) pairs: a: (1.0 vs 2.0: no) (1.0 vs 0.5: yes); b: (0.9 vs 0.1: yes) (0.1 vs 0.9: yes);
+    # b's two correct answers are no such pair
+    out = agreement_with_gold(rows, ["judge"])["judge"]
+    assert out["correct_pair_agreement"] == pytest.approx(3 / 4)
+    rates = feature_rates([r["gold_features"] for r in rows])
+    assert list(rates) == list(FEATURES)
+    assert rates["correct"] == pytest.approx(0.5) and rates["polite"] == pytest.approx(1 / 3, abs=1e-4)
+    assert rates["rude"] == 0.0
+    assert "correct_pair_agreement" in agreement_with_gold([{k: v for k, v in r.items() if k != "gold_features"}
+                                                            for r in rows], ["judge"])["judge"]

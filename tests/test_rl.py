@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -260,6 +261,19 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
     rows = read_jsonl(run / "evaluate" / "results.jsonl")
     assert len(rows) == 3 * summary["queries"] * (1 + 2)
     assert set(rows[0]["scores"]) == set(summary["judges"])
+    from rlhb_cli.simulator.gold import FEATURES
+    rates = detail["health"]["train-oracle"]["sampled"]["gold_feature_rates"]
+    mine = [r for r in rows if r["policy"] == "train-oracle" and r["decoding"] == "sampled"]
+    assert list(rates) == list(FEATURES) and set().union(*(r["gold_features"] for r in mine)) <= set(FEATURES)
+    assert rates["correct"] == pytest.approx(np.mean(["correct" in r["gold_features"] for r in mine]), abs=1e-4)
+    on_train = ["evaluate", "--run-dir", run, "--stage-name", "evaluate-train", "--query-set", "train",
+                "--max-queries", 5, "--samples", 1, "--max-new-tokens", 8, "--following-queries", 0,
+                "--policies", "train-sft"]
+    cli(*on_train)
+    trained_on = set(datasets.load_from_disk(str(run / "prepare-behaviors" / "dataset"))["train"]["query"])
+    train_rows = read_jsonl(run / "evaluate-train" / "results.jsonl")
+    assert len({r["query"] for r in train_rows}) == 5 and {r["query"] for r in train_rows} <= trained_on
+    assert {r["query_set"] for r in train_rows} == {"train"}
     twin = run.parent / "twin"  # a second run dir: the report aggregates runs
     shutil.copytree(run, twin)
     result = cli("report", "--run-dir", run, "--run-dir", twin)
@@ -275,7 +289,9 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
     cli("report", "--run-dir", run, "--run-dir", twin)
     assert "short of convergence" not in (run / "report" / "report.md").read_text()
     for part in ("## Headline", "| my-rlhf |", "(best in pool)", "![training curves](curves.png)",
-                 "## Can the judges be trusted?", "## Behaviour following", "## Sample answers"):
+                 "## Can the judges be trusted?", "## Behaviour following", "## Sample answers",
+                 "## What the answers became", "| train-sft | " + " | ".join(f"{r:.3f}" for r in
+                 detail["health"]["train-sft"]["sampled"]["gold_feature_rates"].values())):
         assert part in report, part
     import matplotlib.image
     for png in ("curves.png", "win_tie_loss.png"):  # valid images with something drawn on them

@@ -32,7 +32,10 @@ class EvaluateConfig:
                                                    "stage of the run dir that left a policy/.")
     baseline: str = field("train-sft", help="Policy the others are compared with in Win-Tie-Loss.")
     query_set: str = field("auto", help="test (prepare-behaviors' held-out split), environment (the simulator's "
-                                        "held-out queries: new phrasings), all, or auto (all when simulated).")
+                                        "held-out queries: new phrasings), all, auto (all when simulated), or "
+                                        "train (the training split's queries, those RL was prompted with: what "
+                                        "a policy learned there against what carried over to new queries).")
+    max_queries: int = field(0, help="Evaluate on at most this many of the chosen queries, a seeded draw (0: all).")
     samples: int = field(4, help="Sampled responses per query (besides the greedy one).")
     max_new_tokens: int = field(48, help="Tokens generated at most per response.")
     temperature: float = field(1.0, help="Sampling temperature.")
@@ -50,8 +53,10 @@ class EvaluateConfig:
     judge_requests_per_minute: float = field(60.0, help="Rate limit of calls to --judge-url.")
 
     def __post_init__(self):
-        if self.query_set not in ("auto", "test", "environment", "all"):
-            raise ValueError(f"query_set must be auto, test, environment or all, got {self.query_set!r}")
+        if self.max_queries < 0:
+            raise ValueError("max_queries must be >= 0")
+        if self.query_set not in ("auto", "test", "environment", "all", "train"):
+            raise ValueError(f"query_set must be auto, test, environment, all or train, got {self.query_set!r}")
         if self.samples < 0 or self.max_new_tokens < 1 or self.temperature <= 0:
             raise ValueError("samples must be >= 0, max_new_tokens >= 1 and temperature > 0")
         if self.tie_margin < 0 or self.bootstrap_samples < 1:
@@ -136,6 +141,12 @@ class Judges:
             self.scorers["chat"] = self.chat.score
             self.greedy_only.add("chat")
 
+    def features(self, queries: list[str], responses: list[str]) -> list[list[str]] | None:
+        """The gold users' attributes of each answer (correct, polite, source, ...), when simulated."""
+        if self.gold is None:
+            return None
+        return [[f for f, present in self.gold.attributes(q, r).items() if present] for q, r in zip(queries, responses)]
+
     def score(self, queries: list[str], responses: list[str], greedy: bool) -> dict[str, np.ndarray]:
         return {name: np.asarray(scorer(queries, responses), dtype=np.float64) for name, scorer in self.scorers.items()
                 if greedy or name not in self.greedy_only}
@@ -147,6 +158,8 @@ def _queries(config: EvaluateConfig, run_dir: Path, data, gold) -> dict[str, str
     if chosen == "auto":
         chosen = "all" if gold is not None else "test"
     out: dict[str, str] = {}
+    if chosen == "train":
+        out |= {q: "train" for q in sorted(set(data["train"]["query"]))}
     if chosen in ("test", "all"):
         out |= {q: "test" for q in sorted(set(data["test"]["query"]))}
     if chosen in ("environment", "all"):
@@ -157,6 +170,9 @@ def _queries(config: EvaluateConfig, run_dir: Path, data, gold) -> dict[str, str
     if not out:
         raise RlhbError(f"{run_dir / 'prepare-behaviors'}: no held-out queries to evaluate on; rerun "
                         f"prepare-behaviors with --test-fraction above 0")
+    if config.max_queries and len(out) > config.max_queries:
+        keep = set(np.random.default_rng([config.seed, 7]).choice(len(out), config.max_queries, replace=False))
+        out = {q: s for i, (q, s) in enumerate(out.items()) if i in keep}
     return out
 
 
@@ -190,24 +206,36 @@ def behavior_following(model, tokenizer, queries: list[str], spec, template, jud
     return out
 
 
+def feature_rates(features: list[list[str]]) -> dict[str, float]:
+    """Share of answers with each of the gold users' attributes: what a policy's answers became."""
+    from rlhb_cli.simulator.gold import FEATURES
+    return {f: round(float(np.mean([f in present for present in features])), 4) for f in FEATURES}
+
+
 def agreement_with_gold(rows: list[dict], judges: list[str]) -> dict:
     """How far each judge can be trusted on one policy's sampled answers: Spearman with gold over all
     answers, and the share of same-query answer pairs it orders as gold does (0.5 is chance). A judge the
-    policy has learned to fool agrees with gold on the policy's own answers less than on SFT's."""
+    policy has learned to fool agrees with gold on the policy's own answers less than on SFT's. With the
+    gold users' attributes, also the share of same-query (correct, not correct) pairs in which it prefers
+    the correct answer: whether it pays for being right or only for how an answer is put."""
     gold = np.array([r["scores"]["gold"] for r in rows], dtype=np.float64)
+    correct = np.array(["correct" in r.get("gold_features", ()) for r in rows])
     by_query: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         by_query.setdefault(r["query"], []).append(i)
-    pairs = [(a, b) for group in by_query.values() for k, a in enumerate(group) for b in group[k + 1:]
-             if abs(gold[a] - gold[b]) > 1e-9]
+    same_query = [(a, b) for group in by_query.values() for k, a in enumerate(group) for b in group[k + 1:]]
+    pairs = [(a, b) for a, b in same_query if abs(gold[a] - gold[b]) > 1e-9]
+    right_wrong = [(a, b) if correct[a] else (b, a) for a, b in same_query if correct[a] != correct[b]]
     out = {}
     for judge in judges:
         values = np.array([np.nan if r["scores"][judge] is None else r["scores"][judge] for r in rows])
         finite = np.isfinite(values)
         agree = [np.sign(values[a] - values[b]) == np.sign(gold[a] - gold[b]) for a, b in pairs
                  if finite[a] and finite[b]]
+        prefers_right = [values[a] > values[b] for a, b in right_wrong if finite[a] and finite[b] and values[a] != values[b]]
         out[judge] = {"spearman": round(spearman(values[finite], gold[finite]), 4),
-                      "pair_agreement": round(float(np.mean(agree)), 4) if agree else None}
+                      "pair_agreement": round(float(np.mean(agree)), 4) if agree else None,
+                      "correct_pair_agreement": round(float(np.mean(prefers_right)), 4) if prefers_right else None}
     return out
 
 
@@ -289,16 +317,20 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             texts = [r["response"] for r in responses]
             judged = judges.score(repeated_queries, texts, greedy=decoding == "greedy")
             scores[name][decoding] = {j: v.reshape(len(queries), repeats).mean(1) for j, v in judged.items()}
+            features = judges.features(repeated_queries, texts)
             for i, (q, r) in enumerate(zip(repeated_queries, responses)):
                 rows.append({"policy": name, "decoding": decoding, "query": q, "query_set": query_sets[q],
                              "sample": i % repeats, **r, "scores": {j: float(v[i]) if np.isfinite(v[i]) else None
-                                                             for j, v in judged.items()}})
+                                                             for j, v in judged.items()},
+                             **({"gold_features": features[i]} if features else {})})
             if decoding == "sampled":
                 sampled_texts, sampled_prompts = texts, repeated_prompts
             health.setdefault(name, {})[decoding] = {
                 "length_tokens": float(np.mean([r["tokens"] for r in responses])),
                 "eos_rate": float(np.mean([r["ended"] for r in responses])),
                 "distinct_2": round(distinct_2(texts), 4)}
+            if features:
+                health[name][decoding]["gold_feature_rates"] = feature_rates(features)
         if sampled_texts:  # KL(policy || baseline) per response, estimated on the policy's own samples
             own = _sequence_logprobs(model, tokenizer, sampled_prompts, sampled_texts)
             ref = _sequence_logprobs(reference, reference_tokenizer, sampled_prompts, sampled_texts)
@@ -322,6 +354,8 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
         pools = {q["text"]: q for q in rundir.read_json(run_dir / "simulate-logs" / "environment.json")["queries"]}
         for key in ("best_in_pool", "pool_mean"):
             values = np.array([pools[q][key] for q in queries if q in pools])
+            if not len(values):
+                continue
             low, high = bootstrap_interval(values, config.bootstrap_samples, config.seed)
             references[key] = {"mean": round(float(values.mean()), 4), "ci95": [round(low, 4), round(high, 4)]}
     summary = _summarise(config, scores, health, queries, query_sets, judges, names, references)
@@ -365,7 +399,7 @@ def _summarise(config, scores, health, queries, query_sets, judges, names, refer
         for name in names:
             headline[name] = {d: table[name][d][headline_judge]["mean"] for d in table[name]}
     return {"judge_of_headline": headline_judge, "headline": headline, "scores": table, "health": health,
-            "references": references, "tie_margin_sd": config.tie_margin}
+            "references": references, "tie_margin_sd": config.tie_margin, "baseline": config.baseline}
 
 
 def _print_table(console, summary: dict, names: list[str]) -> None:

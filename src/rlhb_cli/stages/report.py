@@ -159,6 +159,27 @@ def draw_wtl(table: dict, out: Path) -> bool:
     return True
 
 
+def feature_table(health: dict, baseline_name: str | None) -> list[str]:
+    """The gold users' attributes of each policy's sampled answers, as shares, the baseline's first and the
+    others' as changes from it: what an aligner's gain is made of (being right, or how answers are put)."""
+    rates = {n: h["sampled"]["gold_feature_rates"] for n, h in health.items()
+             if "gold_feature_rates" in h.get("sampled", {})}
+    if not rates:
+        return []
+    names = list(rates)
+    if baseline_name in rates:
+        names = [baseline_name] + [n for n in names if n != baseline_name]
+    baseline = rates[names[0]]
+    features = list(baseline)
+    lines = ["", "## What the answers became (gold users' attributes, sampled, first run dir)", "",
+             f"Share of answers with each attribute: {names[0]}'s, then each policy's change from it.", "",
+             "| policy | " + " | ".join(features) + " |", "|---|" + "---|" * len(features),
+             f"| {names[0]} | " + " | ".join(f"{baseline[f]:.3f}" for f in features) + " |"]
+    for name in names[1:]:
+        lines.append(f"| {name} | " + " | ".join(f"{rates[name][f] - baseline[f]:+.3f}" for f in features) + " |")
+    return lines
+
+
 def verdicts(table: dict) -> list[str]:
     """RLHB against RLHF and RLHBC, and against the oracle, on the sampled gain over the baseline."""
     def gain(name):
@@ -249,17 +270,27 @@ def run(config: ReportConfig, stage: rundir.StageRun) -> dict:
             lines.append(f"| {name} | {h.get('kl_to_baseline', float('nan')):.2f} | "
                          f"{h.get('perplexity_real_responses', float('nan')):.3f} | {s.get('distinct_2', 0):.3f} | "
                          f"{s.get('length_tokens', 0):.1f} | {s.get('eos_rate', 0):.2f} |")
+    lines += feature_table(health, data["evaluations"][0].get("baseline"))
     agreement = {n: h["judge_agreement_with_gold"] for n, h in health.items() if "judge_agreement_with_gold" in h}
     if agreement:
         judges = list(next(iter(agreement.values())))
         lines += ["", "## Can the judges be trusted? (first run dir)", "",
-                  "Each judge against gold on the policy's own sampled answers: Spearman, and the share of "
-                  "same-query pairs it orders as gold does (0.5 is chance). A policy that fooled its judge makes "
-                  "that judge agree less on its answers than on the baseline's.", "",
+                  "Each judge against gold on the policy's own sampled answers: Spearman / the share of "
+                  "same-query pairs it orders as gold does (0.5 is chance) / the share of same-query (correct, "
+                  "wrong) pairs in which it prefers the correct answer. A policy that fooled its judge makes "
+                  "that judge agree less on its answers than on the baseline's; a judge near 0.5 on the last "
+                  "figure pays for how an answer is put, not for being right.", "",
                   "| policy | " + " | ".join(judges) + " |", "|---|" + "---|" * len(judges)]
         for name, by_judge in agreement.items():
-            cells = [f"{by_judge[j]['spearman']:+.2f} / {by_judge[j]['pair_agreement']:.2f}"
-                     if by_judge[j]["pair_agreement"] is not None else "-" for j in judges]
+            cells = []
+            for j in judges:
+                entry = by_judge[j]
+                if entry["pair_agreement"] is None:
+                    cells.append("-")
+                    continue
+                right = entry.get("correct_pair_agreement")
+                cells.append(f"{entry['spearman']:+.2f} / {entry['pair_agreement']:.2f}"
+                             + (f" / {right:.2f}" if right is not None else ""))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     following = {n: h["behavior_following"] for n, h in health.items() if "behavior_following" in h}
     if following:
