@@ -85,3 +85,14 @@ def test_a_field_added_since_at_its_default_keeps_a_stage_done():
     assert not same_config(older, RLHBConfig(lora_r=8))
     assert not same_config({**recorded, "iterations": 7}, config)
     assert not same_config(None, config)
+
+
+def test_contrast_metrics_are_checked_by_name():
+    from rlhb_cli.rl.aligners import RLHBConfig
+    assert RLHBConfig(contrast_metrics="likes, dislikes").contrast_metrics == "likes, dislikes"
+    for bad, message in (("likes,shares", "shares is not one of pv, clicks, likes, dislikes"),
+                         ("likes,", "an empty name")):
+        with pytest.raises(ValueError, match=message):
+            RLHBConfig(contrast_metrics=bad)
+    with pytest.raises(ValueError, match="needs reward_form contrast"):
+        RLHBConfig(contrast_metrics="likes", reward_form="probability")

@@ -152,6 +152,47 @@ def test_a_round_reads_each_pair_once_and_learns_as_if_it_read_every_triplet(run
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(shared, model.parameters()))
 
 
+def test_contrast_reward_by_hand_over_all_metrics_or_some(run):
+    """The contrast: logit D(q, r, asked) minus the mean over the contrast set; over chosen metrics, the
+    difference of those metrics' log-probabilities alone."""
+    import datasets
+    from rlhb_cli.behaviors.binning import METRICS, BinSpec
+    from rlhb_cli.behaviors.text import BehaviorTemplate
+    from rlhb_cli.prompts import judge_text
+    from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource
+    from rlhb_cli.stages.discriminator import Discriminator
+    train = datasets.load_from_disk(str(run / "prepare-behaviors" / "dataset"))["train"]
+    spec = BinSpec.from_json(json.loads((run / "prepare-behaviors" / "bins.json").read_text()))
+    template = BehaviorTemplate.load("en")
+    asked = template.most_preferred(spec)
+    queries, responses = train["query"][:3], ["answer one", "answer two", train["response"][2]]
+    disc = Discriminator.load(run / "warmup-discriminator" / "model")
+    raw = disc.judge.logits([judge_text(q, r) for q, r in zip(queries, responses)])
+
+    def log_p(i: int, behavior: str, metrics) -> float:  # one triplet's log-probabilities, summed by hand
+        levels, start, total = disc.levels([behavior])[0], 0, 0.0
+        for m, metric in enumerate(METRICS):
+            size = disc.judge.meta.heads[metric]
+            if metric in metrics:
+                total += float(torch.log_softmax(raw[i, start:start + size], -1)[levels[m]])
+            start += size
+        return total
+
+    for metrics in (None, ("likes", "dislikes")):
+        settings = AdversarialSettings("contrast", 4, 1e-4, 0, 16, 0, 1, 0.0, 0.0, 3.0, 1.0, 0, metrics)
+        source = DiscriminatorSource(disc, settings, train, spec, template)
+        reward, _ = source.score(queries, responses, [asked] * 3)
+        for i, q in enumerate(queries):
+            others = source.contrast_set(q, asked)
+            assert len(others) == 4 and asked not in others
+            if metrics is None:  # the whole logit: every metric and the behaviour's log-marginal
+                expected = float(disc.logits([q], [responses[i]], [asked])[0]) - np.mean(
+                    [float(disc.logits([q], [responses[i]], [b])[0]) for b in others])
+            else:
+                expected = log_p(i, asked, metrics) - np.mean([log_p(i, b, metrics) for b in others])
+            assert float(reward[i]) == pytest.approx(expected, abs=1e-4)
+
+
 def test_same_seed_same_metrics_and_resume_equals_uninterrupted(run, cli):
     args = ["--iterations", 4, *RL, "--disc-steps", 2, "--disc-learning-rate", 1e-3, "--bootstrap-ratio", 0.25,
             "--checkpoint-every", 2]

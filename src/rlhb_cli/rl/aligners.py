@@ -69,6 +69,11 @@ class RLHBConfig(EngineConfig):
                                                   "D(q, r, b) minus the mean logit over other behaviours of the "
                                                   "query. Default: contrast, or probability with --no-behavior.")
     contrast_behaviors: int = field(8, help="contrast: behaviours to contrast with (the query's logged ones first).")
+    contrast_metrics: str = field("", help="contrast with a factorized discriminator: the metrics whose parts make "
+                                           "the reward, comma-separated from pv, clicks, likes, dislikes (empty: "
+                                           "all, with the behaviours' marginals). likes,dislikes leaves out the "
+                                           "views and clicks the target asks for, which the shaped reward counts "
+                                           "against an answer.")
     disc_learning_rate: float = field(1e-5, help="Discriminator learning rate during RL.")
     reward_scale: Optional[float] = field(None, help="Multiply the discriminator's reward by this. Default: 0.05 for "
                                                      "contrast (it spans a few logits, ten times the gold reward's "
@@ -115,6 +120,15 @@ class RLHBConfig(EngineConfig):
         if self.no_behavior and self.reward_form == "contrast":
             raise ValueError("reward_form contrast compares behaviours; with --no-behavior use probability or "
                              "log_probability")
+        if self.contrast_metrics:
+            from rlhb_cli.behaviors.binning import METRICS
+            chosen = [m.strip() for m in self.contrast_metrics.split(",")]
+            unknown = [m for m in chosen if m not in METRICS]
+            if unknown or not all(chosen):
+                raise ValueError(f"contrast_metrics: {', '.join(unknown) or 'an empty name'} is not one of "
+                                 f"{', '.join(METRICS)}")
+            if self.reward_form != "contrast":
+                raise ValueError("contrast_metrics needs reward_form contrast")
         if not 0 <= self.bootstrap_ratio <= 1:
             raise ValueError(f"bootstrap_ratio must be in [0, 1], got {self.bootstrap_ratio}")
         if not 0 <= self.label_smoothing < 0.5:
@@ -234,7 +248,8 @@ def rlhb_source_factory(config: RLHBConfig, stage: rundir.StageRun) -> Callable:
         settings = AdversarialSettings(
             config.reward_form, config.contrast_behaviors, config.disc_learning_rate, config.disc_steps,
             config.disc_batch_size, config.frozen_iterations, config.update_every, config.bootstrap_ratio,
-            config.label_smoothing, config.replaced_negatives, config.likelihood_weight, config.seed)
+            config.label_smoothing, config.replaced_negatives, config.likelihood_weight, config.seed,
+            tuple(m.strip() for m in config.contrast_metrics.split(",")) if config.contrast_metrics else None)
         return DiscriminatorSource(Discriminator(judge), settings, train, spec, template, real_rows)
     return make
 

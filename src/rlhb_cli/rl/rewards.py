@@ -138,6 +138,7 @@ class AdversarialSettings:
     replaced_negatives: float  # behaviour-replaced real triplets per generated one, as in warm-up
     likelihood_weight: float
     seed: int
+    contrast_metrics: tuple[str, ...] | None = None  # a factorized contrast over these metrics only (None: all)
 
 
 class DiscriminatorSource:
@@ -198,10 +199,17 @@ class DiscriminatorSource:
         return self.discriminator.logits(queries, responses, behaviors if self.with_behavior else None)
 
     def score(self, queries, responses, behaviors):
-        logits = self._logits(queries, responses, behaviors)
+        form = self.settings.reward_form
+        factorized_contrast = form == "contrast" and self.discriminator.form == "factorized"
+        if factorized_contrast:  # the heads read (q, r) once; behaviours only pick bins
+            from rlhb_cli.prompts import judge_text
+            raw = self.discriminator.judge.logits([judge_text(q, r) for q, r in zip(queries, responses)])
+            logits = self.discriminator.logits_from(raw, self.discriminator.levels(behaviors),
+                                                    self.discriminator.marginals(behaviors))
+        else:
+            logits = self._logits(queries, responses, behaviors)
         probability = torch.sigmoid(logits)
         logs = {"disc/score_generated": float(probability.mean())}
-        form = self.settings.reward_form
         if form == "probability":
             return probability, logs
         if form == "log_probability":
@@ -210,13 +218,15 @@ class DiscriminatorSource:
         flat_q = [q for q, s in zip(queries, sets) for _ in s]
         flat_r = [r for r, s in zip(responses, sets) for _ in s]
         flat_b = [b for s in sets for b in s]
-        if self.discriminator.form == "factorized":  # the heads read (q, r) once; behaviours only pick bins
-            from rlhb_cli.prompts import judge_text
-            raw = self.discriminator.judge.logits([judge_text(q, r) for q, r in zip(queries, responses)])
+        if factorized_contrast:
+            metrics = self.settings.contrast_metrics
             repeat = torch.tensor([len(s) for s in sets])
             others = self.discriminator.logits_from(raw.repeat_interleave(repeat, dim=0),
                                                     self.discriminator.levels(flat_b),
-                                                    self.discriminator.marginals(flat_b))
+                                                    self.discriminator.marginals(flat_b), metrics)
+            if metrics is not None:  # the asked behaviour's parts over the same metrics
+                logits = self.discriminator.logits_from(raw, self.discriminator.levels(behaviors),
+                                                        self.discriminator.marginals(behaviors), metrics)
         else:
             others = self._logits(flat_q, flat_r, flat_b)
         index = torch.repeat_interleave(torch.arange(len(sets)), torch.tensor([len(s) for s in sets]))

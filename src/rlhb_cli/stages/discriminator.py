@@ -98,14 +98,18 @@ class Discriminator:
             raise RlhbError(f"the discriminator knows no behaviour text {exc.args[0]!r}: it renders behaviour with "
                             f"the bins and template of the run's prepare-behaviors") from None
 
-    def logits_from(self, head_logits: torch.Tensor, levels: torch.Tensor, log_marginal: torch.Tensor) -> torch.Tensor:
+    def logits_from(self, head_logits: torch.Tensor, levels: torch.Tensor, log_marginal: torch.Tensor,
+                    metrics: tuple[str, ...] | None = None) -> torch.Tensor:
+        """sum over metrics of log p(level | query, response) - log p(behaviour); with `metrics`, the sum over
+        those alone and no marginal (a part of the logit, for a reward that leaves some metrics out)."""
         total, start = 0.0, 0
         for m, metric in enumerate(METRICS):
             size = self.judge.meta.heads[metric]
-            log_p = torch.log_softmax(head_logits[:, start:start + size], dim=-1)
-            total = total + log_p.gather(1, levels[:, m:m + 1]).squeeze(1)
+            if metrics is None or metric in metrics:
+                log_p = torch.log_softmax(head_logits[:, start:start + size], dim=-1)
+                total = total + log_p.gather(1, levels[:, m:m + 1]).squeeze(1)
             start += size
-        return total - log_marginal
+        return total - log_marginal if metrics is None else total
 
     def marginals(self, behavior_texts: list[str]) -> torch.Tensor:
         return torch.tensor([self.log_marginal.get(b, self.log_marginal_unseen) for b in behavior_texts])
