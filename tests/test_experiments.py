@@ -13,7 +13,8 @@ from rlhb_cli.errors import RlhbError
 from rlhb_cli.experiments import Claim, judge_claim, load_recipe, plan
 
 EXPERIMENTS = ROOT / "experiments"
-RECIPES = ("paper-q1", "paper-q2", "ablation-bootstrap", "ablation-rollouts", "ablation-batch", "sharper-logs")
+RECIPES = ("paper-q1", "paper-q2", "ablation-bootstrap", "ablation-rollouts", "ablation-batch", "sharper-logs",
+           "minilm-judge")
 VERDICTS = {"reproduced", "not reproduced", "direction only", "contradicted", "not measured"}
 
 
@@ -79,6 +80,12 @@ def test_a_recipe_that_changes_a_base_stage_trains_a_base_of_its_own(tmp_path):
     assert own.base_stages["simulate-logs"]["impressions"] == 1_000_000
     assert shared.base_stages["simulate-logs"]["impressions"] == 100_000  # base.yaml's tiny scale, untouched
     assert load_recipe(EXPERIMENTS / "sharper-logs.yaml", "small").base_name == "base-sharper-logs"
+    minilm = load_recipe(EXPERIMENTS / "minilm-judge.yaml", "small")
+    warmup = next(s for s in plan(minilm, runs / "minilm-judge")[1] if s.command == "warmup-discriminator")
+    assert minilm.base_name == "base-minilm-judge" and warmup.options["backbone"] == "minilm"
+    assert warmup.expected_seconds == minilm.expected_seconds["warmup-discriminator"] * \
+        minilm.expected_seconds["minilm_judge_factor"]
+    assert load_recipe(EXPERIMENTS / "minilm-judge.yaml", "tiny").base_name == "base"  # tiny keeps its judges
 
 
 def test_option_layers_arm_over_scale_over_defaults():
