@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 # CPU build on this machine; on a GPU machine: make setup TORCH_SPEC="torch==<version>" (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch sharper-logs
+.PHONY: setup test demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch sharper-logs minilm-judge
 
 setup: $(STAMP)
 
@@ -31,8 +31,9 @@ demo: setup
 # one-minute smoke test. Stages already done are skipped, so an interrupted target continues.
 SCALE ?= small
 PAPER := paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch
-# The testbed's own question (not the paper's), with a base of its own: RLHB on ten times the traffic.
-$(PAPER) sharper-logs: setup
+# The testbed's own questions (not the paper's), each with a base of its own: RLHB on ten times the
+# traffic; RLHB with a discriminator on the pretrained MiniLM encoder.
+$(PAPER) sharper-logs minilm-judge: setup
 	$(BIN)/rlhb experiment run experiments/$@.yaml --scale $(SCALE)
 
 paper: $(PAPER)
