@@ -72,8 +72,8 @@ class RLHBConfig(EngineConfig):
     contrast_metrics: str = field("", help="contrast with a factorized discriminator: the metrics whose parts make "
                                            "the reward, comma-separated from pv, clicks, likes, dislikes (empty: "
                                            "all, with the behaviours' marginals). likes,dislikes leaves out the "
-                                           "views and clicks the target asks for, which the shaped reward counts "
-                                           "against an answer.")
+                                           "views and clicks the target asks for, which the shaped reward "
+                                           "divides by (measured: no gain over all metrics, README).")
     disc_learning_rate: float = field(1e-5, help="Discriminator learning rate during RL.")
     reward_scale: Optional[float] = field(None, help="Multiply the discriminator's reward by this. Default: 0.05 for "
                                                      "contrast (it spans a few logits, ten times the gold reward's "
