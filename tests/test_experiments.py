@@ -85,6 +85,9 @@ def test_a_recipe_that_changes_a_base_stage_trains_a_base_of_its_own(tmp_path):
     assert minilm.base_name == "base-minilm-judge" and warmup.options["backbone"] == "minilm"
     assert warmup.expected_seconds == minilm.expected_seconds["warmup-discriminator"] * \
         minilm.expected_seconds["minilm_judge_factor"]
+    from rlhb_cli.experiments import _expected
+    frozen = _expected(minilm, "warmup-discriminator", {"backbone": "minilm", "freeze_backbone": True})
+    assert frozen == minilm.expected_seconds["warmup-discriminator"]  # read once, not trained: no slower
     assert load_recipe(EXPERIMENTS / "minilm-judge.yaml", "tiny").base_name == "base"  # tiny keeps its judges
 
 

@@ -98,6 +98,58 @@ def test_joint_discriminator_form_trains(run, cli):
     assert summary["form"] == "joint" and summary["parameters_changed"] and 0 <= summary["val_auc"] <= 1
 
 
+def test_a_frozen_minilm_discriminator_learns_its_head_alone_and_resumes(run, cli):
+    """--freeze-backbone: the pretrained body is read once per text and never changes; the head learns;
+    its cached-feature path gives the model's own logits; an interrupted warm-up resumes to the same
+    numbers; during RL the discriminator's updates and checkpoints touch the head alone."""
+    import datasets
+    from transformers import AutoModel
+    from rlhb_cli.behaviors.binning import BinSpec
+    from rlhb_cli.behaviors.text import BehaviorTemplate
+    from rlhb_cli.models.load import minilm_path
+    from rlhb_cli.prompts import judge_text
+    from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource, GeneratedBatch
+    from rlhb_cli.stages.discriminator import Discriminator
+    args = ["--backbone", "minilm", "--freeze-backbone", "--epochs", 2, "--max-train-rows", 400,
+            "--learning-rate", 2e-2, "--checkpoint-every", 10]
+    other = run.parent / "straight"
+    shutil.copytree(run, other)
+    cli("warmup-discriminator", "--run-dir", run, *args, "--stop-after-steps", 15)
+    cli("warmup-discriminator", "--run-dir", run, *args, "--resume")
+    cli("warmup-discriminator", "--run-dir", other, *args)
+    resumed, straight = summary_of(run, "warmup-discriminator"), summary_of(other, "warmup-discriminator")
+    assert resumed["val_auc"] == pytest.approx(straight["val_auc"], abs=1e-6) and straight["val_auc"] > 0.55
+    assert straight["frozen_backbone"] and straight["parameters_trained"] < straight["parameters"] / 50
+
+    disc = Discriminator.load(run / "warmup-discriminator" / "model")
+    assert disc.judge.frozen_body
+    pretrained = AutoModel.from_pretrained(minilm_path()).state_dict()
+    body = disc.judge.model.base_model.state_dict()
+    assert all(torch.equal(body[k], pretrained[k]) for k in pretrained if not k.startswith("pooler."))
+    assert not torch.equal(body["pooler.dense.weight"], pretrained["pooler.dense.weight"])
+    prepared = datasets.load_from_disk(str(run / "prepare-behaviors" / "dataset"))
+    validation, train = prepared["validation"], prepared["train"]
+    texts = [judge_text(q, r) for q, r in zip(validation["query"][:12], validation["response"][:12])]
+    batch = disc.judge.encode(texts)
+    with torch.no_grad():
+        own = disc.judge.model.eval()(**batch).logits
+    assert torch.allclose(disc.judge.logits(texts), own, atol=1e-5)
+
+    spec = BinSpec.from_json(json.loads((run / "prepare-behaviors" / "bins.json").read_text()))
+    source = DiscriminatorSource(disc, AdversarialSettings("contrast", 8, 1e-3, 2, 16, 0, 1, 0.0, 0.0, 1.0, 1.0, 0),
+                                 train, spec, BehaviorTemplate.load("en"))
+    before = {k: v.clone() for k, v in disc.judge.model.state_dict().items()}
+    n = 8
+    source.update(GeneratedBatch(train["query"][:n], [f"an answer {i}" for i in range(n)],
+                                 [train["behavior_text"][0]] * n, torch.zeros(n), 1))
+    after = disc.judge.model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("bert.pooler.", "classifier.")) for k in moved)
+    assert set(source.state_dict()["model"]) == {k for k in before if k.startswith(("bert.pooler.", "classifier."))}
+    refused = cli("train-rlhb", "--run-dir", run, "--iterations", 1, "--disc-lora-r", 4, ok=False)
+    assert "learns its head alone on a frozen body" in refused.output and "Traceback" not in refused.output
+
+
 def test_a_judge_with_its_own_tokenizer_scores_the_policys_text(run, cli):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from rlhb_cli.models.judge import Judge

@@ -320,7 +320,8 @@ def _expected(recipe: Recipe, command: str, options: dict, evaluated: int = 0) -
                                                                     if learning_judge else 1.0))
     if command == "evaluate":
         return rates.get("evaluate_per_policy", 0.0) * evaluated
-    if options.get("backbone") == "minilm":  # a 22M-parameter pretrained encoder instead of the SFT body
+    if options.get("backbone") == "minilm" and not options.get("freeze_backbone"):
+        # a 22M-parameter pretrained encoder trained instead of the SFT body (frozen, it is read once: no slower)
         return rates.get(command, 0.0) * rates.get("minilm_judge_factor", 1.0)
     return rates.get(command, 0.0)
 

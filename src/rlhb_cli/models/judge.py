@@ -3,6 +3,10 @@
 Discriminator (1 logit: real or fake), behaviour classifier (one block of logits per behaviour metric)
 and reward model (1 logit) are all judges. They take text built by `prompts.judge_text`, never the
 policy's token ids, so a judge may tokenize differently from the policy it scores.
+
+A judge on a frozen body (`meta.extra["frozen_body"]`, a BERT-style encoder) learns only its head
+(pooler and classifier); the body's features of a text never change, so training reads each text
+through the body once and learns from the cached features.
 """
 
 from __future__ import annotations
@@ -28,30 +32,93 @@ class JudgeMeta:
     extra: dict = field(default_factory=dict)  # e.g. the classifier's per-bin decoding table
 
 
+def head_of(model) -> torch.nn.Module | None:
+    """The part of a BERT-style sequence classifier after its encoder (pooler, dropout, classifier) as one
+    module over the first token's hidden state; None for a model without that shape."""
+    pooler = getattr(model.base_model, "pooler", None)
+    classifier, dropout = getattr(model, "classifier", None), getattr(model, "dropout", None)
+    if pooler is None or not isinstance(classifier, torch.nn.Linear) or not isinstance(dropout, torch.nn.Dropout):
+        return None
+    return _PooledHead(pooler, dropout, classifier)
+
+
+class _PooledHead(torch.nn.Module):
+    def __init__(self, pooler, dropout, classifier):
+        super().__init__()
+        self.pooler, self.dropout, self.classifier = pooler, dropout, classifier
+
+    def forward(self, first_token: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pooler(first_token[:, None, :])))
+
+
 class Judge:
     def __init__(self, model, tokenizer, meta: JudgeMeta):
         self.model = model
         self.tokenizer = tokenizer
         self.meta = meta
+        self.head = None
+        self.feature_cache: dict[str, torch.Tensor] | None = None  # text -> frozen body features, when on
+        if meta.extra.get("frozen_body"):
+            self.head = head_of(model)
+            if self.head is None:
+                raise RlhbError(f"a frozen body needs a BERT-style encoder (pooler and classifier), not "
+                                f"{type(model).__name__}; use the minilm backbone or train the whole judge")
+            for p in model.base_model.parameters():
+                p.requires_grad_(False)
+            for p in self.head.parameters():
+                p.requires_grad_(True)
+
+    @property
+    def frozen_body(self) -> bool:
+        return self.head is not None
+
+    def cache_features(self, on: bool = True) -> None:
+        """Keep the body's features of every text read (a frozen body only: they never change)."""
+        self.feature_cache = {} if on and self.frozen_body else None
+
+    @torch.no_grad()
+    def body_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The frozen body's first-token hidden state, always in eval mode (no dropout: a fixed feature)."""
+        body = self.model.base_model
+        was_training = body.training
+        body.eval()
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        body.train(was_training)
+        return hidden[:, 0].float()
+
+    def features(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Body features of each text; with the cache on, each distinct text goes through the body once."""
+        if self.feature_cache is None:
+            return torch.cat([self.body_features(self.encode(texts[i:i + batch_size]))
+                              for i in range(0, len(texts), batch_size)])
+        missing = [t for t in dict.fromkeys(texts) if t not in self.feature_cache]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            self.feature_cache.update(zip(chunk, self.body_features(self.encode(chunk))))
+        return torch.stack([self.feature_cache[t] for t in texts])
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts, padding=True, truncation=True, max_length=self.meta.max_length,
                               return_tensors="pt")
 
     def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.frozen_body:
+            return self.head(self.body_features(batch))
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     @torch.no_grad()
     def logits(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """Logits for each text, in eval mode, batch by batch (restores the previous mode)."""
+        if not texts:
+            return torch.zeros(0, self.model.config.num_labels)
         was_training = self.model.training
         self.model.eval()
-        out = []
-        for start in range(0, len(texts), batch_size):
-            out.append(self.forward_logits(self.encode(texts[start:start + batch_size])).float())
+        if self.feature_cache is not None:
+            out = [self.head(self.features(texts, batch_size)).float()]
+        else:
+            out = [self.forward_logits(self.encode(texts[start:start + batch_size])).float()
+                   for start in range(0, len(texts), batch_size)]
         self.model.train(was_training)
-        if not out:
-            return torch.zeros(0, self.model.config.num_labels)
         return torch.cat(out)
 
     def save(self, path: Path) -> None:

@@ -231,12 +231,16 @@ def rlhb_source_factory(config: RLHBConfig, stage: rundir.StageRun) -> Callable:
         warmed = Judge.load(path)
         if config.no_behavior:  # RLGAF: the warmed-up body, a fresh head reading (query, response) alone
             model, tokenizer = load_sequence_classifier(path, 1, notes)
+            extra = {"form": "joint", **({"frozen_body": True} if warmed.frozen_body else {})}
             judge = Judge(model, tokenizer, JudgeMeta(kind="discriminator", max_length=warmed.meta.max_length,
-                                                      with_behavior=False, extra={"form": "joint"}))
+                                                      with_behavior=False, extra=extra))
             notes.append("RLGAF: the discriminator's body comes from the warm-up, its real/fake head is new")
         else:
             judge = warmed
         if config.disc_lora_r:
+            if judge.frozen_body:
+                raise RlhbError(f"{path}: this discriminator learns its head alone on a frozen body; "
+                                f"--disc-lora-r would train the body: leave it at 0")
             from rlhb_cli.rl.engine import attach_judge_lora
             judge.model = attach_judge_lora(judge.model, config.disc_lora_r, config.lora_alpha)
             notes.append(f"the discriminator learns through LoRA adapters of rank {config.disc_lora_r}")

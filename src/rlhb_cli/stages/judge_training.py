@@ -4,6 +4,9 @@ Texts are tokenized once. The batch order of epoch e is a permutation seeded by 
 resumed from a checkpoint (model, optimizer, schedule, RNG state, step) sees exactly the batches the
 uninterrupted run would have, and ends with the same numbers.
 
+A judge on a frozen body learns its head alone from the body's features of each distinct text,
+computed once before the first step (split among the processes of a launcher, then shared).
+
 Under a launcher each process takes its share of every batch and DDP averages the gradients, weighted
 so that a step equals the one-process step on the whole batch; every process evaluates the whole
 validation set (the weights are the same), and only the main one writes.
@@ -87,20 +90,39 @@ def _share(index: np.ndarray) -> tuple[np.ndarray, float]:
     return mine, len(mine) * processes / len(index)
 
 
+def _cache_body_features(judge: Judge, texts: list[str], progress) -> None:
+    """Fill the frozen-body judge's feature cache with every distinct text, each process reading its share."""
+    judge.cache_features(True)
+    unique = list(dict.fromkeys(texts))
+    mine = unique[distributed.process_index()::distributed.num_processes()]
+    task = progress.add_task("body features", total=len(mine), loss=float("nan"), rate=0.0)
+    for start in range(0, len(mine), 256):
+        judge.features(mine[start:start + 256])
+        progress.update(task, completed=min(start + 256, len(mine)))
+    progress.remove_task(task)
+    if distributed.num_processes() > 1:
+        from accelerate.utils import gather_object
+        shares = gather_object([{t: judge.feature_cache[t] for t in mine}])
+        for share in shares:
+            judge.feature_cache.update(share)
+
+
 def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], settings: LoopSettings,
                 stage: StageRun, evaluate: Callable[[], dict], fingerprint: str) -> dict:
     """Train `judge` on (texts, targets); evaluate after every epoch; returns the last evaluation."""
-    encoded = judge.tokenizer(texts, truncation=True, max_length=judge.meta.max_length)["input_ids"]
-    n = len(encoded)
+    frozen = judge.frozen_body
+    encoded = None if frozen else judge.tokenizer(texts, truncation=True, max_length=judge.meta.max_length)["input_ids"]
+    n = len(texts)
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = judge.model
-    decay = [p for name, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for name, p in model.named_parameters() if p.ndim < 2]
+    learning = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in learning if p.ndim >= 2]
+    no_decay = [p for p in learning if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=settings.learning_rate)
     # OneCycleLR divides by zero when the warm-up is exactly one step; one step of warm-up is none at all
@@ -125,20 +147,27 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
         resumed_window = (0.0, 0)
         metrics.keep_until(-1)
         torch.manual_seed(settings.seed + distributed.process_index())
-    trained = accelerator.prepare_model(model)  # DDP under a launcher (the same module otherwise)
+    # DDP under a launcher (the same module otherwise); a frozen body's judge trains its head alone
+    trained = accelerator.prepare_model(judge.head if frozen else model)
     model.train()
     pad_id = judge.tokenizer.pad_token_id
     evaluation: dict = {}
     (window_loss, window_count), started = resumed_window, time.perf_counter()
     with progress_bar() as progress:
+        if frozen:
+            _cache_body_features(judge, texts, progress)
+            features = judge.features(texts)
         task = progress.add_task(stage.stage, total=total, completed=start, loss=float("nan"), rate=0.0)
         for step in range(start, total):
             epoch, k = divmod(step, steps_per_epoch)
             order = np.random.default_rng([settings.seed, epoch]).permutation(n)
             index = order[k * settings.batch_size:(k + 1) * settings.batch_size]
             mine, weight = _share(index)
-            batch = _pad([encoded[i] for i in mine], pad_id)
-            logits = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if frozen:
+                logits = trained(features[torch.as_tensor(mine)])
+            else:
+                batch = _pad([encoded[i] for i in mine], pad_id)
+                logits = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             local = loss_fn(logits, targets[torch.as_tensor(mine)])
             loss = accelerator.reduce(local.detach() * weight, "mean")  # the whole batch's mean loss
             if not torch.isfinite(loss):
