@@ -104,6 +104,13 @@ def test_supervised_stages_under_two_processes_write_once_and_agree(small_sim, t
     for a, b in zip(rows[one], rows[two]):
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    # a head on a frozen MiniLM: each process reads its share of the texts, then both learn from all of them
+    # (a text missing from a process's cache would stop it); the heads stay in sync. Its dropout draws
+    # differ per process, so the numbers are not the one-process run's.
+    torchrun("warmup-discriminator", "--run-dir", two, "--backbone", "minilm", "--freeze-backbone", "--epochs", 1,
+             "--max-train-rows", 120, "--force")
+    frozen = summary_of(two, "warmup-discriminator")
+    assert frozen["processes"] == 2 and frozen["processes_in_sync"] is True and frozen["parameters_changed"]
     # the two-process SFT policy is a policy like any other: the RL stages start from it
     torchrun("train-ppo", "--run-dir", two, "--reward-source", "rl_sources:records_each_process", *RL[:-1], 1,
              record=tmp_path)
