@@ -149,6 +149,18 @@ def test_a_frozen_minilm_discriminator_learns_its_head_alone_and_resumes(run, cl
     refused = cli("train-rlhb", "--run-dir", run, "--iterations", 1, "--disc-lora-r", 4, ok=False)
     assert "learns its head alone on a frozen body" in refused.output and "Traceback" not in refused.output
 
+    from rlhb_cli.stages.classifier import BehaviorClassifier
+    cli("train-classifier", "--run-dir", run, "--backbone", "minilm", "--freeze-backbone", "--epochs", 2,
+        "--max-train-rows", 300)
+    summary = summary_of(run, "train-classifier")
+    assert summary["frozen_backbone"] and summary["parameters_trained"] < summary["parameters"] / 50
+    assert summary["mean_accuracy_gain"] > 0  # above the majority class on average
+    classifier = BehaviorClassifier.load(run / "train-classifier" / "model")
+    body = classifier.judge.model.base_model.state_dict()
+    assert all(torch.equal(body[k], pretrained[k]) for k in pretrained if not k.startswith("pooler."))
+    expected = classifier.expected_behavior(validation["query"][:5], validation["response"][:5])["shaped_reward"]
+    assert np.isfinite(expected).all() and len(expected) == 5
+
 
 def test_a_judge_with_its_own_tokenizer_scores_the_policys_text(run, cli):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,11 +34,14 @@ STAGE = "train-classifier"
 @dataclass
 class ClassifierConfig:
     backbone: str = field("sft", help="sft (the SFT policy's body), tiny (fresh), minilm (pretrained encoder) or a path.")
+    freeze_backbone: bool = field(False, help="Learn only the head (pooler and classifier) on the backbone's frozen "
+                                              "features, read once per text. Needs a BERT-style encoder (minilm).")
     heads: list[str] = field(help="Behaviour metrics to predict, one head each.", factory=lambda: list(METRICS))
     max_length: int = field(192, help="Tokens of judge input kept (question, answer).")
-    epochs: int = field(3, help="Passes over the training rows.")
+    epochs: Optional[int] = field(None, help="Passes over the training rows. Default: 3, or 8 with a frozen backbone.")
     batch_size: int = field(32, help="Rows per optimizer step (in all, split among the processes of a launcher).")
-    learning_rate: float = field(3e-4, help="Peak learning rate of the one-cycle schedule.")
+    learning_rate: Optional[float] = field(None, help="Peak learning rate of the one-cycle schedule. Default: 3e-4, "
+                                                      "or 2e-2 for a head alone on a frozen backbone.")
     weight_decay: float = field(0.01, help="AdamW weight decay on matrices.")
     warmup_fraction: float = field(0.1, help="Share of steps rising to the peak learning rate.")
     max_train_rows: int = field(0, help="Use at most this many training rows (0: all).")
@@ -45,6 +49,11 @@ class ClassifierConfig:
     seed: int = field(0, help="Seed of initialisation and batch order.")
 
     def __post_init__(self):
+        # Defaults that depend on freezing are resolved here, so the manifest records the values used.
+        if self.epochs is None:
+            self.epochs = 8 if self.freeze_backbone else 3
+        if self.learning_rate is None:
+            self.learning_rate = 2e-2 if self.freeze_backbone else 3e-4
         unknown = [h for h in self.heads if h not in METRICS]
         if unknown or not self.heads:
             raise ValueError(f"heads must be among {', '.join(METRICS)}, got {self.heads}")
@@ -150,7 +159,8 @@ def run(config: ClassifierConfig, stage: rundir.StageRun) -> dict:
     notes: list[str] = []
     model, tokenizer = judge_backbone(config.backbone, run_dir, stage, sum(heads.values()), train, notes)
     judge = Judge(model, tokenizer, JudgeMeta(kind="classifier", max_length=config.max_length, with_behavior=False,
-                                              heads=heads, extra=decoding_table(train, heads, spec.basis)))
+                                              heads=heads, extra=decoding_table(train, heads, spec.basis) |
+                                              ({"frozen_body": True} if config.freeze_backbone else {})))
     texts = [judge_text(q, r) for q, r in zip(train["query"], train["response"])]
     targets = torch.tensor(np.stack([labels[m] for m in heads], axis=1), dtype=torch.long)
     val_texts = [judge_text(q, r) for q, r in zip(validation["query"], validation["response"])]
@@ -207,7 +217,9 @@ def run(config: ClassifierConfig, stage: rundir.StageRun) -> dict:
         "val_reward_rank_correlation": round(rank_corr, 4) if rank_corr is not None else None,
         "train_rows": len(train),
         "backbone": config.backbone,
+        "frozen_backbone": config.freeze_backbone,
         "parameters": param_count(model),
+        "parameters_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "notes": notes,
         **distributed.processes_summary(model.state_dict()),
         "seconds": round(time.perf_counter() - started, 1),
