@@ -120,6 +120,8 @@ def test_a_frozen_minilm_discriminator_learns_its_head_alone_and_resumes(run, cl
     resumed, straight = summary_of(run, "warmup-discriminator"), summary_of(other, "warmup-discriminator")
     assert resumed["val_auc"] == pytest.approx(straight["val_auc"], abs=1e-6) and straight["val_auc"] > 0.55
     assert straight["frozen_backbone"] and straight["parameters_trained"] < straight["parameters"] / 50
+    kept = torch.load(run / "warmup-discriminator" / "checkpoint.pt", weights_only=False)["model"]
+    assert kept and all(k.startswith(("bert.pooler.", "classifier.")) for k in kept)  # not the frozen body
 
     disc = Discriminator.load(run / "warmup-discriminator" / "model")
     assert disc.judge.frozen_body

@@ -64,7 +64,11 @@ def _save_checkpoint(path, judge, optimizer, scheduler, step, fingerprint, windo
     if not distributed.is_main_process():
         return
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": judge.model.state_dict(), "optimizer": optimizer.state_dict(),
+    weights = judge.model.state_dict()
+    if judge.frozen_body:  # the body is the pretrained one on disk: keep what learns
+        learning = {name for name, p in judge.model.named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in weights.items() if k in learning}
+    torch.save({"model": weights, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng, "step": step,
                 "fingerprint": fingerprint, "loss_window": window}, tmp)
     os.replace(tmp, path)
@@ -136,7 +140,7 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
         state = torch.load(checkpoint, weights_only=False)
         if state["fingerprint"] != fingerprint:
             raise RlhbError(f"{checkpoint}: made with another config or data; run without --resume to start over")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"], strict=not frozen)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _restore_rng(state["rng"])
