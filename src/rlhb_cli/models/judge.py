@@ -87,10 +87,10 @@ class Judge:
         return hidden[:, 0].float()
 
     def features(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Body features of each text; with the cache on, each distinct text goes through the body once."""
+        """Body features of each text from the cache (`cache_features` first): each distinct text goes
+        through the body once."""
         if self.feature_cache is None:
-            return torch.cat([self.body_features(self.encode(texts[i:i + batch_size]))
-                              for i in range(0, len(texts), batch_size)])
+            raise RuntimeError("features() reads the cache of a frozen body: call cache_features() first")
         missing = [t for t in dict.fromkeys(texts) if t not in self.feature_cache]
         for start in range(0, len(missing), batch_size):
             chunk = missing[start:start + batch_size]
