@@ -42,6 +42,15 @@ def head_of(model) -> torch.nn.Module | None:
     return _PooledHead(pooler, dropout, classifier)
 
 
+def learning_weights(model) -> dict[str, torch.Tensor]:
+    """The model's state, or only the weights that learn when some are frozen (the rest are on disk)."""
+    weights = model.state_dict()
+    if any(not p.requires_grad for p in model.parameters()):
+        learning = {name for name, p in model.named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in weights.items() if k in learning}
+    return weights
+
+
 class _PooledHead(torch.nn.Module):
     def __init__(self, pooler, dropout, classifier):
         super().__init__()

@@ -339,12 +339,8 @@ class DiscriminatorSource:
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Its learning weights (with LoRA: the adapters and the head; the base is the warmed-up one on disk)."""
-        model = self.discriminator.judge.model
-        weights = model.state_dict()
-        if any(not p.requires_grad for p in model.parameters()):
-            learning = {name for name, p in model.named_parameters() if p.requires_grad}
-            weights = {k: v for k, v in weights.items() if k in learning}
-        return {"model": weights, "optimizer": self.optimizer.state_dict(),
+        from rlhb_cli.models.judge import learning_weights
+        return {"model": learning_weights(self.discriminator.judge.model), "optimizer": self.optimizer.state_dict(),
                 "rng": self.rng.bit_generator.state, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from rlhb_cli import distributed
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.models.judge import Judge
+from rlhb_cli.models.judge import Judge, learning_weights
 from rlhb_cli.rundir import StageRun, StageStopped
 from rlhb_cli.stages.common import MetricsLog, progress_bar
 
@@ -64,11 +64,7 @@ def _save_checkpoint(path, judge, optimizer, scheduler, step, fingerprint, windo
     if not distributed.is_main_process():
         return
     tmp = path.with_name(f".{path.name}.tmp")
-    weights = judge.model.state_dict()
-    if judge.frozen_body:  # the body is the pretrained one on disk: keep what learns
-        learning = {name for name, p in judge.model.named_parameters() if p.requires_grad}
-        weights = {k: v for k, v in weights.items() if k in learning}
-    torch.save({"model": weights, "optimizer": optimizer.state_dict(),
+    torch.save({"model": learning_weights(judge.model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng, "step": step,
                 "fingerprint": fingerprint, "loss_window": window}, tmp)
     os.replace(tmp, path)
