@@ -61,6 +61,7 @@ def test_lora_rlhb_checkpoints_adapters_only_resumes_and_evaluates(rl_run, cli):
     assert checkpoint["model"] and all("lora_" in k or k.startswith("value_head.") for k in checkpoint["model"])
     manifest = json.loads((run / "train-rlhb" / "manifest.json").read_text())
     assert manifest["config"]["critic"] == "shared"
+    assert manifest["torch_threads"] == torch.get_num_threads()  # float sums, hence numbers, depend on it
     policy = run / "train-rlhb" / "policy"
     assert (policy / "adapter_config.json").exists() and not (policy / "model.safetensors").exists()
     assert json.loads((policy / "policy.json").read_text())["lora_base"] == "train-sft/policy"

@@ -2,7 +2,7 @@
 
 Each stage writes into `RUN_DIR/<stage>/`: its artifacts, `summary.json` (headline figures) and
 `manifest.json` (resolved config, every input with its sha256, library versions, git commit, seed,
-start/end time, status). The manifest says `running` while the stage works and `done` only after
+start/end time, status, torch's thread count). The manifest says `running` while the stage works and `done` only after
 every artifact is in place, so a later stage never reads a half-written one. Artifacts are written to
 a temporary name and renamed into place.
 """
@@ -343,8 +343,16 @@ def open_stage(stage_dir: Path, stage: str, config: Any, seed: int | None,
         raise
     manifest["status"] = "done"
     manifest["finished_at"] = now()
+    manifest["torch_threads"] = torch_threads()
     run._flush()
     distributed.wait_for_everyone()  # what this stage wrote is there for every process's next step
+
+
+def torch_threads() -> int | None:
+    """torch's intra-op threads in this process (None when the stage did not use torch): float sums are
+    split by thread, so the same seed gives the same numbers only with the same count."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
 
 
 def status_rows(run_dir: Path) -> list[dict[str, Any]]:
