@@ -268,6 +268,28 @@ def test_frozen_by_default_and_variant_defaults_are_resolved(run, cli):
     assert config["disc_steps"] == 2 and config["reward_scale"] == 1.0 and config["length_debias"] is False
 
 
+def test_best_logged_condition_asks_for_the_behaviour_with_the_best_logged_reward(run, cli):
+    from rlhb_cli.behaviors.text import best_logged
+    from rlhb_cli.errors import RlhbError
+    texts = ["a"] * 3 + ["b"] * 2 + ["c"]
+    assert best_logged(texts, [0.1, 0.2, 0.3, 0.5, 0.6, 0.9], min_rows=2) == "b"  # "c" is best but too rare
+    assert best_logged(texts, [0.1, 0.2, 0.3, 0.5, 0.6, 0.9], min_rows=1) == "c"
+    with pytest.raises(RlhbError, match="no logged behaviour has 4 training rows"):
+        best_logged(texts, [0.0] * 6, min_rows=4)
+
+    train = datasets.load_from_disk(str(run / "prepare-behaviors" / "dataset"))["train"]
+    rows: dict[str, list[float]] = {}
+    for text, reward in zip(train["behavior_text"], train["shaped_reward"]):
+        rows.setdefault(text, []).append(reward)
+    means = {t: sum(r) / len(r) for t, r in rows.items() if len(r) >= 5}
+    expected = max(sorted(means), key=means.get)
+    cli("train-rlhb", "--run-dir", run, "--iterations", 1, *RL, "--condition", "best_logged",
+        "--condition-min-rows", 5, "--sample-every", 1)
+    meta = json.loads((run / "train-rlhb" / "policy" / "policy.json").read_text())
+    assert meta["condition"] == "best_logged" and meta["behavior_text"] == expected
+    assert {r["behavior"] for r in read_jsonl(run / "train-rlhb" / "samples.jsonl")} == {expected}
+
+
 def test_evaluate_judges_every_policy_with_intervals(run, cli):
     cli("train-oracle", "--run-dir", run, "--iterations", 2, *RL)
     cli("train-rlhf", "--run-dir", run, "--iterations", 1, *RL, "--stage-name", "my-rlhf")

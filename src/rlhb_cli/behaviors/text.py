@@ -75,3 +75,17 @@ class BehaviorTemplate:
     def most_preferred(self, spec: BinSpec) -> str:
         """The condition RLHB asks for at inference: the best level of every metric."""
         return self.render(spec, most_preferred_levels(spec))
+
+
+def best_logged(behaviors: list[str], rewards: list[float], min_rows: int) -> str:
+    """The logged behaviour text whose rows have the highest mean shaped reward, among texts with at least
+    `min_rows` rows: the condition the reward's own definition prefers. The most preferred text asks for
+    the most views and clicks, which the shaped reward divides by."""
+    sums: dict[str, list[float]] = {}
+    for text, reward in zip(behaviors, rewards):
+        sums.setdefault(text, []).append(float(reward))
+    eligible = {t: sum(r) / len(r) for t, r in sums.items() if len(r) >= min_rows}
+    if not eligible:
+        raise RlhbError(f"no logged behaviour has {min_rows} training rows (the most has "
+                        f"{max(map(len, sums.values()), default=0)}); lower --condition-min-rows")
+    return max(sorted(eligible), key=eligible.get)

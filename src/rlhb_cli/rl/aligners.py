@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from rlhb_cli import rundir
+from rlhb_cli.behaviors.text import best_logged
 from rlhb_cli.config import config_to_dict, field
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.rl.engine import EngineConfig, PPOEngine
@@ -177,7 +178,9 @@ def build_engine(config: EngineConfig, stage: rundir.StageRun, make_source: Call
     run_dir = stage.dir.parent
     data, spec, template = load_prepared(run_dir, stage)
     policy_path = resolve_stage_or_path(config.init_from, run_dir, stage, "policy", "starting policy")
-    target = template.most_preferred(spec) if config.condition == "most_preferred" else None
+    target = {"most_preferred": lambda: template.most_preferred(spec), "none": lambda: None,
+              "best_logged": lambda: best_logged(data["train"]["behavior_text"], data["train"]["shaped_reward"],
+                                                 config.condition_min_rows)}[config.condition]()
     notes: list[str] = []
     source = make_source(run_dir, data, spec, template, notes)
     engine = PPOEngine(config, policy_path, source, stage, list(data["train"]["query"]),

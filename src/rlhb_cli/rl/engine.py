@@ -43,8 +43,11 @@ class EngineConfig:
 
     init_from: str = field("train-sft", help="Starting policy: a stage of this run dir that left a policy/ "
                                              "(train-sft, train-rlhf, ...) or the path of a causal LM.")
-    condition: str = field("most_preferred", help="Prompt condition: most_preferred (the best behaviour, as RLHB "
-                                                  "asks at inference) or none (no behaviour line).")
+    condition: str = field("most_preferred", help="Prompt condition: most_preferred (the best level of every "
+                                                  "metric, as RLHB asks at inference), best_logged (the logged "
+                                                  "behaviour with the highest mean shaped reward) or none (no "
+                                                  "behaviour line).")
+    condition_min_rows: int = field(50, help="best_logged: only behaviours with at least this many training rows.")
     iterations: int = field(60, help="PPO iterations (rollout, score, update) in the run.")
     prompts_per_iteration: int = field(8, help="Prompts sampled per iteration (the batch size of the paper's ablation).")
     rollouts: int = field(4, help="Responses sampled per prompt (the paper's ablation: 1, 4, 6); several let the "
@@ -118,7 +121,9 @@ class EngineConfig:
             (self.ppo_epochs >= 1, "ppo_epochs must be at least 1"),
             (self.kl_estimator in ("k1", "k3"), f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}"),
             (self.critic in ("separate", "shared"), f"critic must be separate or shared, got {self.critic!r}"),
-            (self.condition in ("most_preferred", "none"), f"condition must be most_preferred or none, got {self.condition!r}"),
+            (self.condition in ("most_preferred", "best_logged", "none"),
+             f"condition must be most_preferred, best_logged or none, got {self.condition!r}"),
+            (self.condition_min_rows >= 1, "condition_min_rows must be >= 1"),
             (0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "gamma and lam must be in [0, 1]"),
             (self.kl_coef >= 0 and self.kl_target >= 0, "kl_coef and kl_target must be >= 0"),
             (self.reward_clip >= 0, "reward_clip must be >= 0"),

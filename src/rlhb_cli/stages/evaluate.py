@@ -297,7 +297,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     for name in names:
         path = resolve_stage_or_path(name, run_dir, stage, "policy", "policy")
         meta = policy_meta(path)
-        condition = meta.get("behavior_text", best) if meta.get("condition") == "most_preferred" else None
+        condition = meta.get("behavior_text", best) if meta.get("condition") != "none" else None
         if path == reference_path:  # the baseline is loaded already
             model, tokenizer = reference, reference_tokenizer
         else:
