@@ -164,6 +164,41 @@ def test_a_frozen_minilm_discriminator_learns_its_head_alone_and_resumes(run, cl
     assert np.isfinite(expected).all() and len(expected) == 5
 
 
+def test_a_minilm_discriminator_learning_its_top_layer_only_keeps_the_rest_and_resumes(run, cli):
+    """--train-top-layers 1: embeddings and the five lower layers stay the pretrained ones byte for byte, the
+    top layer and head learn; checkpoints hold those alone; an interrupted warm-up resumes to the same AUC."""
+    from transformers import AutoModel
+    from rlhb_cli.models.load import minilm_path
+    from rlhb_cli.stages.discriminator import Discriminator
+    args = ["--backbone", "minilm", "--train-top-layers", 1, "--epochs", 1, "--max-train-rows", 160,
+            "--checkpoint-every", 4]
+    other = run.parent / "straight"
+    shutil.copytree(run, other)
+    cli("warmup-discriminator", "--run-dir", run, *args, "--stop-after-steps", 5)
+    cli("warmup-discriminator", "--run-dir", run, *args, "--resume")
+    cli("warmup-discriminator", "--run-dir", other, *args)
+    resumed, straight = summary_of(run, "warmup-discriminator"), summary_of(other, "warmup-discriminator")
+    assert resumed["val_auc"] == pytest.approx(straight["val_auc"], abs=1e-6)
+    assert straight["trained_top_layers"] == 1 and straight["parameters_trained"] < straight["parameters"] / 5
+    learning = ("bert.encoder.layer.5.", "bert.pooler.", "classifier.")
+    kept = torch.load(run / "warmup-discriminator" / "checkpoint.pt", weights_only=False)["model"]
+    assert kept and all(k.startswith(learning) for k in kept)
+
+    disc = Discriminator.load(run / "warmup-discriminator" / "model")  # reloaded for RL: still frozen below
+    assert {n for n, p in disc.judge.model.named_parameters() if p.requires_grad} == set(kept)
+    pretrained = AutoModel.from_pretrained(minilm_path()).state_dict()
+    body = disc.judge.model.base_model.state_dict()
+    below = [k for k in pretrained if not k.startswith(("encoder.layer.5.", "pooler."))]
+    assert below and all(torch.equal(body[k], pretrained[k]) for k in below)
+    assert not torch.equal(body["encoder.layer.5.output.dense.weight"], pretrained["encoder.layer.5.output.dense.weight"])
+
+    for bad, message in ((["--freeze-backbone"], "exclude each other"), (["--train-top-layers", 7], "it has 6 layers")):
+        refused = cli("warmup-discriminator", "--run-dir", other, "--backbone", "minilm", "--train-top-layers", 1,
+                      *bad, ok=False)
+        last = refused.output.strip().splitlines()[-1]  # (transformers' load report may log above it)
+        assert last.startswith("error: ") and message in last
+
+
 def test_a_judge_with_its_own_tokenizer_scores_the_policys_text(run, cli):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from rlhb_cli.models.judge import Judge

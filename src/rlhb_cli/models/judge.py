@@ -6,7 +6,8 @@ policy's token ids, so a judge may tokenize differently from the policy it score
 
 A judge on a frozen body (`meta.extra["frozen_body"]`, a BERT-style encoder) learns only its head
 (pooler and classifier); the body's features of a text never change, so training reads each text
-through the body once and learns from the cached features.
+through the body once and learns from the cached features. A judge with `meta.extra["trained_top_layers"]`
+learns only its top layers and head: its embeddings and lower layers stay as loaded.
 """
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ def head_of(model) -> torch.nn.Module | None:
     return _PooledHead(pooler, dropout, classifier)
 
 
+def freeze_below_top_layers(model, top: int) -> None:
+    """Freeze a judge's embeddings and every layer of its body but the top `top` (the rest learns)."""
+    body = model.base_model
+    layers = next((m for m in body.modules() if isinstance(m, torch.nn.ModuleList)
+                   and len(m) == model.config.num_hidden_layers), None)
+    if layers is None or top > len(layers):
+        raise RlhbError(f"cannot train the top {top} layers of {type(model).__name__}: it has "
+                        f"{'no layer list' if layers is None else f'{len(layers)} layers'}")
+    embeddings = body.get_input_embeddings()
+    for module in [embeddings, getattr(body, "embeddings", embeddings), *layers[:len(layers) - top]]:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
 def learning_weights(model) -> dict[str, torch.Tensor]:
     """The model's state, or only the weights that learn when some are frozen (the rest are on disk)."""
     weights = model.state_dict()
@@ -67,6 +82,8 @@ class Judge:
         self.meta = meta
         self.head = None
         self.feature_cache: dict[str, torch.Tensor] | None = None  # text -> frozen body features, when on
+        if meta.extra.get("trained_top_layers"):
+            freeze_below_top_layers(model, int(meta.extra["trained_top_layers"]))
         if meta.extra.get("frozen_body"):
             self.head = head_of(model)
             if self.head is None:

@@ -40,6 +40,8 @@ class DiscriminatorConfig:
     freeze_backbone: bool = field(False, help="Learn only the head (pooler and classifier) on the backbone's frozen "
                                               "features, read once per text: minutes instead of tens of minutes with "
                                               "minilm. Needs a BERT-style encoder.")
+    train_top_layers: int = field(0, help="Learn only the top K layers of the backbone and the head; the embeddings "
+                                          "and lower layers stay as loaded (no backward through them). 0: all.")
     form: str = field("factorized", help="factorized: logit = sum over metrics of log p(bin | query, response) - log "
                                          "p(behaviour), the Bayes-optimal form; joint: one logit read from the "
                                          "behaviour text beside the query and response.")
@@ -78,6 +80,10 @@ class DiscriminatorConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
+        if self.train_top_layers < 0:
+            raise ValueError(f"train_top_layers must be >= 0, got {self.train_top_layers}")
+        if self.train_top_layers and self.freeze_backbone:
+            raise ValueError("train_top_layers and freeze_backbone exclude each other (a frozen backbone trains none)")
         if self.form not in ("factorized", "joint"):
             raise ValueError(f"form must be factorized or joint, got {self.form!r}")
 
@@ -297,6 +303,8 @@ def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
     extra = factorized_tables(train, spec, template) if factorized else {"form": "joint"}
     if config.freeze_backbone:
         extra["frozen_body"] = True
+    if config.train_top_layers:
+        extra["trained_top_layers"] = config.train_top_layers
     meta = JudgeMeta(kind="discriminator", max_length=config.max_length, with_behavior=True,
                      heads=heads if factorized else {}, extra=extra)
     judge = Judge(model, tokenizer, meta)
@@ -357,6 +365,7 @@ def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
         "fake_strategies": {k: fake_kinds.count(k) for k in ("random", "same_query", "shifted")},
         "backbone": config.backbone,
         "frozen_backbone": config.freeze_backbone,
+        "trained_top_layers": config.train_top_layers,
         "form": config.form,
         "parameters": param_count(model),
         "parameters_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -136,7 +136,7 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
         state = torch.load(checkpoint, weights_only=False)
         if state["fingerprint"] != fingerprint:
             raise RlhbError(f"{checkpoint}: made with another config or data; run without --resume to start over")
-        model.load_state_dict(state["model"], strict=not frozen)
+        model.load_state_dict(state["model"], strict=all(p.requires_grad for p in model.parameters()))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _restore_rng(state["rng"])
