@@ -192,6 +192,17 @@ def test_a_minilm_discriminator_learning_its_top_layer_only_keeps_the_rest_and_r
     assert below and all(torch.equal(body[k], pretrained[k]) for k in below)
     assert not torch.equal(body["encoder.layer.5.output.dense.weight"], pretrained["encoder.layer.5.output.dense.weight"])
 
+    # The same for the classifier, on the SFT policy's (Llama) body: its embeddings stay the policy's.
+    from transformers import AutoModelForCausalLM
+    from rlhb_cli.stages.classifier import BehaviorClassifier
+    cli("train-classifier", "--run-dir", run, "--train-top-layers", 1, "--epochs", 1, "--max-train-rows", 200)
+    summary = summary_of(run, "train-classifier")
+    assert summary["trained_top_layers"] == 1 and 0 < summary["parameters_trained"] < summary["parameters"]
+    classifier = BehaviorClassifier.load(run / "train-classifier" / "model").judge.model
+    policy = AutoModelForCausalLM.from_pretrained(run / "train-sft" / "policy")
+    assert torch.equal(classifier.get_input_embeddings().weight, policy.get_input_embeddings().weight)
+    assert not classifier.get_input_embeddings().weight.requires_grad
+
     for bad, message in ((["--freeze-backbone"], "exclude each other"), (["--train-top-layers", 7], "it has 6 layers")):
         refused = cli("warmup-discriminator", "--run-dir", other, "--backbone", "minilm", "--train-top-layers", 1,
                       *bad, ok=False)

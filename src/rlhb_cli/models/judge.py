@@ -43,6 +43,17 @@ def head_of(model) -> torch.nn.Module | None:
     return _PooledHead(pooler, dropout, classifier)
 
 
+def body_learning(freeze_backbone: bool, train_top_layers: int) -> dict:
+    """What of a judge's body learns, as its meta records it (`extra`): all of it, none, or the top layers."""
+    if train_top_layers < 0:
+        raise ValueError(f"train_top_layers must be >= 0, got {train_top_layers}")
+    if train_top_layers and freeze_backbone:
+        raise ValueError("train_top_layers and freeze_backbone exclude each other (a frozen backbone trains none)")
+    if freeze_backbone:
+        return {"frozen_body": True}
+    return {"trained_top_layers": train_top_layers} if train_top_layers else {}
+
+
 def freeze_below_top_layers(model, top: int) -> None:
     """Freeze a judge's embeddings and every layer of its body but the top `top` (the rest learns)."""
     body = model.base_model

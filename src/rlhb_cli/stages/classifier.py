@@ -23,7 +23,7 @@ from rlhb_cli import distributed, rundir
 from rlhb_cli.behaviors.binning import METRICS, shaped_reward
 from rlhb_cli.config import config_to_dict, field
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.models.judge import Judge, JudgeMeta
+from rlhb_cli.models.judge import Judge, JudgeMeta, body_learning
 from rlhb_cli.prompts import judge_text
 from rlhb_cli.stages.common import judge_backbone, load_prepared, param_count, seed_everything
 from rlhb_cli.stages.judge_training import LoopSettings, train_judge
@@ -36,6 +36,8 @@ class ClassifierConfig:
     backbone: str = field("sft", help="sft (the SFT policy's body), tiny (fresh), minilm (pretrained encoder) or a path.")
     freeze_backbone: bool = field(False, help="Learn only the head (pooler and classifier) on the backbone's frozen "
                                               "features, read once per text. Needs a BERT-style encoder (minilm).")
+    train_top_layers: int = field(0, help="Learn only the top K layers of the backbone and the head; the embeddings "
+                                          "and lower layers stay as loaded (no backward through them). 0: all.")
     heads: list[str] = field(help="Behaviour metrics to predict, one head each.", factory=lambda: list(METRICS))
     max_length: int = field(192, help="Tokens of judge input kept (question, answer).")
     epochs: Optional[int] = field(None, help="Passes over the training rows. Default: 3, or 8 with a frozen backbone.")
@@ -54,6 +56,7 @@ class ClassifierConfig:
             self.epochs = 8 if self.freeze_backbone else 3
         if self.learning_rate is None:
             self.learning_rate = 2e-2 if self.freeze_backbone else 3e-4
+        body_learning(self.freeze_backbone, self.train_top_layers)
         unknown = [h for h in self.heads if h not in METRICS]
         if unknown or not self.heads:
             raise ValueError(f"heads must be among {', '.join(METRICS)}, got {self.heads}")
@@ -160,7 +163,7 @@ def run(config: ClassifierConfig, stage: rundir.StageRun) -> dict:
     model, tokenizer = judge_backbone(config.backbone, run_dir, stage, sum(heads.values()), train, notes)
     judge = Judge(model, tokenizer, JudgeMeta(kind="classifier", max_length=config.max_length, with_behavior=False,
                                               heads=heads, extra=decoding_table(train, heads, spec.basis) |
-                                              ({"frozen_body": True} if config.freeze_backbone else {})))
+                                              body_learning(config.freeze_backbone, config.train_top_layers)))
     texts = [judge_text(q, r) for q, r in zip(train["query"], train["response"])]
     targets = torch.tensor(np.stack([labels[m] for m in heads], axis=1), dtype=torch.long)
     val_texts = [judge_text(q, r) for q, r in zip(validation["query"], validation["response"])]
@@ -218,6 +221,7 @@ def run(config: ClassifierConfig, stage: rundir.StageRun) -> dict:
         "train_rows": len(train),
         "backbone": config.backbone,
         "frozen_backbone": config.freeze_backbone,
+        "trained_top_layers": config.train_top_layers,
         "parameters": param_count(model),
         "parameters_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "notes": notes,

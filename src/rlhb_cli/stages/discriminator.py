@@ -25,7 +25,7 @@ from rlhb_cli.behaviors.binning import METRICS, BinSpec
 from rlhb_cli.behaviors.text import BehaviorTemplate
 from rlhb_cli.config import config_to_dict, field
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.models.judge import Judge, JudgeMeta
+from rlhb_cli.models.judge import Judge, JudgeMeta, body_learning
 from rlhb_cli.prompts import judge_text
 from rlhb_cli.stages.common import judge_backbone, load_prepared, param_count, seed_everything
 from rlhb_cli.stages.judge_training import LoopSettings, train_judge
@@ -80,10 +80,7 @@ class DiscriminatorConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
-        if self.train_top_layers < 0:
-            raise ValueError(f"train_top_layers must be >= 0, got {self.train_top_layers}")
-        if self.train_top_layers and self.freeze_backbone:
-            raise ValueError("train_top_layers and freeze_backbone exclude each other (a frozen backbone trains none)")
+        body_learning(self.freeze_backbone, self.train_top_layers)
         if self.form not in ("factorized", "joint"):
             raise ValueError(f"form must be factorized or joint, got {self.form!r}")
 
@@ -301,10 +298,7 @@ def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
     model, tokenizer = judge_backbone(config.backbone, run_dir, stage, sum(heads.values()) if factorized else 1,
                                       train, notes)
     extra = factorized_tables(train, spec, template) if factorized else {"form": "joint"}
-    if config.freeze_backbone:
-        extra["frozen_body"] = True
-    if config.train_top_layers:
-        extra["trained_top_layers"] = config.train_top_layers
+    extra |= body_learning(config.freeze_backbone, config.train_top_layers)
     meta = JudgeMeta(kind="discriminator", max_length=config.max_length, with_behavior=True,
                      heads=heads if factorized else {}, extra=extra)
     judge = Judge(model, tokenizer, meta)
