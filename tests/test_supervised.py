@@ -98,6 +98,17 @@ def test_joint_discriminator_form_trains(run, cli):
     assert summary["form"] == "joint" and summary["parameters_changed"] and 0 <= summary["val_auc"] <= 1
 
 
+def warmup_stopped_and_straight(run, cli, args, stop_after: int):
+    """(summary of a warm-up stopped after `stop_after` steps and resumed, of the same warm-up uninterrupted
+    in a copy of the run dir, that copy)."""
+    other = run.parent / "straight"
+    shutil.copytree(run, other)
+    cli("warmup-discriminator", "--run-dir", run, *args, "--stop-after-steps", stop_after)
+    cli("warmup-discriminator", "--run-dir", run, *args, "--resume")
+    cli("warmup-discriminator", "--run-dir", other, *args)
+    return summary_of(run, "warmup-discriminator"), summary_of(other, "warmup-discriminator"), other
+
+
 def test_a_frozen_minilm_discriminator_learns_its_head_alone_and_resumes(run, cli):
     """--freeze-backbone: the pretrained body is read once per text and never changes; the head learns;
     its cached-feature path gives the model's own logits; an interrupted warm-up resumes to the same
@@ -112,12 +123,7 @@ def test_a_frozen_minilm_discriminator_learns_its_head_alone_and_resumes(run, cl
     from rlhb_cli.stages.discriminator import Discriminator
     args = ["--backbone", "minilm", "--freeze-backbone", "--epochs", 2, "--max-train-rows", 400,
             "--learning-rate", 2e-2, "--checkpoint-every", 10]
-    other = run.parent / "straight"
-    shutil.copytree(run, other)
-    cli("warmup-discriminator", "--run-dir", run, *args, "--stop-after-steps", 15)
-    cli("warmup-discriminator", "--run-dir", run, *args, "--resume")
-    cli("warmup-discriminator", "--run-dir", other, *args)
-    resumed, straight = summary_of(run, "warmup-discriminator"), summary_of(other, "warmup-discriminator")
+    resumed, straight, _ = warmup_stopped_and_straight(run, cli, args, stop_after=15)
     assert resumed["val_auc"] == pytest.approx(straight["val_auc"], abs=1e-6) and straight["val_auc"] > 0.55
     assert straight["frozen_backbone"] and straight["parameters_trained"] < straight["parameters"] / 50
     kept = torch.load(run / "warmup-discriminator" / "checkpoint.pt", weights_only=False)["model"]
@@ -172,12 +178,7 @@ def test_a_minilm_discriminator_learning_its_top_layer_only_keeps_the_rest_and_r
     from rlhb_cli.stages.discriminator import Discriminator
     args = ["--backbone", "minilm", "--train-top-layers", 1, "--epochs", 1, "--max-train-rows", 160,
             "--checkpoint-every", 4]
-    other = run.parent / "straight"
-    shutil.copytree(run, other)
-    cli("warmup-discriminator", "--run-dir", run, *args, "--stop-after-steps", 5)
-    cli("warmup-discriminator", "--run-dir", run, *args, "--resume")
-    cli("warmup-discriminator", "--run-dir", other, *args)
-    resumed, straight = summary_of(run, "warmup-discriminator"), summary_of(other, "warmup-discriminator")
+    resumed, straight, other = warmup_stopped_and_straight(run, cli, args, stop_after=5)
     assert resumed["val_auc"] == pytest.approx(straight["val_auc"], abs=1e-6)
     assert straight["trained_top_layers"] == 1 and straight["parameters_trained"] < straight["parameters"] / 5
     learning = ("bert.encoder.layer.5.", "bert.pooler.", "classifier.")
