@@ -193,6 +193,13 @@ def test_a_minilm_discriminator_learning_its_top_layer_only_keeps_the_rest_and_r
     assert below and all(torch.equal(body[k], pretrained[k]) for k in below)
     assert not torch.equal(body["encoder.layer.5.output.dense.weight"], pretrained["encoder.layer.5.output.dense.weight"])
 
+    # RLGAF's fresh head keeps the warmed-up body's split: its updates and checkpoints touch the same weights.
+    cli("train-rlhb", "--run-dir", run, "--no-behavior", "--iterations", 1, "--prompts-per-iteration", 4,
+        "--rollouts", 1, "--minibatch-size", 4, "--max-new-tokens", 6, "--source-warmup-rounds", 1,
+        "--disc-batch-size", 8, "--sample-every", 0)
+    source = torch.load(run / "train-rlgaf" / "checkpoint.pt", weights_only=False)["source"]["model"]
+    assert source and all(k.startswith(learning) for k in source)
+
     # The same for the classifier, on the SFT policy's (Llama) body: its embeddings stay the policy's.
     from transformers import AutoModelForCausalLM
     from rlhb_cli.stages.classifier import BehaviorClassifier

@@ -43,6 +43,9 @@ def head_of(model) -> torch.nn.Module | None:
     return _PooledHead(pooler, dropout, classifier)
 
 
+BODY_LEARNING_KEYS = ("frozen_body", "trained_top_layers")  # the keys of `extra` that `body_learning` writes
+
+
 def body_learning(freeze_backbone: bool, train_top_layers: int) -> dict:
     """What of a judge's body learns, as its meta records it (`extra`): all of it, none, or the top layers."""
     if train_top_layers < 0:

@@ -224,7 +224,7 @@ def run_rlhbc(config: RLHBCConfig, stage: rundir.StageRun) -> dict:
 
 
 def rlhb_source_factory(config: RLHBConfig, stage: rundir.StageRun) -> Callable:
-    from rlhb_cli.models.judge import Judge, JudgeMeta
+    from rlhb_cli.models.judge import BODY_LEARNING_KEYS, Judge, JudgeMeta
     from rlhb_cli.models.load import load_sequence_classifier
     from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource
     from rlhb_cli.stages.discriminator import Discriminator
@@ -234,7 +234,7 @@ def rlhb_source_factory(config: RLHBConfig, stage: rundir.StageRun) -> Callable:
         warmed = Judge.load(path)
         if config.no_behavior:  # RLGAF: the warmed-up body, a fresh head reading (query, response) alone
             model, tokenizer = load_sequence_classifier(path, 1, notes)
-            extra = {"form": "joint", **({"frozen_body": True} if warmed.frozen_body else {})}
+            extra = {"form": "joint"} | {k: v for k, v in warmed.meta.extra.items() if k in BODY_LEARNING_KEYS}
             judge = Judge(model, tokenizer, JudgeMeta(kind="discriminator", max_length=warmed.meta.max_length,
                                                       with_behavior=False, extra=extra))
             notes.append("RLGAF: the discriminator's body comes from the warm-up, its real/fake head is new")
