@@ -80,6 +80,11 @@ def learning_weights(model) -> dict[str, torch.Tensor]:
     return weights
 
 
+def load_learning_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Put back what `learning_weights` kept: every weight, or only the learning ones when some are frozen."""
+    model.load_state_dict(weights, strict=all(p.requires_grad for p in model.parameters()))
+
+
 class _PooledHead(torch.nn.Module):
     def __init__(self, pooler, dropout, classifier):
         super().__init__()

@@ -178,9 +178,11 @@ def build_engine(config: EngineConfig, stage: rundir.StageRun, make_source: Call
     run_dir = stage.dir.parent
     data, spec, template = load_prepared(run_dir, stage)
     policy_path = resolve_stage_or_path(config.init_from, run_dir, stage, "policy", "starting policy")
-    target = {"most_preferred": lambda: template.most_preferred(spec), "none": lambda: None,
-              "best_logged": lambda: best_logged(data["train"]["behavior_text"], data["train"]["shaped_reward"],
-                                                 config.condition_min_rows)}[config.condition]()
+    target = None  # --condition none
+    if config.condition == "most_preferred":
+        target = template.most_preferred(spec)
+    elif config.condition == "best_logged":
+        target = best_logged(data["train"]["behavior_text"], data["train"]["shaped_reward"], config.condition_min_rows)
     notes: list[str] = []
     source = make_source(run_dir, data, spec, template, notes)
     engine = PPOEngine(config, policy_path, source, stage, list(data["train"]["query"]),

@@ -344,9 +344,8 @@ class DiscriminatorSource:
                 "rng": self.rng.bit_generator.state, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        model = self.discriminator.judge.model
-        frozen_base = any(not p.requires_grad for p in model.parameters())
-        model.load_state_dict(state["model"], strict=not frozen_base)
+        from rlhb_cli.models.judge import load_learning_weights
+        load_learning_weights(self.discriminator.judge.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
         self.updates = state["updates"]

@@ -25,7 +25,7 @@ import torch
 
 from rlhb_cli import distributed
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.models.judge import Judge, learning_weights
+from rlhb_cli.models.judge import Judge, learning_weights, load_learning_weights
 from rlhb_cli.rundir import StageRun, StageStopped
 from rlhb_cli.stages.common import MetricsLog, progress_bar
 
@@ -136,7 +136,7 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
         state = torch.load(checkpoint, weights_only=False)
         if state["fingerprint"] != fingerprint:
             raise RlhbError(f"{checkpoint}: made with another config or data; run without --resume to start over")
-        model.load_state_dict(state["model"], strict=all(p.requires_grad for p in model.parameters()))
+        load_learning_weights(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _restore_rng(state["rng"])
