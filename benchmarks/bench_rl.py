@@ -113,12 +113,13 @@ def time_side_by_side(run_dir: Path, repeats: int) -> tuple[dict[str, list[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", type=Path, help="A run dir with train-sft and warmup-discriminator done.")
+    parser.add_argument("--run-dir", type=Path, help="A run dir with train-sft and warmup-discriminator done "
+                        "(built there if the directory does not exist; kept for the next run).")
     parser.add_argument("--repeats", type=int, default=5)
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = options.run_dir or Path(tmp) / "run"
-        if options.run_dir is None:
+        if not run_dir.exists():
             build_run(run_dir)
         times, grpo = time_side_by_side(run_dir, options.repeats)
     separate, bare, shared, grpo_s = (statistics.median(x) for x in (times["separate"], times["separate_no_disc"],

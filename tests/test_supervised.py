@@ -240,6 +240,25 @@ def test_a_judge_with_its_own_tokenizer_scores_the_policys_text(run, cli):
     assert score.shape == (1,) and torch.isfinite(score).all()
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_judges_stored_token_ids_make_the_tokenizers_own_batch(sft_run, padding_side, monkeypatch):
+    from transformers import AutoTokenizer
+    from rlhb_cli.models import judge as judge_module
+    from rlhb_cli.models.load import minilm_path
+    monkeypatch.setattr(judge_module, "TOKEN_STORE_SIZE", 8)  # the store overflows and halves on the way
+    texts = ["How do I sort a list?  Use sorted().", "a", "word " * 300, "Déjà vu, naïve café?"]
+    for tokenizer_dir in (minilm_path(), sft_run / "train-sft" / "policy"):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer.padding_side = padding_side
+        judge = judge_module.Judge(None, tokenizer, judge_module.JudgeMeta("discriminator", 64, True))
+        for batch in (texts, texts[1:] + texts[:2], [f"text {i}" for i in range(10)] + texts[:1], texts[2:3]):
+            expected = tokenizer(batch, padding=True, truncation=True, max_length=64, return_tensors="pt")
+            got = judge.encode(batch)
+            for key in ("input_ids", "attention_mask"):
+                assert torch.equal(got[key], expected[key]), (tokenizer_dir, key)
+            assert len(judge._token_ids) <= 8 + len(set(batch))
+
+
 def test_classifier_beats_majority_and_resume_matches(run, cli):
     from rlhb_cli.stages.classifier import BehaviorClassifier
     args = ["--epochs", 3, "--max-train-rows", 1500, "--learning-rate", 3e-3, "--checkpoint-every", 20]

@@ -16,12 +16,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.rundir import atomic_dir
 
 JUDGE_FILE = "judge.json"
+TOKEN_STORE_SIZE = 50_000  # texts whose token ids a judge keeps (see Judge.tokenize; ~0.5 kB each)
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Judge:
         self.meta = meta
         self.head = None
         self.feature_cache: dict[str, torch.Tensor] | None = None  # text -> frozen body features, when on
+        self._token_ids: dict[str, np.ndarray] = {}  # text -> token ids (see `tokenize`)
         if meta.extra.get("trained_top_layers"):
             freeze_below_top_layers(model, int(meta.extra["trained_top_layers"]))
         if meta.extra.get("frozen_body"):
@@ -142,9 +145,34 @@ class Judge:
             self.feature_cache.update(zip(chunk, self.body_features(self.encode(chunk))))
         return torch.stack([self.feature_cache[t] for t in texts])
 
+    def tokenize(self, texts: list[str]) -> None:
+        """Token ids of the texts not yet known, in one tokenizer call, kept for `encode`: RL reads the same
+        texts again (a generated response scored, then learned from; logged rows drawn again) and a call
+        costs about as much in Python as in tokenizing. When the store is full, the oldest half of the texts
+        this call does not read goes."""
+        wanted = dict.fromkeys(texts)
+        missing = [t for t in wanted if t not in self._token_ids]
+        if not missing:
+            return
+        if len(self._token_ids) + len(missing) > TOKEN_STORE_SIZE:
+            for text in [t for t in self._token_ids if t not in wanted][:len(self._token_ids) // 2]:
+                del self._token_ids[text]
+        ids = self.tokenizer(missing, truncation=True, max_length=self.meta.max_length)["input_ids"]
+        self._token_ids.update(zip(missing, (np.asarray(i, dtype=np.int32) for i in ids)))
+
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.meta.max_length,
-                              return_tensors="pt")
+        """The padded batch the tokenizer itself would make (its padding side and pad id), from `tokenize`."""
+        self.tokenize(texts)
+        rows = [self._token_ids[t] for t in texts]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        left = self.tokenizer.padding_side == "left"
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            input_ids[i, span] = torch.from_numpy(row)
+            attention_mask[i, span] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.frozen_body:

@@ -171,7 +171,7 @@ class DiscriminatorSource:
         self.rng = np.random.default_rng([settings.seed, 11])
         self.updates = 0
         self.optimizer = torch.optim.AdamW([p for p in discriminator.judge.model.parameters() if p.requires_grad],
-                                           lr=settings.learning_rate, weight_decay=0.0)
+                                           lr=settings.learning_rate, weight_decay=0.0, foreach=True)
         self._contrast_cache: dict[str, list[str]] = {}
         if settings.reward_form == "contrast":
             self._behaviors_of_query: dict[str, list[str]] = {}
@@ -281,8 +281,9 @@ class DiscriminatorSource:
     def _groups(self, queries, responses, behaviors) -> list[list[int]]:
         """The round's triplets grouped by the text the judge reads (in the order of first appearance): a
         step takes whole groups, so each text it reads serves all its triplets. Triplets of the joint form
-        read their behaviour too and stand alone."""
+        read their behaviour too and stand alone. The texts are tokenized here, in one call for the round."""
         texts = self.discriminator.texts(queries, responses, behaviors if self.with_behavior else None)
+        self.discriminator.judge.tokenize(texts)
         members: dict[str, list[int]] = {}
         for i, text in enumerate(texts):
             members.setdefault(text, []).append(i)
