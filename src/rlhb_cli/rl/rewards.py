@@ -171,7 +171,7 @@ class DiscriminatorSource:
         self.rng = np.random.default_rng([settings.seed, 11])
         self.updates = 0
         self.optimizer = torch.optim.AdamW([p for p in discriminator.judge.model.parameters() if p.requires_grad],
-                                           lr=settings.learning_rate, weight_decay=0.0, foreach=True)
+                                           lr=settings.learning_rate, weight_decay=0.0)
         self._contrast_cache: dict[str, list[str]] = {}
         if settings.reward_form == "contrast":
             self._behaviors_of_query: dict[str, list[str]] = {}

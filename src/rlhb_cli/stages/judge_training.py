@@ -124,8 +124,7 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
     decay = [p for p in learning if p.ndim >= 2]
     no_decay = [p for p in learning if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.learning_rate,
-                                  foreach=True)  # see rl.engine: the same numbers, fewer kernel calls
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.learning_rate)
     # OneCycleLR divides by zero when the warm-up is exactly one step; one step of warm-up is none at all
     warmup = settings.warmup_fraction if abs(settings.warmup_fraction * total - 1) > 1e-9 else 0.5 / total
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.learning_rate, total_steps=total,
