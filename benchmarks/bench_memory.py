@@ -4,10 +4,12 @@ Each variant runs in a fresh child process (peak resident memory is a per-proces
 data, notes its resident memory, builds the engine (actor, critic, reference, discriminator) and runs two
 default train-rlhb iterations (8 prompts x 4 rollouts, 48 new tokens); the figure is the peak resident
 memory above that starting point. The printed ratio is issue 7's target: LoRA <= 0.6 x full weights.
-Three settings:
+Four settings:
 - default: glibc's malloc as it comes. Its mmap threshold rises as large blocks are freed, so a model's
   tensors soon come from the heap, where freed activations leave holes: resident memory then measures
   the heap's fragmentation as much as the live tensors (LoRA's extra temporaries suffer most);
+- --micro-batch-size 4: each mini-batch's forward and backward in four passes whose gradients add up, so
+  a quarter of the activations are alive at once (the same update up to float rounding);
 - --gradient-checkpointing, which recomputes activations so the weights and optimizer states show;
 - MALLOC_MMAP_THRESHOLD_=2 MiB: every tensor of 2 MiB or more gets pages of its own, given back when
   freed, so the peak is close to the live tensors' (at a cost in time: pages are zeroed each time).
@@ -28,12 +30,13 @@ from pathlib import Path
 
 from common import rlhb  # noqa: E402  (also sets the offline environment)
 
-# setting -> (gradient checkpointing, environment of the child process)
+# setting -> (engine options, environment of the child process)
 SETTINGS = {
-    "default (glibc malloc as it comes)": (False, {}),
-    "with --gradient-checkpointing": (True, {}),
+    "default (glibc malloc as it comes)": ({}, {}),
+    "with --micro-batch-size 4 (each mini-batch of 16 in four passes)": ({"micro_batch_size": 4}, {}),
+    "with --gradient-checkpointing": ({"gradient_checkpointing": True}, {}),
     "with MALLOC_MMAP_THRESHOLD_=2097152 (tensors of 2 MiB or more on pages of their own)": (
-        False, {"MALLOC_MMAP_THRESHOLD_": "2097152"}),
+        {}, {"MALLOC_MMAP_THRESHOLD_": "2097152"}),
 }
 POLICY = ["--tiny-hidden-size", 512, "--tiny-layers", 11, "--tiny-heads", 8, "--tiny-vocab-size", 1000]
 
@@ -53,13 +56,13 @@ def kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def child(run_dir: Path, lora_r: int, checkpointing: bool) -> None:
+def child(run_dir: Path, lora_r: int, options: dict) -> None:
     """Two iterations of one variant; prints a JSON line with the peak above the starting point."""
     from rlhb_cli import rundir
     from rlhb_cli.rl.aligners import RLHBConfig, build_engine, rlhb_source_factory
 
-    config = RLHBConfig(iterations=10_000, sample_every=0, lora_r=lora_r, gradient_checkpointing=checkpointing)
-    name = f"bench-memory-{'lora' if lora_r else 'full'}{'-checkpointing' if checkpointing else ''}"
+    config = RLHBConfig(iterations=10_000, sample_every=0, lora_r=lora_r, **options)
+    name = "-".join(["bench-memory", "lora" if lora_r else "full", *(f"{k}={v}" for k, v in options.items())])
     import torch
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start, started = kib("VmRSS"), time.perf_counter()
@@ -82,20 +85,20 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, help="Where the benchmark run is built, or reused when it is there already.")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child is not None:
-        child(options.run_dir, options.child, options.checkpointing)
+        child(options.run_dir, options.child, json.loads(options.options))
         return
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = options.run_dir or Path(tmp) / "run"
         if not (run_dir / "warmup-discriminator" / "summary.json").exists():
             build_run(run_dir)
         figures = {}
-        for setting, (checkpointing, environment) in SETTINGS.items():
+        for setting, (engine_options, environment) in SETTINGS.items():
             for label, r in (("full weights", 0), (f"LoRA r={options.lora_r}", options.lora_r)):
-                out = subprocess.run([sys.executable, __file__, "--run-dir", str(run_dir), "--child", str(r)]
-                                     + ["--checkpointing"] * checkpointing, capture_output=True, text=True,
+                out = subprocess.run([sys.executable, __file__, "--run-dir", str(run_dir), "--child", str(r),
+                                      "--options", json.dumps(engine_options)], capture_output=True, text=True,
                                      check=False, env=dict(os.environ, **environment))
                 if out.returncode:
                     sys.exit(f"{label}, {setting} failed:\n{out.stderr[-2000:]}")

@@ -35,7 +35,9 @@ def run(rl_run):
 
 
 def test_two_processes_train_rlhb_in_step_and_write_the_run_dir_once(run):
-    torchrun("train-rlhb", "--run-dir", run, *RL, "--disc-steps", 2, "--reward-form", "probability")
+    # micro-batches of 2 of each process's 4 responses per mini-batch: only the last one's backward syncs
+    torchrun("train-rlhb", "--run-dir", run, *RL, "--disc-steps", 2, "--reward-form", "probability",
+             "--micro-batch-size", 2)
     summary = summary_of(run, "train-rlhb")
     # policy, critic and the learning discriminator: the same bytes in both processes (checked by the run)
     assert summary["processes"] == 2 and summary["processes_in_sync"] is True

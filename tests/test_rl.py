@@ -210,6 +210,25 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(run, cli):
     assert without_time(read_jsonl(twin / "train-rlhb" / "metrics.jsonl")) == first
 
 
+def test_micro_batches_make_the_mini_batchs_update(run, cli):
+    """A mini-batch of 8 in micro-batches of 3, 3 and 2: the same figures and weights as in one pass, up to
+    float rounding (one iteration: later rollouts would sample from the rounded weights)."""
+    from safetensors.torch import load_file
+    args = ["--iterations", 1, *RL, "--ppo-epochs", 2]
+    cli("train-rlhb", "--run-dir", run, *args, "--stage-name", "whole")
+    cli("train-rlhb", "--run-dir", run, *args, "--stage-name", "micro", "--micro-batch-size", 3)
+    whole, micro = (without_time(read_jsonl(run / name / "metrics.jsonl"))[0] for name in ("whole", "micro"))
+    assert whole.keys() == micro.keys()
+    for key, value in whole.items():
+        assert micro[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    weights = [load_file(run / name / "policy" / "model.safetensors") for name in ("whole", "micro")]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6)
+    base = load_file(run / "train-sft" / "policy" / "model.safetensors")
+    moved = max(float((weights[0][k] - base[k]).abs().max()) for k in base)
+    assert moved > 1e-5  # the update did move the weights, by more than the tolerance
+
+
 def test_kl_above_its_bound_warns_or_stops(run, cli):
     cli("train-rlhf", "--run-dir", run, "--iterations", 2, *RL, "--kl-bound", 0.0, "--kl-estimator", "k3",
         "--learning-rate", 1e-3)

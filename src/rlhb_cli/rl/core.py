@@ -21,6 +21,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def token_count(mask: torch.Tensor) -> torch.Tensor:
+    """The denominator of `masked_mean` over a whole batch, for `masked_share` of its parts."""
+    return mask.to(torch.float32).sum().clamp(min=1)
+
+
+def masked_share(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """A part's share of the masked mean over a batch of `count` tokens: the shares of a batch's parts add up
+    to its `masked_mean` (for the whole batch, the very same operations)."""
+    return (values * mask.to(values.dtype)).sum() / count
+
+
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     mean = masked_mean(values, mask)
     centered = (values - mean) ** 2

@@ -13,6 +13,7 @@ continues exactly as the uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -30,7 +31,8 @@ from rlhb_cli import distributed, rundir
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.rl.core import (INVALID_LOGPROB, KLController, generalized_advantages, kl_per_token,
-                              leave_one_out_baseline, length_trend, masked_mean, response_mask, whiten)
+                              leave_one_out_baseline, length_trend, masked_mean, masked_share, response_mask,
+                              token_count, whiten)
 from rlhb_cli.rl.rewards import GeneratedBatch
 from rlhb_cli.stages.common import MetricsLog
 
@@ -56,6 +58,10 @@ class EngineConfig:
     temperature: float = field(1.0, help="Sampling temperature of rollouts (log-probabilities use the same).")
     ppo_epochs: int = field(4, help="Passes of PPO updates over each iteration's rollouts.")
     minibatch_size: int = field(16, help="Responses per PPO mini-batch.")
+    micro_batch_size: int = field(0, help="Responses per forward and backward pass on each process; a mini-batch's "
+                                          "gradients add up over its micro-batches before its one optimizer step "
+                                          "(0: the whole mini-batch in one pass). Less activation memory, the same "
+                                          "update up to float rounding.")
     learning_rate: float = field(3e-5, help="Actor learning rate (AdamW). From a converged SFT policy 1e-4 moved it "
                                             "without gain, even on the gold reward (README).")
     critic: Optional[str] = field(None, help="separate (own body, a copy of the starting policy) or shared (a "
@@ -115,6 +121,7 @@ class EngineConfig:
                                                               "base: use --critic shared (its default with LoRA)"),
             (self.prompts_per_iteration >= 1 and self.rollouts >= 1, "prompts_per_iteration and rollouts must be >= 1"),
             (self.minibatch_size >= 1, "minibatch_size must be at least 1"),
+            (self.micro_batch_size >= 0, "micro_batch_size must be >= 0"),
             (not self.group_baseline or self.rollouts >= 2, "group_baseline needs --rollouts 2 or more"),
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (self.temperature > 0, "temperature must be > 0"),
@@ -495,56 +502,75 @@ class PPOEngine:
         return row
 
     def _ppo_update(self, rollout: Rollout, old_logprobs, old_values, advantages, returns) -> dict:
-        from trl.trainer.utils import entropy_from_logits
         config = self.config
         n = len(rollout.texts)
-        mask = rollout.mask
-        length = rollout.responses.shape[1]
         sums: dict[str, list[float]] = {k: [] for k in ("policy/approxkl", "policy/clipfrac", "policy/entropy",
                                                         "loss/policy", "loss/value", "value/clipfrac", "policy/ratio")}
         actor_params = [p for p in self.unwrapped.actor.parameters() if p.requires_grad]
         critic_params = self.unwrapped.critic_parameters()
+        micro = config.micro_batch_size or self.local_minibatch
         for epoch in range(config.ppo_epochs):
             order = torch.randperm(n)
             for start in range(0, n, self.local_minibatch):
                 index = order[start:start + self.local_minibatch]
-                ids, attention, positions = self._inputs(rollout, index)
-                logits, value = self.model(ids, attention, positions, length)
-                new_logprobs = self._response_logprobs(logits, rollout, index)
-                m = mask[index]
-                new_logprobs = new_logprobs.masked_fill(m == 0, INVALID_LOGPROB)
-                clipped_value = old_values[index] + (value - old_values[index]).clamp(-config.cliprange_value,
-                                                                                      config.cliprange_value)
-                value_losses = torch.max((value - returns[index]) ** 2, (clipped_value - returns[index]) ** 2)
-                value_loss = 0.5 * masked_mean(value_losses, m)
-                log_ratio = new_logprobs - old_logprobs[index]
-                ratio = torch.exp(log_ratio)
-                adv = advantages[index]
-                policy_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - config.cliprange, 1 + config.cliprange))
-                policy_loss = masked_mean(policy_losses, m)
-                loss = policy_loss + config.vf_coef * value_loss
-                if not torch.isfinite(loss):
-                    self._fail(f"the PPO loss became {loss.item()} in iteration {self.iteration}, PPO epoch "
-                               f"{epoch + 1}, mini-batch {start // self.local_minibatch + 1} (policy "
-                               f"{policy_loss.item()}, value {value_loss.item()})")
-                self.accelerator.backward(loss)
+                tokens = token_count(rollout.mask[index])
+                parts = [index[i:i + micro] for i in range(0, len(index), micro)]
+                figures: dict[str, float] = {}
+                for number, part in enumerate(parts, 1):
+                    # Gradients of all but the last part stay on this process; the last one's backward
+                    # averages the sum over processes, as one pass over the whole mini-batch would.
+                    with (self.accelerator.no_sync(self.model) if number < len(parts) else contextlib.nullcontext()):
+                        loss, part_figures = self._ppo_loss(rollout, part, tokens, old_logprobs, old_values,
+                                                            advantages, returns, with_entropy=epoch == 0)
+                        if not torch.isfinite(loss):
+                            where = f", micro-batch {number}" if len(parts) > 1 else ""
+                            self._fail(f"the PPO loss became {loss.item()} in iteration {self.iteration}, PPO epoch "
+                                       f"{epoch + 1}, mini-batch {start // self.local_minibatch + 1}{where} (policy "
+                                       f"{part_figures['loss/policy']}, value {part_figures['loss/value']})")
+                        self.accelerator.backward(loss)
+                    for key, value in part_figures.items():
+                        figures[key] = figures.get(key, 0.0) + value
                 if self.accelerator.sync_gradients:
                     self.accelerator.clip_grad_norm_(actor_params, config.max_grad_norm)
                     self.accelerator.clip_grad_norm_(critic_params, config.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    sums["policy/approxkl"].append(float(0.5 * masked_mean(log_ratio ** 2, m)))
-                    sums["policy/clipfrac"].append(float(masked_mean(
-                        ((ratio - 1).abs() > config.cliprange).float(), m)))
-                    if epoch == 0:  # the rollout policy's entropy; later epochs would only repeat it, at a cost
-                        sums["policy/entropy"].append(float(masked_mean(entropy_from_logits(logits), m)))
-                    sums["loss/policy"].append(policy_loss.item())
-                    sums["loss/value"].append(value_loss.item())
-                    sums["value/clipfrac"].append(float(masked_mean(
-                        ((value - returns[index]) ** 2 < (clipped_value - returns[index]) ** 2).float(), m)))
-                    sums["policy/ratio"].append(float(masked_mean(ratio, m)))
+                for key, value in figures.items():
+                    sums[key].append(value)
         return {k: self._mean(v) for k, v in sums.items()}
+
+    def _ppo_loss(self, rollout: Rollout, index, tokens, old_logprobs, old_values, advantages, returns,
+                  with_entropy: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        """The clipped PPO loss of some responses as their share of a mini-batch of `tokens` tokens, and their
+        shares of the mini-batch's figures (the entropy only on request: the first epoch's is the rollout
+        policy's, later ones would repeat it at a cost)."""
+        from trl.trainer.utils import entropy_from_logits
+        config = self.config
+        ids, attention, positions = self._inputs(rollout, index)
+        logits, value = self.model(ids, attention, positions, rollout.responses.shape[1])
+        m = rollout.mask[index]
+        new_logprobs = self._response_logprobs(logits, rollout, index).masked_fill(m == 0, INVALID_LOGPROB)
+        clipped_value = old_values[index] + (value - old_values[index]).clamp(-config.cliprange_value,
+                                                                              config.cliprange_value)
+        value_losses = torch.max((value - returns[index]) ** 2, (clipped_value - returns[index]) ** 2)
+        value_loss = 0.5 * masked_share(value_losses, m, tokens)
+        log_ratio = new_logprobs - old_logprobs[index]
+        ratio = torch.exp(log_ratio)
+        adv = advantages[index]
+        policy_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - config.cliprange, 1 + config.cliprange))
+        policy_loss = masked_share(policy_losses, m, tokens)
+        with torch.no_grad():
+            figures = {
+                "policy/approxkl": float(0.5 * masked_share(log_ratio ** 2, m, tokens)),
+                "policy/clipfrac": float(masked_share(((ratio - 1).abs() > config.cliprange).float(), m, tokens)),
+                "loss/policy": policy_loss.item(), "loss/value": value_loss.item(),
+                "value/clipfrac": float(masked_share(
+                    ((value - returns[index]) ** 2 < (clipped_value - returns[index]) ** 2).float(), m, tokens)),
+                "policy/ratio": float(masked_share(ratio, m, tokens)),
+            }
+            if with_entropy:
+                figures["policy/entropy"] = float(masked_share(entropy_from_logits(logits), m, tokens))
+        return policy_loss + config.vf_coef * value_loss, figures
 
     def _watch_collapse(self, row: dict) -> None:
         """The paper's failure mode: generated text judged real (score near 1) iteration after iteration."""
