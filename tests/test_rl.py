@@ -391,6 +391,7 @@ def test_probe_keeps_the_best_policy_and_stops_early(run, cli):
     summary = summary_of(run, "train-rlhbc")
     assert summary["probe_best"] == pytest.approx(max(probes), abs=1e-4)
     best_at = int(np.argmax(probes)) + 1
+    assert summary["probe_best_iteration"] == best_at
     assert json.loads((run / "train-rlhbc" / "policy" / "policy.json").read_text())["iteration"] == best_at
     # stopped as soon as two probes in a row failed to beat the best, or ran to the end
     assert summary["stopped_early"] == (len(rows) < 6)

@@ -164,7 +164,7 @@ class Judge:
         """The padded batch the tokenizer itself would make (its padding side and pad id), from `tokenize`."""
         self.tokenize(texts)
         rows = [self._token_ids[t] for t in texts]
-        width = max(len(r) for r in rows)
+        width = max((len(r) for r in rows), default=0)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         left = self.tokenizer.padding_side == "left"

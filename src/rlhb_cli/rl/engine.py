@@ -762,7 +762,7 @@ class PPOEngine:
             values = [r[key] for r in tail if key in r and r[key] is not None and math.isfinite(r[key])]
             return round(float(np.mean(values)), 4) if values else None
 
-        probes = [r["probe/reward_mean"] for r in rows if "probe/reward_mean" in r]
+        probes = [(r["probe/reward_mean"], r["step"]) for r in rows if "probe/reward_mean" in r]
         return {
             "reward_first": round(rewards[0], 4) if rewards else None,
             "reward_final": tail_mean("objective/reward_mean"),
@@ -774,6 +774,7 @@ class PPOEngine:
             "disc_collapsed": self.collapsed_at is not None,
             "disc_collapsed_at": self.collapsed_at,
             "probe_best": round(self.best_probe, 4) if probes else None,
+            "probe_best_iteration": max(probes, key=lambda p: p[0])[1] if probes else None,  # the first of a tie
             "iterations": self.iteration,
             "stopped_early": stopped_early,
             "warnings": warnings[-5:],
