@@ -92,7 +92,10 @@ def test_supervised_stages_under_two_processes_write_once_and_agree(small_sim, t
     cli("prepare-behaviors", "--run-dir", two)
     one = private_copy(two, tmp_path / "one")
     for stage, options in SUPERVISED:
-        torchrun(stage, "--run-dir", two, *options)
+        # the discriminator's 16 triplets per process in two passes (DDP syncs on the second): still the
+        # one-process step on the whole batch
+        passes = ["--micro-batch-size", 8] if stage == "warmup-discriminator" else []
+        torchrun(stage, "--run-dir", two, *options, *passes)
         cli(stage, "--run-dir", one, *options)
         summary = summary_of(two, stage)
         assert summary["processes"] == 2 and summary["processes_in_sync"] is True, stage

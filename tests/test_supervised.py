@@ -337,3 +337,38 @@ def test_a_run_whose_warmup_is_exactly_one_step_trains(run, cli):
     cli("train-classifier", "--run-dir", run, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 300,
         "--warmup-fraction", 0.1)
     assert summary_of(run, "train-classifier")["heads"]
+
+
+MICRO_BATCHED = [  # (stage, options with a batch of 16 that splits into passes of 4)
+    ("train-sft", ["--epochs", 1, "--max-train-rows", 160, "--batch-size", 16, *TINY]),
+    ("warmup-discriminator", ["--backbone", "tiny", "--epochs", 1, "--max-train-rows", 160, "--batch-size", 16,
+                              "--likelihood-weight", 0]),  # with it, a mean over each pass's real rows
+    ("train-classifier", ["--backbone", "tiny", "--epochs", 1, "--max-train-rows", 160, "--batch-size", 16]),
+    ("train-reward", ["--backbone", "tiny", "--epochs", 1, "--batch-size", 16]),
+]
+
+
+def test_micro_batches_of_the_supervised_stages_make_the_same_steps(sft_run, tmp_path, cli):
+    """Each stage's batch of 16 in passes of 4 whose gradients add up: the same losses and learning rates as
+    one pass, up to float rounding; a pass that does not divide the batch is refused in one line."""
+    one, micro = tmp_path / "one", tmp_path / "micro"
+    shutil.copytree(sft_run, one)
+    shutil.copytree(sft_run, micro)
+    for stage, options in MICRO_BATCHED:
+        cli(stage, "--run-dir", one, *options, "--force")
+        cli(stage, "--run-dir", micro, *options, "--micro-batch-size", 4, "--force")
+        rows = [read_jsonl(run / stage / "metrics.jsonl") for run in (one, micro)]
+        assert len(rows[0]) == len(rows[1]) > 1, stage
+        for a, b in zip(*rows):
+            assert a.keys() == b.keys(), stage
+            for key, value in a.items():
+                # Trainer counts a fractional epoch by passes (a last short step is half a step there)
+                if key != "epoch" and isinstance(value, float) and not any(
+                        word in key for word in ("time", "runtime", "per_second")):
+                    assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), (stage, key)
+        losses = [[r.get("loss/train") for r in stage_rows] for stage_rows in rows]
+        assert losses[0] != losses[1], f"{stage}: the same bits in one pass and in four: were there four?"
+    for stage, options in MICRO_BATCHED:
+        result = cli(stage, "--run-dir", micro, *options, "--micro-batch-size", 5, "--force", ok=False)
+        assert result.exit_code != 0 and "Traceback" not in result.output, stage
+        assert "--micro-batch-size 5 must divide the 16 rows of --batch-size 16" in result.output, stage

@@ -32,6 +32,20 @@ def per_process(total: int, option: str) -> int:
     return total // num_processes()
 
 
+def accumulation(total: int, micro: int) -> tuple[int, int]:
+    """(rows per forward pass on each process, passes per optimizer step) for `--batch-size` `total` in
+    passes of `--micro-batch-size` `micro` (0: one pass). Gradients add up over the passes."""
+    per = per_process(total, "--batch-size")
+    if micro < 0:
+        raise RlhbError(f"--micro-batch-size {micro}: give 0 (one pass) or a positive number of rows")
+    if micro == 0 or micro >= per:
+        return per, 1
+    if per % micro:
+        raise RlhbError(f"--micro-batch-size {micro} must divide the {per} rows of --batch-size {total} that each of "
+                        f"the {num_processes()} processes takes")
+    return micro, per // micro
+
+
 def is_main_process() -> bool:
     """Under torchrun / accelerate launch every process runs the stage; only rank 0 writes the run dir."""
     return process_index() == 0

@@ -42,6 +42,8 @@ class ClassifierConfig:
     max_length: int = field(192, help="Tokens of judge input kept (question, answer).")
     epochs: Optional[int] = field(None, help="Passes over the training rows. Default: 3, or 8 with a frozen backbone.")
     batch_size: int = field(32, help="Rows per optimizer step (in all, split among the processes of a launcher).")
+    micro_batch_size: int = field(0, help="Rows per forward and backward pass on each process; gradients add up "
+                                          "over the passes of an optimizer step (0: one pass). Less activation memory.")
     learning_rate: Optional[float] = field(None, help="Peak learning rate of the one-cycle schedule. Default: 3e-4, "
                                                       "or 2e-2 for a head alone on a frozen backbone.")
     weight_decay: float = field(0.01, help="AdamW weight decay on matrices.")
@@ -190,7 +192,8 @@ def run(config: ClassifierConfig, stage: rundir.StageRun) -> dict:
         return out
 
     settings = LoopSettings(config.epochs, config.batch_size, config.learning_rate, config.weight_decay,
-                            config.warmup_fraction, 1.0, config.seed, config.checkpoint_every)
+                            config.warmup_fraction, 1.0, config.seed, config.checkpoint_every,
+                            micro_batch_size=config.micro_batch_size)
     fingerprint = hashlib.sha256(json.dumps([config_to_dict(config), stage.manifest["upstream"]],
                                             sort_keys=True).encode()).hexdigest()
     final = train_judge(judge, texts, targets, loss_fn, settings, stage, evaluate, fingerprint)

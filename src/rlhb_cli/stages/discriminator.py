@@ -51,6 +51,8 @@ class DiscriminatorConfig:
     epochs: Optional[int] = field(None, help="Passes over the training triplets. Default: 3, or 8 with a frozen "
                                              "backbone (its passes take seconds; measured: AUC still rising at 4).")
     batch_size: int = field(32, help="Triplets per optimizer step (in all, split among the processes of a launcher).")
+    micro_batch_size: int = field(0, help="Triplets per forward and backward pass on each process; gradients add up "
+                                          "over the passes of an optimizer step (0: one pass). Less activation memory.")
     learning_rate: Optional[float] = field(None, help="Peak learning rate of the one-cycle schedule. Default: 3e-4, "
                                                       "or 2e-2 for a head alone on a frozen backbone (measured: "
                                                       "1e-3 and 5e-3 underfit in 4 epochs).")
@@ -333,7 +335,8 @@ def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
         return out
 
     settings = LoopSettings(config.epochs, config.batch_size, config.learning_rate, config.weight_decay,
-                            config.warmup_fraction, 1.0, config.seed, config.checkpoint_every)
+                            config.warmup_fraction, 1.0, config.seed, config.checkpoint_every,
+                            micro_batch_size=config.micro_batch_size)
     fingerprint = hashlib.sha256(json.dumps([config_to_dict(config), stage.manifest["upstream"]],
                                             sort_keys=True).encode()).hexdigest()
     before = {k: v.detach().clone() for k, v in [(k, v) for k, v in model.named_parameters() if v.requires_grad][:4]}

@@ -14,6 +14,7 @@ validation set (the weights are the same), and only the main one writes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -43,6 +44,7 @@ class LoopSettings:
     seed: int
     checkpoint_every: int
     log_every: int = 10
+    micro_batch_size: int = 0  # rows per forward and backward pass on each process (0: its whole share)
 
 
 def _pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -114,6 +116,7 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
     frozen = judge.frozen_body
     encoded = None if frozen else judge.tokenizer(texts, truncation=True, max_length=judge.meta.max_length)["input_ids"]
     n = len(texts)
+    per_pass, passes = distributed.accumulation(settings.batch_size, settings.micro_batch_size)
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     from accelerate import Accelerator
@@ -163,18 +166,27 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
             order = np.random.default_rng([settings.seed, epoch]).permutation(n)
             index = order[k * settings.batch_size:(k + 1) * settings.batch_size]
             mine, weight = _share(index)
-            if frozen:
-                logits = trained(features[torch.as_tensor(mine)])
-            else:
-                batch = _pad([encoded[i] for i in mine], pad_id)
-                logits = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            local = loss_fn(logits, targets[torch.as_tensor(mine)])
-            loss = accelerator.reduce(local.detach() * weight, "mean")  # the whole batch's mean loss
+            micro = per_pass if passes > 1 else len(mine)
+            parts = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+            local = torch.zeros(())
+            for number, part in enumerate(parts, 1):
+                # a part's mean loss weighted by its share of this process's rows; DDP syncs on the last pass
+                with (accelerator.no_sync(trained) if number < len(parts) else contextlib.nullcontext()):
+                    if frozen:
+                        logits = trained(features[torch.as_tensor(part)])
+                    else:
+                        batch = _pad([encoded[i] for i in part], pad_id)
+                        logits = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    part_loss = loss_fn(logits, targets[torch.as_tensor(part)])
+                    if len(parts) > 1:
+                        part_loss = part_loss * (len(part) / len(mine))
+                    (part_loss * weight).backward()  # even if not finite: every process joins DDP's sync
+                local = local + part_loss.detach()
+            loss = accelerator.reduce(local * weight, "mean")  # the whole batch's mean loss
             if not torch.isfinite(loss):
                 _save_checkpoint(checkpoint, judge, optimizer, scheduler, step, fingerprint)
                 raise RlhbError(f"{stage.stage}: the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
                                 f"checkpoint kept in {checkpoint}; lower --learning-rate")
-            (local * weight).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()
             scheduler.step()

@@ -34,6 +34,8 @@ class RewardConfig:
     max_length: int = field(192, help="Tokens of judge input kept (question, answer).")
     epochs: float = field(2.0, help="Passes over the training pairs.")
     batch_size: int = field(16, help="Pairs per optimizer step (in all, split among the processes of a launcher).")
+    micro_batch_size: int = field(0, help="Pairs per forward and backward pass on each process; gradients add up "
+                                          "over the passes of an optimizer step (0: one pass). Less activation memory.")
     learning_rate: float = field(3e-4, help="Peak learning rate.")
     validation_fraction: float = field(0.15, help="Share of prompts whose pairs are held out.")
     max_reject_ratio: float = field(0.1, help="Fail when more than this share of pair lines is bad.")
@@ -124,10 +126,11 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
     if tokenizer.eos_token is None:  # trl closes each sequence with EOS; encoders such as MiniLM have SEP instead
         tokenizer.eos_token = tokenizer.sep_token or tokenizer.pad_token
         notes.append(f"the tokenizer has no EOS token; {tokenizer.eos_token!r} closes each sequence instead")
+    per_pass, passes = distributed.accumulation(config.batch_size, config.micro_batch_size)
     args = trl_config(
         TrlRewardConfig,
         output_dir=str(stage.dir / "checkpoints"), num_train_epochs=config.epochs,
-        per_device_train_batch_size=distributed.per_process(config.batch_size, "--batch-size"), per_device_eval_batch_size=32,
+        per_device_train_batch_size=per_pass, gradient_accumulation_steps=passes, per_device_eval_batch_size=32,
         learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.01,
         logging_steps=10, eval_strategy="epoch", save_strategy="steps", save_steps=config.checkpoint_every,
         save_total_limit=1, seed=config.seed, data_seed=config.seed, max_length=config.max_length,

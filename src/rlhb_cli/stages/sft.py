@@ -38,6 +38,8 @@ class SFTStageConfig:
     tiny_heads: int = field(4, help="tiny: attention heads.")
     epochs: float = field(3.0, help="Passes over the training rows.")
     batch_size: int = field(32, help="Rows per optimizer step (in all, split among the processes of a launcher).")
+    micro_batch_size: int = field(0, help="Rows per forward and backward pass on each process; gradients add up "
+                                          "over the passes of an optimizer step (0: one pass). Less activation memory.")
     learning_rate: float = field(2e-3, help="Peak learning rate (2e-3 suits the tiny model; use ~2e-5 for a real one).")
     max_length: int = field(256, help="Tokens kept per prompt + completion.")
     min_reward_quantile: float = field(0.0, help="Train only on rows whose shaped reward is above this quantile (0: all).")
@@ -173,10 +175,11 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     val_rows = _rows(data["validation"])
     if len(train_rows) < config.batch_size:
         raise RlhbError(f"only {len(train_rows)} training rows, fewer than --batch-size {config.batch_size}")
+    per_pass, passes = distributed.accumulation(config.batch_size, config.micro_batch_size)
     args = trl_config(
         SFTConfig,
         output_dir=str(stage.dir / "checkpoints"), num_train_epochs=config.epochs,
-        per_device_train_batch_size=distributed.per_process(config.batch_size, "--batch-size"), per_device_eval_batch_size=64,
+        per_device_train_batch_size=per_pass, gradient_accumulation_steps=passes, per_device_eval_batch_size=64,
         learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
         logging_steps=10, eval_strategy="epoch", save_strategy="steps", save_steps=config.checkpoint_every,
         save_total_limit=1, seed=config.seed, data_seed=config.seed, max_length=config.max_length,
