@@ -371,4 +371,5 @@ def test_micro_batches_of_the_supervised_stages_make_the_same_steps(sft_run, tmp
     for stage, options in MICRO_BATCHED:
         result = cli(stage, "--run-dir", micro, *options, "--micro-batch-size", 5, "--force", ok=False)
         assert result.exit_code != 0 and "Traceback" not in result.output, stage
-        assert "--micro-batch-size 5 must divide the 16 rows of --batch-size 16" in result.output, stage
+        assert "error: --micro-batch-size 5 must divide --batch-size 16" in result.output, stage
+    assert json.loads((micro / "train-sft" / "manifest.json").read_text())["status"] == "done"  # refused first

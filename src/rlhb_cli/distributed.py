@@ -41,8 +41,9 @@ def accumulation(total: int, micro: int) -> tuple[int, int]:
     if micro == 0 or micro >= per:
         return per, 1
     if per % micro:
-        raise RlhbError(f"--micro-batch-size {micro} must divide the {per} rows of --batch-size {total} that each of "
-                        f"the {num_processes()} processes takes")
+        share = f"the {per} rows of --batch-size {total} that each of the {num_processes()} processes takes" \
+            if num_processes() > 1 else f"--batch-size {total}"
+        raise RlhbError(f"--micro-batch-size {micro} must divide {share}")
     return micro, per // micro
 
 

@@ -53,6 +53,7 @@ class ClassifierConfig:
     seed: int = field(0, help="Seed of initialisation and batch order.")
 
     def __post_init__(self):
+        distributed.accumulation(self.batch_size, self.micro_batch_size)  # refused before the stage starts
         # Defaults that depend on freezing are resolved here, so the manifest records the values used.
         if self.epochs is None:
             self.epochs = 8 if self.freeze_backbone else 3

@@ -43,6 +43,7 @@ class RewardConfig:
     seed: int = field(0, help="Seed of the split, initialisation and data order.")
 
     def __post_init__(self):
+        distributed.accumulation(self.batch_size, self.micro_batch_size)  # refused before the stage starts
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
 

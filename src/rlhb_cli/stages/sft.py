@@ -48,6 +48,7 @@ class SFTStageConfig:
     seed: int = field(0, help="Seed of initialisation and data order.")
 
     def __post_init__(self):
+        distributed.accumulation(self.batch_size, self.micro_batch_size)  # refused before the stage starts
         if not 0.0 <= self.min_reward_quantile < 1.0:
             raise ValueError(f"min_reward_quantile must be in [0, 1), got {self.min_reward_quantile}")
         if self.epochs <= 0 or self.batch_size < 1:
