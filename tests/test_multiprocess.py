@@ -156,3 +156,8 @@ def test_deepspeed_zero3_is_refused_in_one_line_naming_where_it_was_asked(rl_run
     result = cli("train-rlhf", "--run-dir", rl_run, *RL, "--force", ok=False)
     assert result.exit_code == 2 and "ZeRO-3 (the accelerate config's zero_stage = 3) is not supported" in result.output
     assert "Traceback" not in result.output
+    # ZeRO-2 with passes our own loop would add up behind DeepSpeed's back: refused too
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    result = cli("train-rlhf", "--run-dir", rl_run, *RL, "--micro-batch-size", 4, "--force", ok=False)
+    assert result.exit_code == 2 and "--micro-batch-size 4 is not supported under DeepSpeed" in result.output
+    assert "Traceback" not in result.output

@@ -73,6 +73,14 @@ def refuse_sharded_weights() -> None:
                         f"for large policies")
 
 
+def refuse_passes_under_deepspeed(micro_batch_size: int) -> None:
+    """Our own loops (the RL engine, the judges') add up passes themselves; DeepSpeed's engine keeps its own
+    count of passes per step, so the two would disagree on when to step. (Trainer's stages agree with it.)"""
+    if micro_batch_size and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise RlhbError(f"--micro-batch-size {micro_batch_size} is not supported under DeepSpeed in this stage; "
+                        f"leave it at 0 and lower the batch size instead")
+
+
 def _state():
     """accelerate's process state (it sets up the process group once: gloo on CPU, nccl on GPU)."""
     import torch

@@ -279,6 +279,7 @@ class PPOEngine:
         from rlhb_cli.models.load import load_causal_lm
 
         distributed.refuse_sharded_weights()
+        distributed.refuse_passes_under_deepspeed(config.micro_batch_size)
         self.config = config
         self.stage = stage
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())

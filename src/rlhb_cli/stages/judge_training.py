@@ -117,6 +117,8 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
     encoded = None if frozen else judge.tokenizer(texts, truncation=True, max_length=judge.meta.max_length)["input_ids"]
     n = len(texts)
     per_pass, passes = distributed.accumulation(settings.batch_size, settings.micro_batch_size)
+    if passes > 1:
+        distributed.refuse_passes_under_deepspeed(settings.micro_batch_size)
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     from accelerate import Accelerator
