@@ -26,6 +26,19 @@ JUDGE_FILE = "judge.json"
 TOKEN_STORE_SIZE = 50_000  # texts whose token ids a judge keeps (see Judge.tokenize; ~0.5 kB each)
 
 
+def padded_batch(rows, pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Token id rows (lists or arrays) as one batch of `input_ids` and `attention_mask`, padded with
+    `pad_id` on the right (or the left): what a tokenizer call with padding makes of the same ids."""
+    width = max((len(r) for r in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        input_ids[i, span] = torch.as_tensor(row, dtype=torch.long)
+        attention_mask[i, span] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 @dataclass
 class JudgeMeta:
     kind: str  # discriminator | classifier | reward
@@ -163,16 +176,8 @@ class Judge:
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """The padded batch the tokenizer itself would make (its padding side and pad id), from `tokenize`."""
         self.tokenize(texts)
-        rows = [self._token_ids[t] for t in texts]
-        width = max((len(r) for r in rows), default=0)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        left = self.tokenizer.padding_side == "left"
-        for i, row in enumerate(rows):
-            span = slice(width - len(row), width) if left else slice(0, len(row))
-            input_ids[i, span] = torch.from_numpy(row)
-            attention_mask[i, span] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return padded_batch([self._token_ids[t] for t in texts], self.tokenizer.pad_token_id,
+                            left=self.tokenizer.padding_side == "left")
 
     def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.frozen_body:

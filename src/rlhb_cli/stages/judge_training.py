@@ -26,7 +26,7 @@ import torch
 
 from rlhb_cli import distributed
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.models.judge import Judge, learning_weights, load_learning_weights
+from rlhb_cli.models.judge import Judge, learning_weights, load_learning_weights, padded_batch
 from rlhb_cli.rundir import StageRun, StageStopped
 from rlhb_cli.stages.common import MetricsLog, progress_bar
 
@@ -45,16 +45,6 @@ class LoopSettings:
     checkpoint_every: int
     log_every: int = 10
     micro_batch_size: int = 0  # rows per forward and backward pass on each process (0: its whole share)
-
-
-def _pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _save_checkpoint(path, judge, optimizer, scheduler, step, fingerprint, window=(0.0, 0)) -> None:
@@ -177,7 +167,8 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
                     if frozen:
                         logits = trained(features[torch.as_tensor(part)])
                     else:
-                        batch = _pad([encoded[i] for i in part], pad_id)
+                        batch = padded_batch([encoded[i] for i in part], pad_id,
+                                             left=judge.tokenizer.padding_side == "left")
                         logits = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     part_loss = loss_fn(logits, targets[torch.as_tensor(part)])
                     if len(parts) > 1:
