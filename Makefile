@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 # CPU build on this machine; on a GPU machine: make setup TORCH_SPEC="torch==<version>" (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch sharper-logs minilm-judge
+.PHONY: setup test test-deepspeed demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch sharper-logs minilm-judge
 
 setup: $(STAMP)
 
@@ -20,6 +20,14 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The training stages under DeepSpeed ZeRO-2, one process on the CPU (about 5 minutes; not in `make test`,
+# whose run skips these tests without deepspeed). DeepSpeed ships as source that imports torch to build,
+# hence no build isolation (which would fetch another torch).
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+test-deepspeed: setup
+	$(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(BIN)/python -m pytest -q tests/test_deepspeed.py
 
 # The main job on the embedded default: simulate the platform, prepare its logs, train the starting
 # policy, the judges and the aligners, evaluate them on held-out queries, show the run.

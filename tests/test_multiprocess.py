@@ -161,3 +161,7 @@ def test_deepspeed_zero3_is_refused_in_one_line_naming_where_it_was_asked(rl_run
     result = cli("train-rlhf", "--run-dir", rl_run, *RL, "--micro-batch-size", 4, "--force", ok=False)
     assert result.exit_code == 2 and "--micro-batch-size 4 is not supported under DeepSpeed" in result.output
     assert "Traceback" not in result.output
+    # the judges' own loop is DDP's: refused under DeepSpeed at its start rather than training each process alone
+    result = cli("warmup-discriminator", "--run-dir", rl_run, "--backbone", "tiny", "--epochs", 1, "--force", ok=False)
+    assert result.exit_code == 2 and "warmup-discriminator does not run under DeepSpeed" in result.output
+    assert "Traceback" not in result.output

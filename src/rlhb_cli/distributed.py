@@ -52,10 +52,15 @@ def is_main_process() -> bool:
     return process_index() == 0
 
 
+def deepspeed_requested() -> bool:
+    """Launched with a DeepSpeed config (`accelerate launch --config_file ...deepspeed...`)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
 def refuse_sharded_weights() -> None:
     """The RL engine generates from whole weights and keeps its own reference copy: under DeepSpeed ZeRO-3
     (weights sharded) it would fail deep inside a forward pass; say so at the start instead."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+    if not deepspeed_requested():
         return
     stage, source = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), "the accelerate config's zero_stage"
     config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
@@ -74,9 +79,9 @@ def refuse_sharded_weights() -> None:
 
 
 def refuse_passes_under_deepspeed(micro_batch_size: int) -> None:
-    """Our own loops (the RL engine, the judges') add up passes themselves; DeepSpeed's engine keeps its own
+    """The RL engine adds up passes itself; DeepSpeed's engine keeps its own
     count of passes per step, so the two would disagree on when to step. (Trainer's stages agree with it.)"""
-    if micro_batch_size and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    if micro_batch_size and deepspeed_requested():
         raise RlhbError(f"--micro-batch-size {micro_batch_size} is not supported under DeepSpeed in this stage; "
                         f"leave it at 0 and lower the batch size instead")
 

@@ -282,7 +282,11 @@ class PPOEngine:
         distributed.refuse_passes_under_deepspeed(config.micro_batch_size)
         self.config = config
         self.stage = stage
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu and distributed.deepspeed_requested() and distributed.num_processes() > 1:
+            raise RlhbError("DeepSpeed on a CPU runs here as one process only (accelerate counts each process as "
+                            "alone); on CPU launch several processes with torchrun, which uses DDP")
+        self.accelerator = Accelerator(cpu=on_cpu and not distributed.deepspeed_requested())
         self.source = reward_source
         self.behavior_of = behavior_of
         self.train_queries = sorted(set(train_queries))
@@ -324,6 +328,13 @@ class PPOEngine:
         optimizer = torch.optim.AdamW([
             {"params": [p for p in actor.parameters() if p.requires_grad], "lr": config.learning_rate},
             {"params": model.critic_parameters(), "lr": config.critic_learning_rate}], eps=1e-5, weight_decay=0.0)
+        if self.accelerator.state.deepspeed_plugin is not None:  # (before prepare: no under_deepspeed yet)
+            deepspeed_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            # no data loader goes through prepare, so DeepSpeed learns the rows of a pass from its config
+            deepspeed_config["train_micro_batch_size_per_gpu"] = self.local_minibatch
+            notes.append(f"under DeepSpeed: gradients clipped by DeepSpeed at its gradient_clipping "
+                         f"({deepspeed_config.get('gradient_clipping', 'none')}) over actor and critic together, "
+                         f"not at --max-grad-norm each")
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.reference = reference.to(self.accelerator.device) if reference is not None else None
         self.generator = HFGenerator(self.tokenizer, config.max_new_tokens, config.temperature)
@@ -605,9 +616,14 @@ class PPOEngine:
         trained = {name for name, p in self.unwrapped.named_parameters() if p.requires_grad}
         return {k: v for k, v in state.items() if k in trained}
 
-    def state(self, rng_states: list | None = None) -> dict:
+    @property
+    def under_deepspeed(self) -> bool:
+        return self.accelerator.state.deepspeed_plugin is not None
+
+    def state(self, rng_states: list | None = None, optimizer_states: list | None = None) -> dict:
         return {
-            "model": self.trained_weights(), "optimizer": self.optimizer.state_dict(),
+            "model": self.trained_weights(),
+            "optimizer": optimizer_states if optimizer_states is not None else self.optimizer.state_dict(),
             "kl": self.kl.state_dict(), "iteration": self.iteration,
             "rng": rng_states or [torch.get_rng_state()],  # one per process
             "source": self.source.state_dict() if hasattr(self.source, "state_dict") else None,
@@ -617,14 +633,18 @@ class PPOEngine:
     def save_checkpoint(self, path: Path | None = None, all_processes: bool = True) -> None:
         """Written by the main process; `all_processes` (every process calls it) also keeps each one's RNG."""
         rng_states = None
+        # ZeRO shards the optimizer's state: each process holds its part, and a resume needs every part
+        optimizer_states = [self.optimizer.state_dict()] if self.under_deepspeed else None
         if all_processes and self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
             rng_states = gather_object([torch.get_rng_state()])
+            if optimizer_states is not None:
+                optimizer_states = gather_object(optimizer_states)
         if not self.accelerator.is_main_process:
             return
         path = path or self.stage.dir / CHECKPOINT
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.state(rng_states) | {"fingerprint": self.fingerprint}, tmp)
+        torch.save(self.state(rng_states, optimizer_states) | {"fingerprint": self.fingerprint}, tmp)
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: Path) -> None:
@@ -636,7 +656,17 @@ class PPOEngine:
         if unexpected or absent:
             raise RlhbError(f"{path}: its weights do not fit this model ({len(unexpected)} unexpected, "
                             f"{len(absent)} missing); run without --resume to start over")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.under_deepspeed:
+            parts = state["optimizer"]
+            if not isinstance(parts, list) or len(parts) != self.accelerator.num_processes:
+                raise RlhbError(f"{path}: not a checkpoint of this DeepSpeed run's {self.accelerator.num_processes} "
+                                f"processes (its optimizer state is sharded); resume with the same launch")
+            # the ZeRO optimizer takes every process's part; its fp32 master weights come back exactly
+            self.optimizer.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
+        elif isinstance(state["optimizer"], list):
+            raise RlhbError(f"{path}: written under DeepSpeed (a sharded optimizer state); resume it under DeepSpeed")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.kl.load_state_dict(state["kl"])
         self.iteration = state["iteration"]
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]

@@ -162,5 +162,5 @@ def trl_config(config_cls, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
         return config_cls(bf16=False, fp16=False, report_to="none", gradient_checkpointing=False,
-                          use_cpu=not torch.cuda.is_available(),
+                          use_cpu=not torch.cuda.is_available() and not distributed.deepspeed_requested(),
                           disable_tqdm=True, dataloader_num_workers=0, **kwargs)

@@ -106,9 +106,12 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
     frozen = judge.frozen_body
     encoded = None if frozen else judge.tokenizer(texts, truncation=True, max_length=judge.meta.max_length)["input_ids"]
     n = len(texts)
+    if distributed.deepspeed_requested():
+        # accelerate hands this loop's model to DeepSpeed only through prepare(model, optimizer), whose engine
+        # then owns backward, clipping and step: this loop would train each process alone, unsynced
+        raise RlhbError(f"{stage.stage} does not run under DeepSpeed (its loop is plain DDP); launch it with "
+                        f"torchrun or an accelerate config without DeepSpeed (experiments/accelerate/multi-gpu-ddp.yaml)")
     per_pass, passes = distributed.accumulation(settings.batch_size, settings.micro_batch_size)
-    if passes > 1:
-        distributed.refuse_passes_under_deepspeed(settings.micro_batch_size)
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     from accelerate import Accelerator

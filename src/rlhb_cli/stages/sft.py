@@ -195,9 +195,15 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     resume_from = trainer_resume_point(stage, metrics)
     if resume_from:
         untrained = rundir.read_json(stage.dir / "untrained.json")
+    elif trainer.is_deepspeed_enabled:  # transformers evaluates a model before training only under ZeRO-3
+        untrained = {"eval_loss": None}
+        rundir.atomic_write_json(stage.dir / "untrained.json", untrained)
     else:
         untrained = {"eval_loss": evaluate_before_training(trainer)["eval_loss"]}
         rundir.atomic_write_json(stage.dir / "untrained.json", untrained)
+    if untrained["eval_loss"] is None:
+        notes.append("untrained validation perplexity not measured: under DeepSpeed, transformers evaluates a model "
+                     "before its training only at ZeRO-3")
     result = trainer.train(resume_from_checkpoint=resume_from)
     stop_if_unfinished(trainer)
     final = trainer.evaluate()
@@ -212,7 +218,8 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
         "train_loss": round(result.training_loss, 4),
         "val_loss": round(final["eval_loss"], 4),
         "val_perplexity": round(math.exp(final["eval_loss"]), 3),
-        "untrained_val_perplexity": round(math.exp(min(untrained["eval_loss"], 50)), 3),
+        "untrained_val_perplexity": (None if untrained["eval_loss"] is None
+                                     else round(math.exp(min(untrained["eval_loss"], 50)), 3)),
         "val_perplexity_by_epoch": by_epoch,
         "train_rows": len(train_rows),
         "val_rows": len(val_rows),
