@@ -165,3 +165,15 @@ def test_deepspeed_zero3_is_refused_in_one_line_naming_where_it_was_asked(rl_run
     result = cli("warmup-discriminator", "--run-dir", rl_run, "--backbone", "tiny", "--epochs", 1, "--force", ok=False)
     assert result.exit_code == 2 and "warmup-discriminator does not run under DeepSpeed" in result.output
     assert "Traceback" not in result.output
+
+
+def test_deepspeed_on_cpu_with_two_processes_is_refused_in_one_line(run):
+    # accelerate would count each process of a CPU DeepSpeed launch as alone: each would train by itself
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS), ACCELERATE_USE_DEEPSPEED="true",
+               ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "rlhb_cli", "train-rlhb", "--run-dir", str(run), *map(str, RL)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=TESTS, env=env)
+    assert result.returncode != 0
+    assert "DeepSpeed on a CPU runs here as one process only" in result.stdout + result.stderr
+    assert (result.stdout + result.stderr).count("Traceback") == 1  # torchrun's own, on the children's exit
