@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The training stages under DeepSpeed ZeRO-2, one process on the CPU (about 5 minutes; not in `make test`,
-# whose run skips these tests without deepspeed). DeepSpeed ships as source that imports torch to build,
-# hence no build isolation (which would fetch another torch).
+# The training stages under DeepSpeed ZeRO-2, one process on the CPU (measured: 3 min 16 s; 4 min 37 s on a
+# fresh clone, set-up included). Not in `make test`, whose run skips them without deepspeed. DeepSpeed ships
+# as source that imports torch to build, hence no build isolation (which would fetch another torch).
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 test-deepspeed: setup
 	$(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
