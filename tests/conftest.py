@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,18 @@ class Cli:
         if ok and result.exit_code != 0:
             raise AssertionError(f"rlhb {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}")
         return result
+
+
+def torchrun(*args, processes: int = 2, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    """`rlhb ARGS` under `torchrun --nproc_per_node PROCESSES` on this CPU, one thread per process."""
+    tests = Path(__file__).parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "rlhb_cli", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tests,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tests), **(env or {})))
+    if ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 @pytest.fixture(scope="session")

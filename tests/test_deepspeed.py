@@ -9,32 +9,23 @@ optimizer step; its optimizer state is ZeRO's), not sharding across processes. S
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import TINY, read_jsonl, summary_of, without_time
+from conftest import TINY, read_jsonl, summary_of, torchrun, without_time
 
 pytest.importorskip("deepspeed")
 
-TESTS = Path(__file__).parent
 RL = ["--prompts-per-iteration", 8, "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 10,
       "--sample-every", 0, "--iterations", 3, "--disc-steps", 2, "--disc-learning-rate", 1e-3]
 ZERO2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
          "ACCELERATE_GRADIENT_CLIPPING": "1.0", "DS_ACCELERATOR": "cpu"}
 
 
-def zero2(*args, ok: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", **ZERO2)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               "-m", "rlhb_cli", *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=TESTS, env=env)
-    if ok:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+def zero2(*args) -> subprocess.CompletedProcess:
+    return torchrun(*args, processes=1, env=ZERO2)
 
 
 def close(a: list[dict], b: list[dict], rel: float) -> bool:
@@ -69,7 +60,6 @@ def test_lora_train_rlhb_runs_under_zero2(rl_run):
 
 
 def test_train_sft_and_train_reward_under_zero2_match_the_plain_run(sim_run, tmp_path, cli):
-    import shutil
     cli("prepare-behaviors", "--run-dir", sim_run)
     twin = tmp_path / "twin"
     shutil.copytree(sim_run, twin)

@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TINY, private_copy, read_jsonl, summary_of
+from conftest import TINY, private_copy, read_jsonl, summary_of, torchrun
 
 TESTS = Path(__file__).parent
 RL = ["--prompts-per-iteration", 8, "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 10,
       "--sample-every", 0, "--iterations", 3]
-
-
-def torchrun(*args, record: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS))
-    if record is not None:
-        env["RLHB_TEST_RECORD"] = str(record)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "rlhb_cli", *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=TESTS, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture
@@ -54,7 +40,8 @@ def test_two_processes_train_rlhb_in_step_and_write_the_run_dir_once(run):
 def test_metrics_are_the_gathered_values_and_each_process_has_its_own_prompts(run, tmp_path, cli, monkeypatch):
     record = tmp_path / "record"
     record.mkdir()
-    torchrun("train-ppo", "--run-dir", run, "--reward-source", "rl_sources:records_each_process", *RL, record=record)
+    torchrun("train-ppo", "--run-dir", run, "--reward-source", "rl_sources:records_each_process", *RL,
+             env={"RLHB_TEST_RECORD": str(record)})
     ranks = [read_jsonl(record / f"rank{r}.jsonl") for r in (0, 1)]
     assert [len(r) for r in ranks] == [3, 3]
     rows = read_jsonl(run / "train-ppo" / "metrics.jsonl")
@@ -118,7 +105,7 @@ def test_supervised_stages_under_two_processes_write_once_and_agree(small_sim, t
     assert frozen["processes"] == 2 and frozen["processes_in_sync"] is True and frozen["parameters_changed"]
     # the two-process SFT policy is a policy like any other: the RL stages start from it
     torchrun("train-ppo", "--run-dir", two, "--reward-source", "rl_sources:records_each_process", *RL[:-1], 1,
-             record=tmp_path)
+             env={"RLHB_TEST_RECORD": str(tmp_path)})
     assert summary_of(two, "train-ppo")["processes_in_sync"] is True
 
 
@@ -169,11 +156,8 @@ def test_deepspeed_zero3_is_refused_in_one_line_naming_where_it_was_asked(rl_run
 
 def test_deepspeed_on_cpu_with_two_processes_is_refused_in_one_line(run):
     # accelerate would count each process of a CPU DeepSpeed launch as alone: each would train by itself
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS), ACCELERATE_USE_DEEPSPEED="true",
-               ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "rlhb_cli", "train-rlhb", "--run-dir", str(run), *map(str, RL)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=TESTS, env=env)
+    result = torchrun("train-rlhb", "--run-dir", run, *RL, ok=False,
+                    env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
     assert result.returncode != 0
     assert "DeepSpeed on a CPU runs here as one process only" in result.stdout + result.stderr
     assert (result.stdout + result.stderr).count("Traceback") == 1  # torchrun's own, on the children's exit
