@@ -204,7 +204,7 @@ def run_aligner(config: EngineConfig, stage: rundir.StageRun, make_source: Calla
     return {"aligner": label, "reward_source": engine.source.name} | summary | {
         "condition": config.condition, "behavior_text": policy_meta["behavior_text"], "init_from": config.init_from,
         "policy_parameters": param_count(engine.unwrapped.actor),
-        "trainable_parameters": sum(p.numel() for p in engine.unwrapped.parameters() if p.requires_grad),
+        "trainable_parameters": param_count(engine.unwrapped, trainable_only=True),
         "notes": engine.notes, "seconds": round(time.perf_counter() - started, 1)}
 
 

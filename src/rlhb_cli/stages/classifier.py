@@ -227,7 +227,7 @@ def run(config: ClassifierConfig, stage: rundir.StageRun) -> dict:
         "frozen_backbone": config.freeze_backbone,
         "trained_top_layers": config.train_top_layers,
         "parameters": param_count(model),
-        "parameters_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters_trained": param_count(model, trainable_only=True),
         "notes": notes,
         **distributed.processes_summary(model.state_dict()),
         "seconds": round(time.perf_counter() - started, 1),

@@ -125,8 +125,9 @@ def progress_bar():
                     disable=not (console.is_terminal and distributed.is_main_process()))
 
 
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def param_count(model, trainable_only: bool = False) -> int:
+    """Weights of a model, whole (under DeepSpeed ZeRO-3 a parameter's own tensor is only this process's shard)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def trainer_resume_point(stage: rundir.StageRun, metrics: MetricsLog) -> str | None:

@@ -366,7 +366,7 @@ def run(config: DiscriminatorConfig, stage: rundir.StageRun) -> dict:
         "trained_top_layers": config.train_top_layers,
         "form": config.form,
         "parameters": param_count(model),
-        "parameters_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters_trained": param_count(model, trainable_only=True),
         "parameters_changed": changed,
         "notes": notes,
         **distributed.processes_summary(model.state_dict()),
