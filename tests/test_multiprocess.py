@@ -127,23 +127,9 @@ def test_only_rank_0_writes_and_batch_sizes_must_divide(tmp_path, monkeypatch):
     assert (tmp_path / "model" / "weights").read_text() == "x"
 
 
-def test_deepspeed_zero3_is_refused_in_one_line_naming_where_it_was_asked(rl_run, cli, monkeypatch, tmp_path):
-    from rlhb_cli.distributed import refuse_sharded_weights
-    from rlhb_cli.errors import RlhbError
+def test_what_deepspeed_cannot_run_is_refused_in_one_line(rl_run, cli, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    refuse_sharded_weights()  # ZeRO-2 shards optimizer states and gradients only: allowed
-    config_file = tmp_path / "ds.json"
-    config_file.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config_file))
-    with pytest.raises(RlhbError, match=f"{config_file}: zero_optimization.stage = 3"):
-        refuse_sharded_weights()
-    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    result = cli("train-rlhf", "--run-dir", rl_run, *RL, "--force", ok=False)
-    assert result.exit_code == 2 and "ZeRO-3 (the accelerate config's zero_stage = 3) is not supported" in result.output
-    assert "Traceback" not in result.output
-    # ZeRO-2 with passes our own loop would add up behind DeepSpeed's back: refused too
+    # passes our own loop would add up behind DeepSpeed's back: refused
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     result = cli("train-rlhf", "--run-dir", rl_run, *RL, "--micro-batch-size", 4, "--force", ok=False)
     assert result.exit_code == 2 and "--micro-batch-size 4 is not supported under DeepSpeed" in result.output

@@ -57,25 +57,43 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
-def refuse_sharded_weights() -> None:
-    """The RL engine generates from whole weights and keeps its own reference copy: under DeepSpeed ZeRO-3
-    (weights sharded) it would fail deep inside a forward pass; say so at the start instead."""
-    if not deepspeed_requested():
+def zero3_enabled(accelerator) -> bool:
+    """Whether `accelerator` runs DeepSpeed at ZeRO-3, which shards the weights themselves across processes."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.hf_ds_config.is_zero3()
+
+
+def zero3_sharded(module) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds `module`'s weights sharded across processes (each parameter then has a
+    `ds_id`; outside a forward pass its tensor is this process's shard, often empty)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def whole_state_dict(engine, trainable_only: bool = False) -> dict | None:
+    """Under ZeRO-3, the DeepSpeed `engine`'s weights whole, gathered layer by layer into the main process's
+    memory (so no device ever holds more than a layer of them beyond its shard), as DeepSpeed saves a model:
+    a state dict there, None on the other processes. Every process must call it."""
+    return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+
+
+@contextlib.contextmanager
+def gathered_weights(engine, module) -> Iterator[bool]:
+    """Under ZeRO-3, `module` (a part of the DeepSpeed `engine`'s model) with its weights whole on every process
+    for the block, for what reads them outside training: generating, scoring, saving. DeepSpeed's hooks,
+    which gather and release each layer's weights around its forward, are off meanwhile (trl does the same
+    for generation). Every process must enter the block. Yields whether the weights were sharded; elsewhere
+    it does nothing."""
+    if not zero3_sharded(module):
+        yield False
         return
-    stage, source = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), "the accelerate config's zero_stage"
-    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
-    if config_file and config_file.lower() != "none":
-        import json
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        remove_hooks(engine)
         try:
-            with open(config_file) as handle:
-                stage = str(json.load(handle).get("zero_optimization", {}).get("stage", stage))
-            source = f"{config_file}: zero_optimization.stage"
-        except (OSError, ValueError, AttributeError):
-            pass  # accelerate reports an unreadable DeepSpeed config itself
-    if stage == "3":
-        raise RlhbError(f"DeepSpeed ZeRO-3 ({source} = 3) is not supported by the RL engine (it generates from "
-                        f"whole weights); use ZeRO-2 (experiments/accelerate/deepspeed-zero2.yaml), with --lora-r "
-                        f"for large policies")
+            yield True
+        finally:
+            add_hooks(engine)
 
 
 def refuse_passes_under_deepspeed(micro_batch_size: int) -> None:
@@ -133,9 +151,12 @@ def check_in_sync(digest: str) -> dict:
     return {"processes": len(digests), "processes_in_sync": True, "weights_sha256": digests[0]}
 
 
-def processes_summary(*state_dicts: dict) -> dict:
+def processes_summary(*state_dicts: dict, sharded: bool = False) -> dict:
     """For a stage's summary: how many processes trained, and (with more than one) proof that they all
-    hold the very same weights (those of `state_dicts`)."""
+    hold the very same weights (those of `state_dicts`). Weights `sharded` by ZeRO-3 are one copy split
+    between the processes: nothing to compare."""
     if num_processes() == 1:
         return {"processes": 1}
+    if sharded:
+        return {"processes": num_processes(), "weights_sharded": True}
     return check_in_sync(weights_digest(state_dicts))

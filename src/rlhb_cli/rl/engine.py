@@ -74,6 +74,9 @@ class EngineConfig:
     lora_alpha: float = field(32.0, help="LoRA scaling numerator (the adapter's update is scaled by alpha / r).")
     gradient_checkpointing: bool = field(False, help="Recompute the activations of actor and critic in the backward "
                                                      "pass: far less memory in the PPO update, for more time.")
+    gather_for_generation: bool = field(True, help="Under DeepSpeed ZeRO-3: gather the actor's sharded weights whole on "
+                                                   "each device for every generation (fast). Off: each layer gathers "
+                                                   "its own at every token (slow; for a policy too large for one device).")
     lora_target_modules: str = field("all-linear", help="LoRA: the modules given adapters (peft's target_modules; "
                                                         "comma-separated names, or all-linear).")
     kl_coef: float = field(0.05, help="Coefficient of the per-token KL penalty against the reference.")
@@ -278,7 +281,6 @@ class PPOEngine:
 
         from rlhb_cli.models.load import load_causal_lm
 
-        distributed.refuse_sharded_weights()
         distributed.refuse_passes_under_deepspeed(config.micro_batch_size)
         self.config = config
         self.stage = stage
@@ -287,6 +289,8 @@ class PPOEngine:
             raise RlhbError("DeepSpeed on a CPU runs here as one process only (accelerate counts each process as "
                             "alone); on CPU launch several processes with torchrun, which uses DDP")
         self.accelerator = Accelerator(cpu=on_cpu and not distributed.deepspeed_requested())
+        # ZeRO-3 shards the weights themselves (with its zero3_init_flag, from the moment they are loaded)
+        self.zero3 = distributed.zero3_enabled(self.accelerator)
         self.source = reward_source
         self.behavior_of = behavior_of
         self.train_queries = sorted(set(train_queries))
@@ -309,11 +313,11 @@ class PPOEngine:
             actor = attach_lora(actor, config)
             reference = None
         else:
-            reference = copy.deepcopy(actor)  # the starting policy, frozen: same weights, no second read from disk
+            reference = self._starting_policy_copy(actor)  # the starting policy, frozen
             reference.requires_grad_(False)
             reference.eval()
         # A separate critic starts from the starting policy's body (a copy: same weights, fitted to the tokenizer).
-        critic_body = copy.deepcopy(actor.base_model) if config.critic == "separate" else None
+        critic_body = self._starting_policy_copy(actor).base_model if config.critic == "separate" else None
         if config.gradient_checkpointing:
             for body in (actor, critic_body):
                 if body is not None:
@@ -335,8 +339,18 @@ class PPOEngine:
             notes.append(f"under DeepSpeed: gradients clipped by DeepSpeed at its gradient_clipping "
                          f"({deepspeed_config.get('gradient_clipping', 'none')}) over actor and critic together, "
                          f"not at --max-grad-norm each")
+            if self.zero3:
+                notes.append(f"under DeepSpeed ZeRO-3: actor, critic and reference sharded across "
+                             f"{self.accelerator.num_processes} process(es); generation "
+                             + ("gathers the actor's weights whole" if config.gather_for_generation
+                                else "gathers each layer's weights at every token (--no-gather-for-generation)"))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.reference = reference.to(self.accelerator.device) if reference is not None else None
+        if reference is not None and self.zero3:  # sharded as the actor is, forward passes gathering its layers
+            from trl.models.utils import prepare_deepspeed
+            reference = prepare_deepspeed(reference, self.accelerator)
+        elif reference is not None:
+            reference = reference.to(self.accelerator.device)
+        self.reference = reference
         self.generator = HFGenerator(self.tokenizer, config.max_new_tokens, config.temperature)
         self.kl = KLController(config.kl_coef, config.kl_target or None, config.kl_horizon)
         self.iteration = 0
@@ -349,6 +363,14 @@ class PPOEngine:
             config.probe_every else reward_source
 
     # ------------------------------------------------------------------------------------------- pieces
+    def _starting_policy_copy(self, actor):
+        """Another copy of the starting policy (reference, critic body): a deep copy of the loaded actor, or under
+        ZeRO-3, whose weights may be sharded from birth and cannot be copied, a second read from disk."""
+        if not self.zero3:
+            return copy.deepcopy(actor)
+        from rlhb_cli.models.load import load_causal_lm
+        return load_causal_lm(self.policy_path, [])[0]
+
     @property
     def unwrapped(self) -> PolicyAndValue:
         return self.accelerator.unwrap_model(self.model)
@@ -369,7 +391,10 @@ class PPOEngine:
         behaviors = [self.behavior_of(q) for q in queries]
         prompts = [generator_prompt(q, b) for q, b in zip(queries, behaviors)]
         encoded = self.tokenizer(prompts, padding=True, return_tensors="pt").to(self.accelerator.device)
-        raw = self.generator.generate(self.unwrapped.actor, encoded["input_ids"], encoded["attention_mask"], greedy)
+        # under ZeRO-3 every layer would gather its weights at every token: gather them once for the generation
+        with (distributed.gathered_weights(self.model, self.unwrapped.actor) if self.config.gather_for_generation
+              else contextlib.nullcontext()):
+            raw = self.generator.generate(self.unwrapped.actor, encoded["input_ids"], encoded["attention_mask"], greedy)
         responses, mask, lengths, ended, texts = self.generator.decode(raw)
         return Rollout(prompts, queries, behaviors, encoded["input_ids"], encoded["attention_mask"], responses,
                        mask, lengths, ended, texts, repeats)
@@ -607,11 +632,15 @@ class PPOEngine:
         return {"probe/reward_mean": self._mean(raw), "probe/length": self._mean(rollout.lengths.float())}
 
     # ------------------------------------------------------------------------------------------- checkpoints
-    def trained_weights(self) -> dict:
+    def trained_weights(self) -> dict | None:
         """Every weight of actor and critic, or under LoRA only the adapters and the value head: the frozen
-        base is the starting policy's, on disk already."""
+        base is the starting policy's, on disk already. Under ZeRO-3 every process must call this: the shards
+        are gathered layer by layer into the main process's memory (None on the others)."""
+        lora = bool(self.config.lora_r)
+        if self.zero3:
+            return distributed.whole_state_dict(self.model, trainable_only=lora)
         state = self.unwrapped.state_dict()
-        if not self.config.lora_r:
+        if not lora:
             return state
         trained = {name for name, p in self.unwrapped.named_parameters() if p.requires_grad}
         return {k: v for k, v in state.items() if k in trained}
@@ -620,11 +649,17 @@ class PPOEngine:
     def under_deepspeed(self) -> bool:
         return self.accelerator.state.deepspeed_plugin is not None
 
-    def state(self, rng_states: list | None = None, optimizer_states: list | None = None) -> dict:
+    @property
+    def zero_stage(self) -> int | None:
+        """DeepSpeed's ZeRO stage (None without DeepSpeed): a checkpoint's optimizer state is laid out by it."""
+        return int(self.accelerator.state.deepspeed_plugin.zero_stage) if self.under_deepspeed else None
+
+    def state(self, model_state: dict | None, rng_states: list | None = None,
+              optimizer_states: list | None = None) -> dict:
         return {
-            "model": self.trained_weights(),
+            "model": model_state,
             "optimizer": optimizer_states if optimizer_states is not None else self.optimizer.state_dict(),
-            "kl": self.kl.state_dict(), "iteration": self.iteration,
+            "kl": self.kl.state_dict(), "iteration": self.iteration, "zero_stage": self.zero_stage,
             "rng": rng_states or [torch.get_rng_state()],  # one per process
             "source": self.source.state_dict() if hasattr(self.source, "state_dict") else None,
             "collapse": (self.collapse_run, self.collapsed_at), "probe": (self.best_probe, self.probes_since_best),
@@ -635,7 +670,11 @@ class PPOEngine:
         rng_states = None
         # ZeRO shards the optimizer's state: each process holds its part, and a resume needs every part
         optimizer_states = [self.optimizer.state_dict()] if self.under_deepspeed else None
-        if all_processes and self.accelerator.num_processes > 1:
+        several = self.accelerator.num_processes > 1
+        # ZeRO-3's weights are gathered by every process together: a failure that reached one process only
+        # keeps its optimizer part (its share of the fp32 weights) but no gathered weights
+        model_state = None if self.zero3 and several and not all_processes else self.trained_weights()
+        if all_processes and several:
             from accelerate.utils import gather_object
             rng_states = gather_object([torch.get_rng_state()])
             if optimizer_states is not None:
@@ -644,15 +683,27 @@ class PPOEngine:
             return
         path = path or self.stage.dir / CHECKPOINT
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.state(rng_states, optimizer_states) | {"fingerprint": self.fingerprint}, tmp)
+        torch.save(self.state(model_state, rng_states, optimizer_states) | {"fingerprint": self.fingerprint}, tmp)
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, weights_only=False, map_location="cpu")
         if state.get("fingerprint") != self.fingerprint:
             raise RlhbError(f"{path}: made with another config or inputs; run without --resume to start over")
-        missing, unexpected = self.unwrapped.load_state_dict(state["model"], strict=not self.config.lora_r)
-        absent = set(self.trained_weights()) - set(state["model"])
+        # (checkpoints of earlier versions hold no stage: a sharded optimizer state there was ZeRO-2's)
+        written = state.get("zero_stage", 2 if isinstance(state["optimizer"], list) else None)
+        if written != self.zero_stage:
+            def launch(stage):
+                return "without DeepSpeed" if stage is None else f"under DeepSpeed ZeRO-{stage}"
+            raise RlhbError(f"{path}: written {launch(written)}, so its optimizer state does not fit a run "
+                            f"{launch(self.zero_stage)}; resume it {launch(written)}")
+        if self.zero3:  # the weights come back from the ZeRO-3 optimizer's fp32 partitions below
+            expected = self.trained_weights()
+            unexpected = set(state["model"]) - set(expected) if expected is not None else set()
+        else:
+            _, unexpected = self.unwrapped.load_state_dict(state["model"], strict=not self.config.lora_r)
+            expected = self.trained_weights()
+        absent = set(expected or ()) - set(state["model"])
         if unexpected or absent:
             raise RlhbError(f"{path}: its weights do not fit this model ({len(unexpected)} unexpected, "
                             f"{len(absent)} missing); run without --resume to start over")
@@ -661,10 +712,15 @@ class PPOEngine:
             if not isinstance(parts, list) or len(parts) != self.accelerator.num_processes:
                 raise RlhbError(f"{path}: not a checkpoint of this DeepSpeed run's {self.accelerator.num_processes} "
                                 f"processes (its optimizer state is sharded); resume with the same launch")
-            # the ZeRO optimizer takes every process's part; its fp32 master weights come back exactly
-            self.optimizer.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
-        elif isinstance(state["optimizer"], list):
-            raise RlhbError(f"{path}: written under DeepSpeed (a sharded optimizer state); resume it under DeepSpeed")
+            # the ZeRO optimizer takes every process's part; its fp32 master weights come back exactly (under
+            # ZeRO-3 they are the model's weights too, sharded: partitioned before, gathered again after, as
+            # DeepSpeed's own checkpoint loading does)
+            zero = self.optimizer.optimizer
+            if self.zero3:
+                zero.checkpoint_event_prologue()
+            zero.load_state_dict(parts, load_from_fp32_weights=True)
+            if self.zero3:
+                zero.checkpoint_event_epilogue()
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.kl.load_state_dict(state["kl"])
@@ -681,8 +737,9 @@ class PPOEngine:
         self.best_probe, self.probes_since_best = state["probe"]
 
     def trained_states(self) -> list[dict]:
-        """Every weight this process trains: policy, critic and a learning reward source's model."""
-        states = [self.unwrapped.state_dict()]
+        """Every weight this process trains: policy, critic and a learning reward source's model (under ZeRO-3
+        the policy's and critic's are one sharded copy, not one per process: nothing of theirs to compare)."""
+        states = [] if self.zero3 else [self.unwrapped.state_dict()]
         if hasattr(self.source, "state_dict") and isinstance(self.source.state_dict(), dict):
             states.append(self.source.state_dict().get("model", {}))
         return states
@@ -694,12 +751,17 @@ class PPOEngine:
                         f"({self.stage.dir / CHECKPOINT}) resumes with --resume")
 
     def save_policy(self, path: Path, policy_meta: dict) -> None:
+        """Every process calls it (under ZeRO-3 they gather the weights together); the main one writes."""
+        actor_state = None
+        if self.zero3:
+            gathered = self.trained_weights()
+            actor_state = gathered and {k.removeprefix("actor."): v for k, v in gathered.items() if k.startswith("actor.")}
         if not self.accelerator.is_main_process:
             return
         if self.config.lora_r:  # the adapters alone; loading a policy merges them into this base
             policy_meta = policy_meta | {"lora_base": base_reference(self.policy_path, path)}
         with rundir.atomic_dir(path) as tmp:
-            self.unwrapped.actor.save_pretrained(str(tmp))
+            self.unwrapped.actor.save_pretrained(str(tmp), state_dict=actor_state)
             self.tokenizer.save_pretrained(str(tmp))
             (tmp / "policy.json").write_text(json.dumps(policy_meta, indent=2), encoding="utf-8")
 

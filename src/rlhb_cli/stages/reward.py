@@ -145,15 +145,18 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
     trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=trainer_resume_point(stage, metrics))
     stop_if_unfinished(trainer)
-    judge = Judge(trainer.model, tokenizer, JudgeMeta(kind="reward", max_length=config.max_length, with_behavior=False))
-    judge.save(stage.dir / "model")
+    # under ZeRO-3 the weights are sharded: whole on every process while the judge is saved and scored
+    with distributed.gathered_weights(trainer.model_wrapped, trainer.model):
+        judge = Judge(trainer.model, tokenizer, JudgeMeta(kind="reward", max_length=config.max_length, with_behavior=False))
+        judge.save(stage.dir / "model")
 
-    val = as_texts(validation)
-    chosen = judge.logits(val["chosen"]).squeeze(-1).numpy()
-    rejected_scores = judge.logits(val["rejected"]).squeeze(-1).numpy()
-    train_texts = as_texts(train)
-    train_accuracy = float((judge.logits(train_texts["chosen"]).squeeze(-1).numpy() >
-                            judge.logits(train_texts["rejected"]).squeeze(-1).numpy()).mean())
+        val = as_texts(validation)
+        chosen = judge.logits(val["chosen"]).squeeze(-1).numpy()
+        rejected_scores = judge.logits(val["rejected"]).squeeze(-1).numpy()
+        train_texts = as_texts(train)
+        train_accuracy = float((judge.logits(train_texts["chosen"]).squeeze(-1).numpy() >
+                                judge.logits(train_texts["rejected"]).squeeze(-1).numpy()).mean())
+        in_sync = distributed.processes_summary(trainer.model.state_dict())
     return {
         "val_pairwise_accuracy": round(float((chosen > rejected_scores).mean()), 4),
         "train_pairwise_accuracy": round(train_accuracy, 4),
@@ -166,6 +169,6 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
         "backbone": config.backbone,
         "parameters": param_count(trainer.model),
         "notes": notes,
-        **distributed.processes_summary(trainer.model.state_dict()),
+        **in_sync,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -195,7 +195,9 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     resume_from = trainer_resume_point(stage, metrics)
     if resume_from:
         untrained = rundir.read_json(stage.dir / "untrained.json")
-    elif trainer.is_deepspeed_enabled:  # transformers evaluates a model before training only under ZeRO-3
+    elif trainer.is_deepspeed_enabled:
+        # transformers evaluates a model before its training under DeepSpeed only at ZeRO-3, and then its
+        # training fails (the engine made for evaluation has no optimizer: measured with transformers 5.24)
         untrained = {"eval_loss": None}
         rundir.atomic_write_json(stage.dir / "untrained.json", untrained)
     else:
@@ -203,7 +205,7 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
         rundir.atomic_write_json(stage.dir / "untrained.json", untrained)
     if untrained["eval_loss"] is None:
         notes.append("untrained validation perplexity not measured: under DeepSpeed, transformers evaluates a model "
-                     "before its training only at ZeRO-3")
+                     "before its training only at ZeRO-3, which then cannot train it")
     result = trainer.train(resume_from_checkpoint=resume_from)
     stop_if_unfinished(trainer)
     final = trainer.evaluate()
@@ -211,8 +213,15 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     note = convergence_note(by_epoch)
     if note:
         notes.append(note)
+    sharded = distributed.zero3_sharded(trainer.model)
+    # under ZeRO-3 Trainer would save a DeepSpeed checkpoint (unless its config asks it to gather on save),
+    # which no later stage reads: the whole weights instead, gathered into the main process
+    whole = distributed.whole_state_dict(trainer.model_wrapped) if sharded else None
     with rundir.atomic_dir(stage.dir / "policy") as tmp:
-        trainer.save_model(str(tmp))
+        if not sharded:
+            trainer.save_model(str(tmp))
+        elif whole is not None:
+            trainer.model.save_pretrained(str(tmp), state_dict=whole)
         tokenizer.save_pretrained(str(tmp))
     return {
         "train_loss": round(result.training_loss, 4),
@@ -227,6 +236,6 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
         "model": config.model,
         "parameters": param_count(model),
         "notes": notes,
-        **distributed.processes_summary(trainer.model.state_dict()),
+        **distributed.processes_summary(trainer.model.state_dict(), sharded=sharded),
         "seconds": round(time.perf_counter() - started, 1),
     }
