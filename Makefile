@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The training stages under DeepSpeed ZeRO-2, one process on the CPU (measured: 3 min 16 s; 4 min 37 s on a
-# fresh clone, set-up included). Not in `make test`, whose run skips them without deepspeed. DeepSpeed ships
+# The training stages under DeepSpeed ZeRO-2 and ZeRO-3, one process on the CPU (measured: 6 min 23 s on a fresh
+# clone, set-up included). Not in `make test`, whose run skips them without deepspeed. DeepSpeed ships
 # as source that imports torch to build, hence no build isolation (which would fetch another torch).
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 test-deepspeed: setup
