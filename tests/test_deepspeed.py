@@ -94,6 +94,11 @@ def test_lora_train_rlhb_under_zero_learns_the_plain_runs_adapters(rl_run, cli, 
     adapters = weights_of(rl_run / "lora" / "policy")
     assert adapters and all("lora_" in name for name in adapters)  # the adapters alone, over the base on disk
     assert_same_weights(adapters, weights_of(rl_run / "lora-plain" / "policy"), 1e-4)
+    # a LoRA policy as the start: its adapters merged into its base (at ZeRO-3 a base sharded as it loads)
+    zero(stage, "train-rlhb", "--run-dir", rl_run, *RL, "--init-from", "lora", "--stage-name", "on-lora")
+    cli("train-rlhb", "--run-dir", rl_run, *RL, "--init-from", "lora", "--stage-name", "on-lora-plain")
+    first = [read_jsonl(rl_run / name / "metrics.jsonl")[0] for name in ("on-lora", "on-lora-plain")]
+    assert first[0]["objective/reward_mean"] == pytest.approx(first[1]["objective/reward_mean"], rel=1e-4)
 
 
 @STAGES

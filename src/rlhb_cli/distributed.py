@@ -77,6 +77,19 @@ def whole_state_dict(engine, trainable_only: bool = False) -> dict | None:
 
 
 @contextlib.contextmanager
+def weights_to_change(module) -> Iterator[None]:
+    """Under ZeRO-3 (with its zero3_init_flag) a model is sharded as it loads; changing its weights outside
+    training (merging LoRA adapters into them) needs them whole: gathered for the block, the main process's
+    changed weights sharded again after it. Elsewhere it does nothing."""
+    if not zero3_sharded(module):
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+        yield
+
+
+@contextlib.contextmanager
 def gathered_weights(engine, module) -> Iterator[bool]:
     """Under ZeRO-3, `module` (a part of the DeepSpeed `engine`'s model) with its weights whole on every process
     for the block, for what reads them outside training: generating, scoring, saving. DeepSpeed's hooks,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhb_cli import distributed
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.tokenizer import ensure_pad_token
 
@@ -88,7 +89,8 @@ def _load_lora_policy(path: Path, notes: list[str], trust_remote_code: bool):
     base, _ = load_causal_lm(base_path, notes, trust_remote_code)
     tokenizer = load_tokenizer(path, notes, trust_remote_code)
     try:
-        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        with distributed.weights_to_change(base):  # (merged into whole weights under ZeRO-3 too)
+            model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     except (OSError, ValueError, KeyError) as exc:
         raise RlhbError(f"{path}: the LoRA adapters do not load onto {base_path} ({str(exc).splitlines()[0]})") from None
     notes.append(f"{path}: LoRA adapters merged into their base {base_path}")
