@@ -90,21 +90,20 @@ def weights_to_change(module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def gathered_weights(engine, module) -> Iterator[bool]:
+def gathered_weights(engine, module) -> Iterator[None]:
     """Under ZeRO-3, `module` (a part of the DeepSpeed `engine`'s model) with its weights whole on every process
-    for the block, for what reads them outside training: generating, scoring, saving. DeepSpeed's hooks,
-    which gather and release each layer's weights around its forward, are off meanwhile (trl does the same
-    for generation). Every process must enter the block. Yields whether the weights were sharded; elsewhere
-    it does nothing."""
+    for the block, for what reads them outside training: generating, scoring. DeepSpeed's hooks, which gather
+    and release each layer's weights around its forward, are off meanwhile (trl does the same for
+    generation). Every process must enter the block. Elsewhere it does nothing."""
     if not zero3_sharded(module):
-        yield False
+        yield
         return
     import deepspeed
     from trl.models.utils import add_hooks, remove_hooks
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         remove_hooks(engine)
         try:
-            yield True
+            yield
         finally:
             add_hooks(engine)
 

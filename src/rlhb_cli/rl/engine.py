@@ -74,11 +74,11 @@ class EngineConfig:
     lora_alpha: float = field(32.0, help="LoRA scaling numerator (the adapter's update is scaled by alpha / r).")
     gradient_checkpointing: bool = field(False, help="Recompute the activations of actor and critic in the backward "
                                                      "pass: far less memory in the PPO update, for more time.")
+    lora_target_modules: str = field("all-linear", help="LoRA: the modules given adapters (peft's target_modules; "
+                                                        "comma-separated names, or all-linear).")
     gather_for_generation: bool = field(True, help="Under DeepSpeed ZeRO-3: gather the actor's sharded weights whole on "
                                                    "each device for every generation (fast). Off: each layer gathers "
                                                    "its own at every token (slow; for a policy too large for one device).")
-    lora_target_modules: str = field("all-linear", help="LoRA: the modules given adapters (peft's target_modules; "
-                                                        "comma-separated names, or all-linear).")
     kl_coef: float = field(0.05, help="Coefficient of the per-token KL penalty against the reference.")
     kl_estimator: str = field("k1", help="k1 (log p - log q) or k3 (non-negative, lower variance).")
     kl_target: float = field(0.0, help="Adapt the KL coefficient towards this total KL per response (0: fixed).")
