@@ -57,12 +57,6 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
-def zero3_enabled(accelerator) -> bool:
-    """Whether `accelerator` runs DeepSpeed at ZeRO-3, which shards the weights themselves across processes."""
-    plugin = accelerator.state.deepspeed_plugin
-    return plugin is not None and plugin.hf_ds_config.is_zero3()
-
-
 def zero3_sharded(module) -> bool:
     """Whether DeepSpeed ZeRO-3 holds `module`'s weights sharded across processes (each parameter then has a
     `ds_id`; outside a forward pass its tensor is this process's shard, often empty)."""

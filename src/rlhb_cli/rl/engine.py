@@ -290,7 +290,7 @@ class PPOEngine:
                             "alone); on CPU launch several processes with torchrun, which uses DDP")
         self.accelerator = Accelerator(cpu=on_cpu and not distributed.deepspeed_requested())
         # ZeRO-3 shards the weights themselves (with its zero3_init_flag, from the moment they are loaded)
-        self.zero3 = distributed.zero3_enabled(self.accelerator)
+        self.zero3 = self.zero_stage == 3
         self.source = reward_source
         self.behavior_of = behavior_of
         self.train_queries = sorted(set(train_queries))
