@@ -356,6 +356,11 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
     train_rows = read_jsonl(run / "evaluate-train" / "results.jsonl")
     assert len({r["query"] for r in train_rows}) == 5 and {r["query"] for r in train_rows} <= trained_on
     assert {r["query_set"] for r in train_rows} == {"train"}
+    cli("evaluate", "--run-dir", run, "--stage-name", "evaluate-wide", "--query-set", "every-held-out", "--samples", 0,
+        "--max-new-tokens", 4, "--following-queries", 0, "--policies", "train-sft")
+    wide = summary_of(run, "evaluate-wide")
+    assert wide["query_sets"] == {"test": summary["query_sets"]["test"], "environment": summary["query_sets"][
+        "environment"], "world": wide["queries"] - summary["queries"]} and wide["queries"] > summary["queries"]
     twin = run.parent / "twin"  # a second run dir: the report aggregates runs
     shutil.copytree(run, twin)
     result = cli("report", "--run-dir", run, "--run-dir", twin)

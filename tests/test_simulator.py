@@ -86,6 +86,32 @@ def test_gold_refuses_unknown_queries(judge):
         judge.expected_behavior("What is the meaning of life?", "42")
 
 
+def test_every_held_out_query_holds_the_kept_ones_and_more_about_known_things(small_sim, tmp_path):
+    path = small_sim / "simulate-logs" / "environment.json"
+    env = json.loads(path.read_text())
+    train = {q["text"] for q in env["queries"] if q["split"] == "train"}
+    covered = {part for q in env["queries"] if q["split"] == "train" for part in q["item"].split("+")}
+    kept = {q["text"] for q in env["queries"] if q["split"] == "eval"}
+    judge = GoldJudge.load(path)
+    with pytest.raises(KeyError, match="knows no query"):  # before: only the environment's queries
+        judge.key(next(q.text for q in all_queries()[1] if q.text not in kept))
+    every = judge.every_held_out_query()
+    _, held = all_queries()
+    about = {q.text: q for q in held}
+    assert kept < set(every) and not set(every) & train and len(every) == len(set(every))
+    assert all(part in covered for q in every for part in about[q].item.split("+"))
+    assert len(every) == sum(all(part in covered for part in q.item.split("+")) for q in held)
+    new = next(q for q in every if q not in kept)  # judged now, by the answer the world holds
+    assert judge.expected_behavior(new, about[new].answer_sentence)["shaped_reward"] > \
+        judge.expected_behavior(new, about[new].wrong_sentences[0])["shaped_reward"]
+    tampered = dict(env, queries=[dict(q, rivals=["nowhere"]) if q["text"] == sorted(kept)[0] else q
+                                  for q in env["queries"]])
+    other = tmp_path / "environment.json"
+    other.write_text(json.dumps(tampered))
+    with pytest.raises(ValueError, match="is judged otherwise in this version's simulated world"):
+        GoldJudge.load(other).every_held_out_query()
+
+
 def test_detected_attributes_are_the_ones_each_candidate_was_built_with():
     rng = np.random.default_rng(0)
     seen, held = all_queries()

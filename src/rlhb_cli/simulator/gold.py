@@ -202,17 +202,38 @@ class GoldJudge:
 
     IMPRESSIONS = 1000  # expected counts are reported per this many impressions
 
-    def __init__(self, model: UserModel, queries: dict[str, QueryKey], lexicon: Lexicon):
+    def __init__(self, model: UserModel, queries: dict[str, QueryKey], lexicon: Lexicon,
+                 train_items: frozenset[str] = frozenset(), kept_for_evaluation: frozenset[str] = frozenset()):
         self.model = model
         self.queries = queries
         self.lexicon = lexicon
+        self.train_items = train_items  # what the training queries are about
+        self.kept_for_evaluation = kept_for_evaluation  # the held-out queries simulate-logs kept
 
     @classmethod
     def load(cls, environment_json: Path) -> "GoldJudge":
         data = json.loads(Path(environment_json).read_text(encoding="utf-8"))
         queries = {q["text"]: QueryKey(q["intent"], q["required"], q["rivals"]) for q in data["queries"]}
         lexicon = Lexicon(set(data["lexicon"]["words"]), set(data["lexicon"]["bigrams"]))
-        return cls(UserModel.from_json(data["user_model"]), queries, lexicon)
+        train_items = frozenset(q["item"] for q in data["queries"] if q["split"] == "train")
+        kept = frozenset(q["text"] for q in data["queries"] if q["split"] == "eval")
+        return cls(UserModel.from_json(data["user_model"]), queries, lexicon, train_items, kept)
+
+    def every_held_out_query(self) -> list[str]:
+        """Every held-out query of the simulated world about what the training queries cover, in the world's
+        order, and from now on judged: simulate-logs keeps only `--eval-queries` of them (with candidate pools),
+        so an evaluation on all of them measures the same thing with a narrower interval. The world is code,
+        rebuilt here; a query simulate-logs kept that this world does not hold alike means other code wrote it."""
+        from rlhb_cli.simulator.world import about_covered_items, all_queries
+        world = {q.text: QueryKey(q.intent, q.required, q.rivals)
+                 for q in about_covered_items(all_queries()[1], set(self.train_items))}
+        for text in sorted(self.kept_for_evaluation):
+            if world.get(text) != self.queries[text]:
+                raise ValueError(f"the held-out query {text!r} is {'judged otherwise' if text in world else 'missing'}"
+                                 f" in this version's simulated world: other code wrote these logs; evaluate on the "
+                                 f"queries simulate-logs kept (--query-set all)")
+        self.queries.update(world)
+        return list(world)
 
     def key(self, query: str) -> QueryKey:
         try:

@@ -203,13 +203,19 @@ def choose_queries(rng: np.random.Generator, n_train: int, n_eval: int) -> tuple
     for intent, pool in by_intent.items():
         order = rng.permutation(len(pool))[: wanted[intent]]
         train += [pool[i] for i in sorted(order)]
-    covered = {part for q in train for part in q.item.split("+")}
-    eligible = [q for q in held if all(part in covered for part in q.item.split("+"))]
+    eligible = about_covered_items(held, {q.item for q in train})
     if n_eval > len(eligible):
         raise ValueError(f"eval_queries={n_eval} but only {len(eligible)} held-out queries are about things the "
                          f"training queries cover; lower --eval-queries or raise --queries")
     pick = rng.permutation(len(eligible))[:n_eval]
     return train, [eligible[i] for i in sorted(pick)]
+
+
+def about_covered_items(held: list[Query], train_items: set[str]) -> list[Query]:
+    """The held-out queries about things (entities, tasks, topics) that training queries cover: a new phrasing
+    or a new combination of what was trained on, never a new fact."""
+    covered = {part for item in train_items for part in item.split("+")}
+    return [q for q in held if all(part in covered for part in q.item.split("+"))]
 
 
 def make_candidate(rng: np.random.Generator, query: Query, answer: str, tone: str, verbose: bool, hedging: bool,

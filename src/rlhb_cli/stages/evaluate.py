@@ -24,6 +24,7 @@ from rlhb_cli.prompts import generator_prompt
 from rlhb_cli.stages.common import load_prepared, seed_everything
 
 STAGE = "evaluate"
+QUERY_SETS = ("auto", "test", "environment", "all", "every-held-out", "train")
 
 
 @dataclass
@@ -32,9 +33,12 @@ class EvaluateConfig:
                                                    "stage of the run dir that left a policy/.")
     baseline: str = field("train-sft", help="Policy the others are compared with in Win-Tie-Loss.")
     query_set: str = field("auto", help="test (prepare-behaviors' held-out split), environment (the simulator's "
-                                        "held-out queries: new phrasings), all, auto (all when simulated), or "
-                                        "train (the training split's queries, those RL was prompted with: what "
-                                        "a policy learned there against what carried over to new queries).")
+                                        "held-out queries: new phrasings), all, auto (all when simulated), "
+                                        "every-held-out (test and every new phrasing the simulated world holds "
+                                        "about what the training queries cover, not only those simulate-logs "
+                                        "kept: about twice the queries, narrower intervals), or train (the "
+                                        "training split's queries, those RL was prompted with: what a policy "
+                                        "learned there against what carried over to new queries).")
     max_queries: int = field(0, help="Evaluate on at most this many of the chosen queries, a seeded draw (0: all).")
     samples: int = field(4, help="Sampled responses per query (besides the greedy one).")
     max_new_tokens: int = field(48, help="Tokens generated at most per response.")
@@ -55,8 +59,8 @@ class EvaluateConfig:
     def __post_init__(self):
         if self.max_queries < 0:
             raise ValueError("max_queries must be >= 0")
-        if self.query_set not in ("auto", "test", "environment", "all", "train"):
-            raise ValueError(f"query_set must be auto, test, environment, all or train, got {self.query_set!r}")
+        if self.query_set not in QUERY_SETS:
+            raise ValueError(f"query_set must be one of {', '.join(QUERY_SETS)}, got {self.query_set!r}")
         if self.samples < 0 or self.max_new_tokens < 1 or self.temperature <= 0:
             raise ValueError("samples must be >= 0, max_new_tokens >= 1 and temperature > 0")
         if self.tie_margin < 0 or self.bootstrap_samples < 1:
@@ -160,13 +164,19 @@ def _queries(config: EvaluateConfig, run_dir: Path, data, gold) -> dict[str, str
     out: dict[str, str] = {}
     if chosen == "train":
         out |= {q: "train" for q in sorted(set(data["train"]["query"]))}
-    if chosen in ("test", "all"):
+    if chosen in ("test", "all", "every-held-out"):
         out |= {q: "test" for q in sorted(set(data["test"]["query"]))}
+    if chosen in ("environment", "all", "every-held-out") and gold is None:
+        raise RlhbError(f"--query-set {chosen} needs the logs of simulate-logs (its held-out queries)")
     if chosen in ("environment", "all"):
-        if gold is None:
-            raise RlhbError("--query-set environment needs the logs of simulate-logs (its held-out queries)")
         environment = rundir.read_json(run_dir / "simulate-logs" / "environment.json")
         out |= {q["text"]: "environment" for q in environment["queries"] if q["split"] == "eval"}
+    if chosen == "every-held-out":  # "environment": kept by simulate-logs; "world": the rest of them
+        try:
+            world = gold.every_held_out_query()
+        except ValueError as error:
+            raise RlhbError(f"{run_dir / 'simulate-logs' / 'environment.json'}: {error}") from None
+        out |= {q: "environment" if q in gold.kept_for_evaluation else "world" for q in world}
     if not out:
         raise RlhbError(f"{run_dir / 'prepare-behaviors'}: no held-out queries to evaluate on; rerun "
                         f"prepare-behaviors with --test-fraction above 0")
