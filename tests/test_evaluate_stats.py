@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from rlhb_cli.stages.evaluate import bootstrap_interval, distinct_2, spearman, win_tie_loss
+from rlhb_cli.stages.evaluate import answer_draw_se, bootstrap_interval, distinct_2, spearman, win_tie_loss
 from rlhb_cli.stages.report import across_runs, rolling_mean
 
 
@@ -27,6 +27,27 @@ def test_bootstrap_interval_of_a_constant_and_of_two_points():
     low, high = bootstrap_interval(np.arange(100, dtype=float), 2000, 0)
     assert low < 49.5 < high and high - low == pytest.approx(2 * 1.96 * 28.87 / 10, rel=0.15)
     assert all(math.isnan(x) for x in bootstrap_interval(np.array([np.nan]), 10, 0))
+
+
+def test_answer_draw_se_is_how_far_another_draw_of_answers_moves_the_gain():
+    rng = np.random.default_rng(0)
+    queries, samples = 200, 4
+    true_policy, true_baseline = rng.normal(0.1, 0.2, queries), rng.normal(0.0, 0.2, queries)
+    noise_policy, noise_baseline = rng.uniform(0.1, 0.5, queries), rng.uniform(0.1, 0.5, queries)
+
+    def one_evaluation():  # the same queries, fresh answers: per query, the mean of `samples` draws
+        policy = true_policy[:, None] + noise_policy[:, None] * rng.standard_normal((queries, samples))
+        baseline = true_baseline[:, None] + noise_baseline[:, None] * rng.standard_normal((queries, samples))
+        return policy, baseline
+
+    gains = [p.mean(1).mean() - b.mean(1).mean() for p, b in (one_evaluation() for _ in range(2000))]
+    expected = math.sqrt(((noise_policy ** 2 + noise_baseline ** 2) / samples).mean() / queries)
+    assert np.std(gains) == pytest.approx(expected, rel=0.05)
+    policy, baseline = one_evaluation()  # what evaluate computes from one evaluation's answers
+    estimate = answer_draw_se(policy.var(1, ddof=1) / samples, baseline.var(1, ddof=1) / samples)
+    assert estimate == pytest.approx(expected, rel=0.1)
+    with_unrated = answer_draw_se(np.array([0.04, np.nan]), np.array([0.05, 0.01]))  # unrated queries left out
+    assert with_unrated == pytest.approx(math.sqrt(0.09))
 
 
 def test_spearman_distinct_rolling_and_across_runs():

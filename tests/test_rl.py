@@ -330,6 +330,8 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
         entry = detail["scores"]["train-oracle"]["sampled"][judge]
         assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
         assert sum(entry["win_tie_loss"].values()) == pytest.approx(1.0, abs=1e-3)  # each rounded to 4 places
+        assert entry["gain_over_baseline"]["answer_draw_se"] > 0  # two samples a query: their draw is measured
+        assert "answer_draw_se" not in detail["scores"]["train-oracle"]["greedy"][judge]["gain_over_baseline"]
     assert detail["health"]["train-sft"]["kl_to_baseline"] == pytest.approx(0.0, abs=1e-4)
     assert detail["health"]["train-oracle"]["perplexity_real_responses"] > 1
     trust = detail["health"]["train-oracle"]["judge_agreement_with_gold"]
@@ -384,6 +386,10 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
     for png in ("curves.png", "win_tie_loss.png"):  # valid images with something drawn on them
         pixels = matplotlib.image.imread(run / "report" / png)
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.std() > 0.01
+    assert "answers' draw ±" not in report  # two run dirs: the spread over runs, not one evaluation's draw
+    cli("report", "--run-dir", run)
+    draw = detail["scores"]["my-rlhf"]["sampled"]["gold"]["gain_over_baseline"]["answer_draw_se"]
+    assert f"(answers' draw ±{draw:.3f}) |" in (run / "report" / "report.md").read_text()
     result = cli("report", "--run-dir", run.parent / "nothing", ok=False)
     assert result.exit_code == 2 and "rlhb evaluate --run-dir" in result.output
 

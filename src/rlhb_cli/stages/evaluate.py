@@ -302,6 +302,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
         follow_judge = BehaviorClassifier.load(run_dir / "train-classifier" / "model").expected_behavior
     rows: list[dict] = []
     scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # policy -> decoding -> judge -> per-query mean
+    draw_variances: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # the same: variance of that mean
     health: dict[str, dict] = {}
     test = data["test"]
     for name in names:
@@ -327,6 +328,9 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             texts = [r["response"] for r in responses]
             judged = judges.score(repeated_queries, texts, greedy=decoding == "greedy")
             scores[name][decoding] = {j: v.reshape(len(queries), repeats).mean(1) for j, v in judged.items()}
+            if repeats > 1:  # how far the answers' draw alone moves each query's mean
+                draw_variances.setdefault(name, {})[decoding] = {
+                    j: v.reshape(len(queries), repeats).var(1, ddof=1) / repeats for j, v in judged.items()}
             features = judges.features(repeated_queries, texts)
             for i, (q, r) in enumerate(zip(repeated_queries, responses)):
                 rows.append({"policy": name, "decoding": decoding, "query": q, "query_set": query_sets[q],
@@ -368,7 +372,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
                 continue
             low, high = bootstrap_interval(values, config.bootstrap_samples, config.seed)
             references[key] = {"mean": round(float(values.mean()), 4), "ci95": [round(low, 4), round(high, 4)]}
-    summary = _summarise(config, scores, health, queries, query_sets, judges, names, references)
+    summary = _summarise(config, scores, health, queries, query_sets, judges, names, references, draw_variances)
     stage.write_json("summary_detail.json", summary)
     rundir.atomic_write_text(stage.dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     _print_table(Console(), summary, names)
@@ -381,7 +385,16 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def _summarise(config, scores, health, queries, query_sets, judges, names, references) -> dict:
+def answer_draw_se(policy_variance: np.ndarray, baseline_variance: np.ndarray) -> float:
+    """Standard error of a mean gain over queries from the sampled answers alone (the queries held fixed):
+    what evaluating the same policies again with another --seed would move it by. The bootstrap interval
+    holds it too, with the queries' own spread; when it is a large part of the gain, more --samples pay."""
+    total = policy_variance + baseline_variance
+    total = total[np.isfinite(total)]
+    return float(np.sqrt(total.mean() / len(total))) if len(total) else float("nan")
+
+
+def _summarise(config, scores, health, queries, query_sets, judges, names, references, draw_variances) -> dict:
     table: dict = {}
     for name in names:
         table[name] = {}
@@ -402,6 +415,9 @@ def _summarise(config, scores, health, queries, query_sets, judges, names, refer
                     low, high = bootstrap_interval(delta, config.bootstrap_samples, config.seed)
                     entry["gain_over_baseline"] = {"mean": round(float(np.nanmean(delta)), 4),
                                                    "ci95": [round(low, 4), round(high, 4)]}
+                    variances = [draw_variances.get(n, {}).get(decoding, {}).get(judge) for n in (name, config.baseline)]
+                    if all(v is not None for v in variances):
+                        entry["gain_over_baseline"]["answer_draw_se"] = round(answer_draw_se(*variances), 4)
                 table[name][decoding][judge] = entry
     headline_judge = "gold" if "gold" in judges.scorers else next(iter(judges.scorers), None)
     headline = {}
@@ -428,7 +444,8 @@ def _print_table(console, summary: dict, names: list[str]) -> None:
             cells.append(f"{entry['mean']:+.3f} [{entry['ci95'][0]:+.3f}, {entry['ci95'][1]:+.3f}]" if entry else "-")
         entry = summary["scores"][name].get("sampled", {}).get(judge, {})
         gain = entry.get("gain_over_baseline")
-        cells.append(f"{gain['mean']:+.3f} [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}]" if gain else "baseline")
+        draw = f" (answers' draw ±{gain['answer_draw_se']:.3f})" if gain and "answer_draw_se" in gain else ""
+        cells.append(f"{gain['mean']:+.3f} [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}]{draw}" if gain else "baseline")
         wtl = entry.get("win_tie_loss")
         cells.append(f"{wtl['win']:.2f}/{wtl['tie']:.2f}/{wtl['loss']:.2f}" if wtl else "")
         health = summary["health"].get(name, {})

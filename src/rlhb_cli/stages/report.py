@@ -64,7 +64,8 @@ def _fmt(entry: dict | None) -> str:
     if not entry:
         return "-"
     ci = entry.get("ci95")
-    return f"{entry['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+    draw = f" (answers' draw ±{entry['answer_draw_se']:.3f})" if "answer_draw_se" in entry else ""
+    return f"{entry['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + draw
 
 
 def collect(run_dirs: list[Path]) -> dict:
@@ -241,6 +242,10 @@ def run(config: ReportConfig, stage: rundir.StageRun) -> dict:
     references = data["evaluations"][0].get("references", {})
     for key, entry in references.items():
         lines.append(f"| ({key.replace('_', ' ')}) | | {_fmt(entry)} | | |")
+    if any("answer_draw_se" in (cells.get("sampled", {}).get("gain") or {}) for cells in table["table"].values()):
+        lines += ["", "Answers' draw: the standard error of a gain from the sampled answers alone, the queries held "
+                  "fixed: about what evaluating again with another `--seed` moves it by (the interval holds it "
+                  "too). Where it is a large part of the gain, more `--samples` pay."]
     lines += ["", "## Training", ""]
     if has_curves:
         lines += ["![training curves](curves.png)", "", f"Thin lines: runs; thick: rolling mean over "
