@@ -14,7 +14,7 @@ from rlhb_cli.experiments import Claim, judge_claim, load_recipe, plan
 
 EXPERIMENTS = ROOT / "experiments"
 RECIPES = ("paper-q1", "paper-q2", "ablation-bootstrap", "ablation-rollouts", "ablation-batch", "sharper-logs",
-           "minilm-judge")
+           "minilm-judge", "half-the-oracle")
 VERDICTS = {"reproduced", "not reproduced", "direction only", "contradicted", "not measured"}
 
 
@@ -88,6 +88,10 @@ def test_a_recipe_that_changes_a_base_stage_trains_a_base_of_its_own(tmp_path):
     from rlhb_cli.experiments import _expected
     frozen = _expected(minilm, "warmup-discriminator", {"backbone": "minilm", "freeze_backbone": True})
     assert frozen == minilm.expected_seconds["warmup-discriminator"]  # read once, not trained: no slower
+    per_policy = minilm.expected_seconds["evaluate_per_policy"]  # of make demo's: 130 queries, 4 + 1 answers
+    assert _expected(minilm, "evaluate", {}, evaluated=3) == pytest.approx(3 * per_policy)
+    wide = _expected(minilm, "evaluate", {"query_set": "every-held-out", "samples": 16}, evaluated=3)
+    assert wide == pytest.approx(3 * per_policy * 246 / 130 * 17 / 5)
     assert load_recipe(EXPERIMENTS / "minilm-judge.yaml", "tiny").base_name == "base"  # tiny keeps its judges
 
 

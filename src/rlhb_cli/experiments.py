@@ -318,8 +318,10 @@ def _expected(recipe: Recipe, command: str, options: dict, evaluated: int = 0) -
         return (rates.get("rl_per_response", 0.0) * config.iterations * config.prompts_per_iteration
                 * config.rollouts * (config.max_new_tokens / 48) * (rates.get("learning_judge_factor", 1.0)
                                                                     if learning_judge else 1.0))
-    if command == "evaluate":
-        return rates.get("evaluate_per_policy", 0.0) * evaluated
+    if command == "evaluate":  # the rate is of make demo's evaluation: 130 queries, 4 sampled answers and 1 greedy
+        config, _ = pipeline.build_step(command, options)
+        queries = 246 / 130 if config.query_set == "every-held-out" else 1.0  # on the default logs
+        return rates.get("evaluate_per_policy", 0.0) * evaluated * queries * (config.samples + 1) / 5
     if options.get("backbone") == "minilm" and not options.get("freeze_backbone"):
         # a 22M-parameter pretrained encoder trained instead of the SFT body (frozen, it is read once: no slower)
         return rates.get(command, 0.0) * rates.get("minilm_judge_factor", 1.0)
