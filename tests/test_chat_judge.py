@@ -8,7 +8,7 @@ import time
 import pytest
 
 from chat_server import ChatServer
-from rlhb_cli.chat_judge import ChatJudge, parse_rating
+from rlhb_cli.evaluation.chat_judge import ChatJudge, parse_rating
 from rlhb_cli.errors import RlhbError
 
 

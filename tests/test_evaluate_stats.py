@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from rlhb_cli.stages.evaluate import answer_draw_se, bootstrap_interval, distinct_2, spearman, win_tie_loss
-from rlhb_cli.stages.report import across_runs, rolling_mean
+from rlhb_cli.evaluation.statistics import answer_draw_se, bootstrap_interval, distinct_2, spearman, win_tie_loss
+from rlhb_cli.evaluation.report import across_runs, rolling_mean
 
 
 def test_win_tie_loss_by_hand():
@@ -62,7 +62,7 @@ def test_spearman_distinct_rolling_and_across_runs():
 
 
 def test_agreement_with_gold_by_hand():
-    from rlhb_cli.stages.evaluate import agreement_with_gold
+    from rlhb_cli.evaluation.statistics import agreement_with_gold
     rows = [{"query": q, "scores": {"gold": g, "judge": j}} for q, g, j in (
         ("a", 0.1, 1.0), ("a", 0.3, 2.0), ("a", 0.2, 3.0),  # pairs: (0.1<0.3 ok) (0.1<0.2 ok) (0.3>0.2 but 2<3)
         ("b", 0.5, None), ("b", 0.4, 0.0))]  # the unrated answer takes no part
@@ -74,7 +74,7 @@ def test_agreement_with_gold_by_hand():
 
 def test_correct_pair_agreement_and_feature_rates_by_hand():
     from rlhb_cli.simulator.gold import FEATURES
-    from rlhb_cli.stages.evaluate import agreement_with_gold, feature_rates
+    from rlhb_cli.evaluation.statistics import agreement_with_gold, feature_rates
     rows = [{"query": q, "scores": {"gold": g, "judge": j}, "gold_features": f} for q, g, j, f in (
         ("a", 0.4, 1.0, ["correct", "polite"]), ("a", 0.1, 2.0, ["wrong"]), ("a", 0.2, 0.5, ["wrong", "polite"]),
         ("b", 0.3, 0.9, ["correct"]), ("b", 0.0, 0.1, ["missing"]), ("b", 0.5, 0.9, ["correct", "source"]))]

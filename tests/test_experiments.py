@@ -10,7 +10,9 @@ import pytest
 
 from conftest import ROOT
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.experiments import Claim, judge_claim, load_recipe, plan
+from rlhb_cli.experiments.plan import plan
+from rlhb_cli.experiments.recipe import Claim, load_recipe
+from rlhb_cli.experiments.verdicts import judge_claim
 
 EXPERIMENTS = ROOT / "experiments"
 RECIPES = ("paper-q1", "paper-q2", "ablation-bootstrap", "ablation-rollouts", "ablation-batch", "sharper-logs",
@@ -85,7 +87,7 @@ def test_a_recipe_that_changes_a_base_stage_trains_a_base_of_its_own(tmp_path):
     assert minilm.base_name == "base-minilm-judge" and warmup.options["backbone"] == "minilm"
     assert warmup.expected_seconds == minilm.expected_seconds["warmup-discriminator"] * \
         minilm.expected_seconds["minilm_judge_factor"]
-    from rlhb_cli.experiments import _expected
+    from rlhb_cli.experiments.plan import _expected
     frozen = _expected(minilm, "warmup-discriminator", {"backbone": "minilm", "freeze_backbone": True})
     assert frozen == minilm.expected_seconds["warmup-discriminator"]  # read once, not trained: no slower
     per_policy = minilm.expected_seconds["evaluate_per_policy"]  # of make demo's: 130 queries, 4 + 1 answers
@@ -97,7 +99,7 @@ def test_a_recipe_that_changes_a_base_stage_trains_a_base_of_its_own(tmp_path):
 
 def test_option_layers_arm_over_scale_over_defaults():
     recipe = load_recipe(EXPERIMENTS / "ablation-rollouts.yaml", "tiny")
-    from rlhb_cli.experiments import arm_options
+    from rlhb_cli.experiments.recipe import arm_options
     six = next(a for a in recipe.arms if a.name == "rollouts-6")
     options = arm_options(recipe, six, seed=2)
     assert options["rollouts"] == 6  # the arm's variable wins over the tiny scale's rollouts: 1
@@ -112,7 +114,7 @@ def _claim(kind: str, **check) -> Claim:
 
 
 def _arms(per_run):
-    from rlhb_cli.stages.report import across_runs
+    from rlhb_cli.evaluation.report import across_runs
     return {a: {"gold_gain": across_runs([v["gold_gain"] for v in runs.values()])} for a, runs in per_run.items()}
 
 
@@ -191,3 +193,14 @@ def test_a_finished_recipe_is_skipped_and_a_changed_arm_reruns_alone(tiny_runs, 
     after = {p.parent.name: json.loads(p.read_text())["finished_at"] for p in out.glob("*/manifest.json")}
     rerun = sorted(k for k in after if after[k] != stamps.get(k))
     assert rerun == ["evaluate", "report", "rlhb-on-rlhf-s0", "rlhb-on-rlhf-s1", "rlhb-on-rlhf-s2"]
+
+
+def test_every_kind_of_claim_has_one_rule_and_a_missing_figure_is_not_measured():
+    from rlhb_cli.experiments.verdicts import CHECK_KINDS, RULES
+    assert set(RULES) == set(CHECK_KINDS)
+    per_run = {"a": {0: {"gold_gain": 0.05}, 1: {"gold_gain": None}}, "b": {0: {"gold_gain": 0.01}, 1: {"gold_gain": 0.02}}}
+    arms = {"a": {}, "b": {"gold_gain": {"mean": 0.015, "ci95": [0.0, 0.03]}}}
+    for kind, check in (("better", {"arm": "a", "than": "b"}), ("close_to", {"arm": "a", "to": "b", "share": 0.5}),
+                        ("similar", {"arm": "a", "to": "b", "within": 0.1}), ("reaches", {"arm": "a", "at_least": 0}),
+                        ("decreasing", {"arms": ["a", "b"]})):
+        assert judge_claim(_claim(kind, **check), per_run, arms, [0, 1])["verdict"] == "not measured", kind

@@ -86,8 +86,9 @@ def test_bootstrap_relabels_exactly_the_top_share(run):
     import datasets
     from rlhb_cli.behaviors.binning import BinSpec
     from rlhb_cli.behaviors.text import BehaviorTemplate
-    from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource, GeneratedBatch
-    from rlhb_cli.stages.discriminator import Discriminator
+    from rlhb_cli.rl.discriminator_source import AdversarialSettings, DiscriminatorSource
+    from rlhb_cli.rl.sources import GeneratedBatch
+    from rlhb_cli.models.discriminator import Discriminator
     train = datasets.load_from_disk(str(run / "prepare-behaviors" / "dataset"))["train"]
     spec = BinSpec.from_json(json.loads((run / "prepare-behaviors" / "bins.json").read_text()))
     settings = AdversarialSettings("probability", 8, 1e-4, 1, 8, 0, 1, 0.3, 0.0, 0.5, 1.0, 0)
@@ -111,8 +112,9 @@ def test_a_round_reads_each_pair_once_and_learns_as_if_it_read_every_triplet(run
     import datasets
     from rlhb_cli.behaviors.binning import BinSpec
     from rlhb_cli.behaviors.text import BehaviorTemplate
-    from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource, GeneratedBatch
-    from rlhb_cli.stages.discriminator import Discriminator
+    from rlhb_cli.rl.discriminator_source import AdversarialSettings, DiscriminatorSource
+    from rlhb_cli.rl.sources import GeneratedBatch
+    from rlhb_cli.models.discriminator import Discriminator
     train = datasets.load_from_disk(str(run / "prepare-behaviors" / "dataset"))["train"]
     spec = BinSpec.from_json(json.loads((run / "prepare-behaviors" / "bins.json").read_text()))
     settings = AdversarialSettings("contrast", 8, 1e-4, 1, 16, 0, 1, 0.0, 0.0, 3.0, 1.0, 0)
@@ -159,8 +161,8 @@ def test_contrast_reward_by_hand_over_all_metrics_or_some(run):
     from rlhb_cli.behaviors.binning import METRICS, BinSpec
     from rlhb_cli.behaviors.text import BehaviorTemplate
     from rlhb_cli.prompts import judge_text
-    from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource
-    from rlhb_cli.stages.discriminator import Discriminator
+    from rlhb_cli.rl.discriminator_source import AdversarialSettings, DiscriminatorSource
+    from rlhb_cli.models.discriminator import Discriminator
     train = datasets.load_from_disk(str(run / "prepare-behaviors" / "dataset"))["train"]
     spec = BinSpec.from_json(json.loads((run / "prepare-behaviors" / "bins.json").read_text()))
     template = BehaviorTemplate.load("en")
@@ -261,17 +263,15 @@ def test_failures_are_one_clear_line(run, cli, monkeypatch):
 
 
 def test_a_collapsed_discriminator_is_reported():
-    from rlhb_cli.rl.engine import EngineConfig, PPOEngine
-    engine = PPOEngine.__new__(PPOEngine)
-    engine.config = EngineConfig(collapse_iterations=3)
-    engine.collapse_run, engine.collapsed_at = 0, None
-    flags = []
+    from rlhb_cli.rl.discriminator_source import CollapseWatch
+    watch = CollapseWatch(threshold=0.95, iterations=3)
+    flags, warnings = [], []
     for iteration, score in enumerate([0.97, 0.99, 0.5, 0.96, 0.98, 0.99, 0.99], start=1):
-        engine.iteration = iteration
         row = {"disc/score_fake": score}
-        engine._watch_collapse(row)
+        warnings.append(watch.observe(row, iteration))
         flags.append(row["disc/collapsed"])
-    assert flags == [0, 0, 0, 0, 0, 1, 1] and engine.collapsed_at == 6
+    assert flags == [0, 0, 0, 0, 0, 1, 1] and watch.collapsed_at == 6
+    assert [i for i, w in enumerate(warnings, 1) if w] == [6] and "since iteration 4" in warnings[5]
 
 
 def test_frozen_by_default_and_variant_defaults_are_resolved(run, cli):

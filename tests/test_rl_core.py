@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rlhb_cli.rl.core import (KLController, generalized_advantages, kl_per_token, leave_one_out_baseline,
-                              length_trend, masked_mean, response_mask, whiten)
+                              length_trend, masked_mean, whiten)
+from rlhb_cli.models.generation import response_mask
 
 
 def test_gae_matches_a_hand_computed_example():

@@ -81,7 +81,7 @@ def test_discriminator_learns_saves_and_reloads(run, cli):
     assert summary["bayes_ceiling_auc"] is not None
     losses = [r["loss/train"] for r in read_jsonl(run / "warmup-discriminator" / "metrics.jsonl") if "loss/train" in r]
     assert np.mean(losses[-3:]) < losses[0]
-    from rlhb_cli.stages.discriminator import Discriminator
+    from rlhb_cli.models.discriminator import Discriminator
     import datasets
     validation = datasets.load_from_disk(str(run / "prepare-behaviors" / "dataset"))["validation"]
     loaded = Discriminator.load(run / "warmup-discriminator" / "model")
@@ -119,8 +119,9 @@ def test_a_frozen_minilm_discriminator_learns_its_head_alone_and_resumes(run, cl
     from rlhb_cli.behaviors.text import BehaviorTemplate
     from rlhb_cli.models.load import minilm_path
     from rlhb_cli.prompts import judge_text
-    from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource, GeneratedBatch
-    from rlhb_cli.stages.discriminator import Discriminator
+    from rlhb_cli.rl.discriminator_source import AdversarialSettings, DiscriminatorSource
+    from rlhb_cli.rl.sources import GeneratedBatch
+    from rlhb_cli.models.discriminator import Discriminator
     args = ["--backbone", "minilm", "--freeze-backbone", "--epochs", 2, "--max-train-rows", 400,
             "--learning-rate", 2e-2, "--checkpoint-every", 10]
     resumed, straight, _ = warmup_stopped_and_straight(run, cli, args, stop_after=15)
@@ -157,7 +158,7 @@ def test_a_frozen_minilm_discriminator_learns_its_head_alone_and_resumes(run, cl
     refused = cli("train-rlhb", "--run-dir", run, "--iterations", 1, "--disc-lora-r", 4, ok=False)
     assert "learns its head alone on a frozen body" in refused.output and "Traceback" not in refused.output
 
-    from rlhb_cli.stages.classifier import BehaviorClassifier
+    from rlhb_cli.models.classifier import BehaviorClassifier
     cli("train-classifier", "--run-dir", run, "--backbone", "minilm", "--freeze-backbone", "--epochs", 2,
         "--max-train-rows", 300)
     summary = summary_of(run, "train-classifier")
@@ -175,7 +176,7 @@ def test_a_minilm_discriminator_learning_its_top_layer_only_keeps_the_rest_and_r
     top layer and head learn; checkpoints hold those alone; an interrupted warm-up resumes to the same AUC."""
     from transformers import AutoModel
     from rlhb_cli.models.load import minilm_path
-    from rlhb_cli.stages.discriminator import Discriminator
+    from rlhb_cli.models.discriminator import Discriminator
     args = ["--backbone", "minilm", "--train-top-layers", 1, "--epochs", 1, "--max-train-rows", 160,
             "--checkpoint-every", 4]
     resumed, straight, other = warmup_stopped_and_straight(run, cli, args, stop_after=5)
@@ -202,7 +203,7 @@ def test_a_minilm_discriminator_learning_its_top_layer_only_keeps_the_rest_and_r
 
     # The same for the classifier, on the SFT policy's (Llama) body: its embeddings stay the policy's.
     from transformers import AutoModelForCausalLM
-    from rlhb_cli.stages.classifier import BehaviorClassifier
+    from rlhb_cli.models.classifier import BehaviorClassifier
     cli("train-classifier", "--run-dir", run, "--train-top-layers", 1, "--epochs", 1, "--max-train-rows", 200)
     summary = summary_of(run, "train-classifier")
     assert summary["trained_top_layers"] == 1 and 0 < summary["parameters_trained"] < summary["parameters"]
@@ -222,7 +223,7 @@ def test_a_judge_with_its_own_tokenizer_scores_the_policys_text(run, cli):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from rlhb_cli.models.judge import Judge
     from rlhb_cli.prompts import generator_prompt
-    from rlhb_cli.stages.discriminator import Discriminator
+    from rlhb_cli.models.discriminator import Discriminator
     cli("warmup-discriminator", "--run-dir", run, "--backbone", "tiny", "--epochs", 1, "--max-train-rows", 300)
     judge = Judge.load(run / "warmup-discriminator" / "model")
     discriminator = Discriminator(judge)
@@ -260,7 +261,7 @@ def test_a_judges_stored_token_ids_make_the_tokenizers_own_batch(sft_run, paddin
 
 
 def test_classifier_beats_majority_and_resume_matches(run, cli):
-    from rlhb_cli.stages.classifier import BehaviorClassifier
+    from rlhb_cli.models.classifier import BehaviorClassifier
     args = ["--epochs", 3, "--max-train-rows", 1500, "--learning-rate", 3e-3, "--checkpoint-every", 20]
     other = run.parent / "straight"
     shutil.copytree(run, other)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import sys
+import time
 import types
 import typing
 from contextlib import nullcontext as _nullcontext
@@ -19,13 +21,21 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
-from rlhb_cli import pipeline, rundir
-from rlhb_cli.pipeline import run_stage
+from rlhb_cli import pipeline, registry, rundir
+from rlhb_cli.behaviors import importers, prepare
+from rlhb_cli.behaviors.prepare import PrepareConfig
 from rlhb_cli.config import build_config, help_of
 from rlhb_cli.errors import RlhbError
+from rlhb_cli.evaluation import report as report_stage
+from rlhb_cli.experiments import plan as recipe_plan
+from rlhb_cli.experiments.recipe import load_recipe
+from rlhb_cli.pipeline import run_stage
+from rlhb_cli.simulator import simulate
+from rlhb_cli.simulator.simulate import SimulateConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -75,11 +85,7 @@ def _global(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show 
 
 
 # ------------------------------------------------------------------------------------------- stages
-from rlhb_cli.simulator.simulate import SimulateConfig  # noqa: E402
-from rlhb_cli.behaviors.prepare import PrepareConfig  # noqa: E402
-
-
-@app.command("simulate-logs")
+@app.command("simulate-logs", help=registry.STAGES["simulate-logs"].summary)
 def simulate_logs(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write logs.jsonl, preferences.jsonl, environment.json here.")] = None,
     run_dir: RunDirOpt = None,
@@ -94,9 +100,7 @@ def simulate_logs(
     pairs_per_query: Annotated[Optional[int], _opt(SimulateConfig, "pairs_per_query", "--pairs-per-query")] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Simulate an online platform: behaviour logs, annotator pairs, and the hidden gold judge."""
     def body() -> None:
-        from rlhb_cli.simulator import simulate
         if (out is None) == (run_dir is None):
             raise RlhbError("give exactly one of --out DIR or --run-dir DIR")
         stage_dir = out if out is not None else run_dir / simulate.STAGE
@@ -111,7 +115,7 @@ def simulate_logs(
     _guard(body)
 
 
-@app.command("prepare-behaviors")
+@app.command("prepare-behaviors", help=registry.STAGES["prepare-behaviors"].summary)
 def prepare_behaviors(
     logs: Annotated[Optional[Path], typer.Argument(help=help_of(PrepareConfig, "logs"), show_default=False)] = None,
     run_dir: RunDirOpt = None,
@@ -133,23 +137,15 @@ def prepare_behaviors(
     salt: Annotated[Optional[str], _opt(PrepareConfig, "salt", "--salt")] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Validate, anonymise, bin and describe behaviour logs; split by query; save the data set."""
     def body() -> None:
-        from rlhb_cli.behaviors import prepare
         if run_dir is None:
             raise RlhbError("--run-dir DIR is required")
-        upstream: tuple[str, ...] = ()
-        logs_path = logs
         config = build_config(PrepareConfig, config_file, dict(
             logs=logs, field_map=field_map or None, input_kind=input_kind, behavior_basis=behavior_basis, bins=bins,
             bins_from=bins_from, template=template, max_reject_ratio=max_reject_ratio, max_count=max_count,
             require_view=require_view, keep_fields=keep_fields or None, absent_as_zero=absent_as_zero or None,
             validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed, salt=salt))
-        if config.logs is None:
-            simulated = rundir.require_stage(run_dir, "simulate-logs")
-            logs_path = simulated / "logs.jsonl"
-            config.logs = logs_path
-            upstream = ("simulate-logs",)
+        upstream = pipeline.default_inputs(prepare.STAGE, config, run_dir)
         summary = run_stage(prepare.STAGE, run_dir / prepare.STAGE, config, prepare.run, config.seed, upstream, force)
         _print_summary(f"prepare-behaviors -> {run_dir / prepare.STAGE}", summary)
         for warning in summary.get("warnings", []):
@@ -158,9 +154,6 @@ def prepare_behaviors(
 
 
 def _import(kind: str, source: Path, out: Path, pairs: Optional[Path]) -> None:
-    from rlhb_cli.behaviors import importers
-    from rlhb_cli.rundir import open_stage
-
     @dataclass
     class ImportConfig:
         source: str
@@ -169,7 +162,7 @@ def _import(kind: str, source: Path, out: Path, pairs: Optional[Path]) -> None:
 
     config = ImportConfig(str(source), str(out), str(pairs) if pairs else None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open_stage(out.parent, f"import-{kind}", config, None, manifest_name=f"{out.name}.manifest.json") as stage:
+    with rundir.open_stage(out.parent, f"import-{kind}", config, None, manifest_name=f"{out.name}.manifest.json") as stage:
         tmp_out = out.with_name(f".{out.name}.tmp")
         tmp_pairs = pairs.with_name(f".{pairs.name}.tmp") if pairs else None
         with open(tmp_out, "w", encoding="utf-8") as handle, \
@@ -226,15 +219,12 @@ def _config_option(config_cls: type, f: dataclasses.Field, hints: dict) -> tuple
                                                   show_default=False)], None
 
 
-def training_stage_command(name: str, doc: str, renamable: bool = False) -> None:
-    """Register `rlhb NAME`: run dir and control flags, then one option per field of the stage's config.
-
-    The stage's config class and runner come from `pipeline.STAGE_RUNNERS`; its `stage_of(config)` picks
-    the folder (train-rlhb --no-behavior writes train-rlgaf); `renamable` adds --stage-name, so e.g. RLHB
-    on top of RLHF can sit beside RLHB from SFT.
-    """
-    runner = pipeline.STAGE_RUNNERS[name]
-    config_cls, module, function, stage_of = runner.config_cls, runner.module, runner.function, runner.stage_of
+def stage_command(name: str) -> None:
+    """Register `rlhb NAME` from the registry: run dir and control flags, then one option per field of the
+    stage's config. A renamable stage takes --stage-name, so e.g. RLHB on top of RLHF can sit beside RLHB
+    from SFT; the folder is otherwise the one the config picks (train-rlhb --no-behavior: train-rlgaf)."""
+    spec = registry.STAGES[name]
+    config_cls = registry.config_class(name)
     hints = typing.get_type_hints(config_cls)
     fields = dataclasses.fields(config_cls)
     parameters = [
@@ -248,7 +238,7 @@ def training_stage_command(name: str, doc: str, renamable: bool = False) -> None
             Optional[int], typer.Option("--stop-after-steps", help="Stop after this many optimizer steps in all, "
                                         "with a checkpoint; continue later with --resume.")]),
     ]
-    if renamable:
+    if spec.renamable:
         parameters.append(inspect.Parameter("stage_name", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
             Optional[str], typer.Option("--stage-name", help="Write into RUN_DIR/STAGE_NAME instead of the default "
                                         "(e.g. train-rlhb-on-rlhf beside train-rlhb).")]))
@@ -259,66 +249,44 @@ def training_stage_command(name: str, doc: str, renamable: bool = False) -> None
 
     def command(**values: Any) -> None:
         def body() -> None:
-            import importlib
-            stage_module = importlib.import_module(module)
             run_dir = values["run_dir"]
             config = build_config(config_cls, values["config_file"], {f.name: values[f.name] for f in fields})
-            stage_name = values.get("stage_name") or (stage_of(config) if stage_of else name)
-            if "/" in stage_name or stage_name.startswith("."):
-                raise RlhbError(f"--stage-name {stage_name!r}: give a plain folder name")
-            stage_dir = run_dir / stage_name
-            if values["resume"] and rundir.stage_state(stage_dir)[0] == "done":
+            stage_name = values.get("stage_name") or spec.folder_for(config)
+            if values["resume"] and rundir.stage_state(run_dir / stage_name)[0] == "done":
                 console.print(f"{stage_name}: already done; nothing to resume")
                 return
             try:
-                summary = run_stage(stage_name, stage_dir, config, getattr(stage_module, function),
-                                    getattr(config, "seed", None),
-                                    force=values["force"] or values["resume"],
-                                    resume=values["resume"], stop_after_steps=values["stop_after_steps"])
+                _, summary = pipeline.run_step(run_dir, name, {}, stage_name, force=values["force"] or values["resume"],
+                                               resume=values["resume"], stop_after_steps=values["stop_after_steps"],
+                                               config=config)
             except rundir.StageStopped as exc:
                 console.print(f"{stage_name}: {exc}; continue with the same command and --resume")
                 return
-            _print_summary(f"{stage_name} -> {stage_dir}", summary)
+            _print_summary(f"{stage_name} -> {run_dir / stage_name}", summary)
         _guard(body)
 
     command.__signature__ = inspect.Signature(parameters)
     command.__annotations__ = {p.name: p.annotation for p in parameters}
-    command.__doc__ = doc
+    command.__doc__ = spec.summary
     command.__name__ = name.replace("-", "_")
     app.command(name)(command)
 
 
-training_stage_command("train-sft", "Behaviour-conditioned SFT of the starting policy on the logged triplets.")
-training_stage_command("warmup-discriminator", "Warm up RLHB's discriminator: real triplets vs behaviour-replaced ones.")
-training_stage_command("train-classifier", "Train RLHBC's behaviour classifier: one head per metric's bin.")
-training_stage_command("train-reward", "Train RLHF's reward model on preference pairs (Bradley-Terry).")
-training_stage_command("train-rlhf", "RLHF: PPO on the reward model of train-reward.", renamable=True)
-training_stage_command("train-rlhbc", "RLHBC: PPO on the behaviour classifier's expected shaped reward.",
-                       renamable=True)
-training_stage_command("train-rlhb", "RLHB: PPO on the discriminator's judgement of (query, response, best "
-                       "behaviour); --disc-steps N lets it learn alongside; --no-behavior is RLGAF (writes "
-                       "train-rlgaf).", renamable=True)
-training_stage_command("train-oracle", "TESTBED ONLY: PPO on the simulator's gold reward, the ceiling every learned "
-                       "reward is measured against.", renamable=True)
-training_stage_command("evaluate", "Which policy do users like better? Held-out responses of every policy, judged by "
-                       "gold (simulated logs) and the run's judges.", renamable=True)
-training_stage_command("train-ppo", "PPO on your own reward source (--reward-source package.module:callable).",
-                       renamable=True)
+for _name in registry.commands():
+    if _name not in ("simulate-logs", "prepare-behaviors", "report"):  # their own commands, above and below
+        stage_command(_name)
 
 
 def _run_all(run_dir: Path, plan: dict[str, dict], force: bool) -> None:
     """Each stage of `plan` in order, in this one process (one import of torch and friends, not one a stage)."""
-    import time
-
     started = time.perf_counter()
     for command, options in plan.items():
-        if command == "report":
-            options = {"run_dirs": [run_dir], **(options or {})}
         try:
             name, summary = pipeline.run_step(run_dir, command, options or {}, force=force)
         except RlhbError as exc:
             raise RlhbError(f"run-all: {exc}") from None
-        shown = {k: v for k, v in summary.items() if k in rundir.HEADLINES.get(command, ())} or summary
+        headline = registry.STAGES[command].headline if command in registry.STAGES else ()
+        shown = {k: v for k, v in summary.items() if k in headline} or summary
         _print_summary(f"{command} -> {run_dir / name}", shown)
         for line in summary.get("verdict", []):
             console.print(line)
@@ -335,10 +303,7 @@ def run_all(
 ) -> None:
     """Run the pipeline (or a YAML plan of stages with their options) in one process; done stages are skipped."""
     def body() -> None:
-        import yaml
-        default = ["simulate-logs", "prepare-behaviors", "train-sft", "warmup-discriminator", "train-classifier",
-                   "train-reward", "train-rlhf", "train-rlhbc", "train-rlhb", "evaluate", "report"]
-        plan: dict[str, dict] = {name: {} for name in default}
+        plan: dict[str, dict] = {name: {} for name in registry.DEFAULT_PLAN}
         if plan_file is not None:
             try:
                 loaded = yaml.safe_load(plan_file.read_text(encoding="utf-8"))
@@ -356,7 +321,7 @@ def run_all(
     _guard(body)
 
 
-@app.command("report")
+@app.command("report", help=registry.STAGES["report"].summary)
 def report(
     run_dirs: Annotated[list[Path], typer.Option("--run-dir", help="Run dir with an evaluation; repeat it to "
                                                  "aggregate several (e.g. seeds).")],
@@ -365,9 +330,7 @@ def report(
     rolling: Annotated[Optional[int], typer.Option("--rolling", help="Iterations in the curves' rolling mean (5).")] = None,
     samples: Annotated[Optional[int], typer.Option("--samples", help="Queries with answers side by side (4).")] = None,
 ) -> None:
-    """A Markdown report with plots: did RLHB beat RLHF and RLHBC, and was training stable?"""
     def body() -> None:
-        from rlhb_cli.stages import report as report_stage
         config = build_config(report_stage.ReportConfig, None, dict(run_dirs=run_dirs, rolling=rolling,
                                                                     samples=samples))
         target = out or run_dirs[0] / report_stage.STAGE
@@ -397,9 +360,8 @@ def experiment_run(
 ) -> None:
     """Run what is not done yet of a recipe, then write results.md: each claim with the rule that judged it."""
     def body() -> None:
-        from rlhb_cli import experiments
-        recipe = experiments.load_recipe(recipe_path, scale)
-        results = experiments.run_recipe(recipe, out, force, say=lambda m: console.print(m, highlight=False))
+        recipe = load_recipe(recipe_path, scale)
+        results = recipe_plan.run_recipe(recipe, out, force, say=lambda m: console.print(m, highlight=False))
         for claim in results["claims"]:
             console.print(f"[bold]{claim['verdict']}[/]: {claim['claim']} ({claim['evidence']})", highlight=False)
         console.print(f"results: {Path(results['run_dir']) / 'results.md'}", soft_wrap=True, highlight=False)
@@ -411,15 +373,14 @@ def experiment_plan(recipe_path: RecipeArg, scale: ScaleOpt = "small",
                     out: Annotated[Optional[Path], typer.Option("--out", help="As for `run`.")] = None) -> None:
     """Check a recipe and list its stages, what is done, and the expected time of the rest; runs nothing."""
     def body() -> None:
-        from rlhb_cli import experiments
-        recipe = experiments.load_recipe(recipe_path, scale)
-        target = out or experiments.default_out(recipe)
-        _, steps = experiments.plan(recipe, target)
+        recipe = load_recipe(recipe_path, scale)
+        target = out or recipe_plan.default_out(recipe)
+        _, steps = recipe_plan.plan(recipe, target)
         table = Table(title=f"{recipe.name} at scale {scale} -> {target}", title_justify="left")
         for column in ("stage", "command", "run dir", "state", "expected"):
             table.add_column(column, overflow="fold")
         left = 0.0
-        pending = experiments.expected_pending(steps)
+        pending = recipe_plan.expected_pending(steps)
         for step in steps:
             done = step not in pending
             left += 0.0 if done else step.expected_seconds
@@ -447,7 +408,6 @@ def status(run_dir: Annotated[Path, typer.Option("--run-dir", help="Run director
 
 
 def main() -> None:
-    import os
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own summaries say what loaded and how
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local paths; never reach for a hub
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress bars show what is running

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 from typing import Iterable, Iterator
 
 from rlhb_cli.errors import RlhbError
@@ -166,3 +167,18 @@ def processes_summary(*state_dicts: dict, sharded: bool = False) -> dict:
     if sharded:
         return {"processes": num_processes(), "weights_sharded": True}
     return check_in_sync(weights_digest(state_dicts))
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators, once, where a stage starts."""
+    import numpy as np
+    import torch  # (deferred: this module is read by `rlhb status`, which needs no torch)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def param_count(model, trainable_only: bool = False) -> int:
+    """Weights of a model, whole (under DeepSpeed ZeRO-3 a parameter's own tensor is only this process's shard)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+

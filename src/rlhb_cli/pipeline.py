@@ -1,41 +1,22 @@
-"""Running stages by name in this process: what `rlhb run-all` and the experiment runner share.
+"""Running stages by name in this process: what the CLI, `rlhb run-all` and the experiment runner share.
 
-Every stage that can run from a plan is registered here with its config class and the function that
-runs it; `run_step` builds the config from a mapping of options and runs the stage into a run
-directory, skipped when the manifest says it is already done with the same config and fresh inputs.
+Every stage is declared in `registry.STAGES` with its config class and the function that runs it;
+`run_step` builds the config from a mapping of options and runs the stage into a run directory, skipped
+when the manifest says it is already done with the same config and fresh inputs.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from rich.console import Console
 
-from rlhb_cli import rundir
+from rlhb_cli import registry, rundir
 from rlhb_cli.config import build_config, same_config
 from rlhb_cli.errors import RlhbError
 
 console = Console()
-
-
-@dataclass(frozen=True)
-class StageRunner:
-    """How to run one stage command: its config class, and `module.function(config, stage_run)`."""
-
-    config_cls: type
-    module: str
-    function: str = "run"
-    stage_of: Optional[Callable[[Any], str]] = None  # the folder, when the config picks it (RLGAF)
-
-
-STAGE_RUNNERS: dict[str, StageRunner] = {}
-
-
-def register(name: str, runner: StageRunner) -> None:
-    STAGE_RUNNERS[name] = runner
 
 
 def run_stage(stage: str, stage_dir: Path, config: Any, body: Callable, seed: int | None = None,
@@ -60,65 +41,46 @@ def run_stage(stage: str, stage_dir: Path, config: Any, body: Callable, seed: in
 def build_step(command: str, options: dict[str, Any], run_dir: Path | None = None) -> tuple[Any, str]:
     """(config, stage folder name) of one plan step; bad options end in an RlhbError naming them."""
     options = dict(options or {})
-    if command == "report":
-        from rlhb_cli.stages import report as report_stage
-        return build_config(report_stage.ReportConfig, None, {"run_dirs": [run_dir or Path(".")], **options}), command
-    if command not in STAGE_RUNNERS:
-        raise RlhbError(f"unknown stage {command!r}; stages: {', '.join(STAGE_RUNNERS)}, report")
-    runner = STAGE_RUNNERS[command]
+    spec = registry.STAGES.get(command)
+    if spec is None or spec.made_by:
+        raise RlhbError(f"unknown stage {command!r}; stages: {', '.join(registry.commands())}")
+    if command == "report" and "run_dirs" not in options:  # the report of the run it is a step of
+        options["run_dirs"] = [run_dir or Path(".")]
     try:
-        config = build_config(runner.config_cls, None, options)
+        config = build_config(registry.config_class(command), None, options)
     except ValueError as exc:
         raise RlhbError(str(exc)) from None
-    return config, runner.stage_of(config) if runner.stage_of else command
+    return config, spec.folder_for(config)
+
+
+def default_inputs(command: str, config: Any, run_dir: Path, check: bool = True) -> tuple[str, ...]:
+    """Fill the inputs a stage takes from the run dir when none is given, and return the stages they come
+    from: prepare-behaviors reads the simulated logs unless given a log file. With `check`, the stage they
+    come from must be done."""
+    if command == "prepare-behaviors" and config.logs is None:
+        simulated = rundir.require_stage(run_dir, "simulate-logs") if check else Path(run_dir) / "simulate-logs"
+        config.logs = simulated / "logs.jsonl"
+        return ("simulate-logs",)
+    return ()
 
 
 def run_step(run_dir: Path, command: str, options: dict[str, Any], stage_name: str | None = None,
-             force: bool = False) -> tuple[str, dict]:
-    """Run stage `command` with `options` into RUN_DIR/STAGE_NAME (default: the command's own folder)."""
-    config, default_name = build_step(command, options, run_dir)
+             force: bool = False, resume: bool = False, stop_after_steps: int | None = None,
+             config: Any = None) -> tuple[str, dict]:
+    """Run stage `command` with `options` (or a built `config`) into RUN_DIR/STAGE_NAME (default: the
+    folder the config picks)."""
+    if config is None:
+        config, default_name = build_step(command, options, run_dir)
+    else:
+        default_name = registry.STAGES[command].folder_for(config)
     name = stage_name or default_name
-    if command == "report":
-        from rlhb_cli.stages import report as report_stage
-        return name, run_stage(name, run_dir / name, config, report_stage.run, force=True)
-    runner = STAGE_RUNNERS[command]
-    upstream: tuple[str, ...] = ()
-    if command == "prepare-behaviors" and config.logs is None:
-        config.logs = rundir.require_stage(run_dir, "simulate-logs") / "logs.jsonl"
-        upstream = ("simulate-logs",)
-    body = getattr(importlib.import_module(runner.module), runner.function)
+    if "/" in name or name.startswith("."):
+        raise RlhbError(f"--stage-name {name!r}: give a plain folder name")
+    upstream = default_inputs(command, config, run_dir)
+    spec = registry.STAGES[command]
     try:
-        summary = run_stage(name, run_dir / name, config, body, getattr(config, "seed", None), upstream, force)
+        summary = run_stage(name, Path(run_dir) / name, config, registry.runner(command), getattr(config, "seed", None),
+                            upstream, force or spec.always_rerun, resume, stop_after_steps)
     except ValueError as exc:
         raise RlhbError(str(exc)) from None
     return name, summary
-
-
-def _register_stages() -> None:
-    """Every stage a plan can name. The CLI makes a command of each; its config class gives the options."""
-    from rlhb_cli.behaviors.prepare import PrepareConfig
-    from rlhb_cli.rl.aligners import CustomPPOConfig, OracleConfig, RLHBCConfig, RLHBConfig, RLHFConfig
-    from rlhb_cli.simulator.simulate import SimulateConfig
-    from rlhb_cli.stages.classifier import ClassifierConfig
-    from rlhb_cli.stages.discriminator import DiscriminatorConfig
-    from rlhb_cli.stages.evaluate import EvaluateConfig
-    from rlhb_cli.stages.reward import RewardConfig
-    from rlhb_cli.stages.sft import SFTStageConfig
-
-    aligners = "rlhb_cli.rl.aligners"
-    register("simulate-logs", StageRunner(SimulateConfig, "rlhb_cli.simulator.simulate"))
-    register("prepare-behaviors", StageRunner(PrepareConfig, "rlhb_cli.behaviors.prepare"))
-    register("train-sft", StageRunner(SFTStageConfig, "rlhb_cli.stages.sft"))
-    register("warmup-discriminator", StageRunner(DiscriminatorConfig, "rlhb_cli.stages.discriminator"))
-    register("train-classifier", StageRunner(ClassifierConfig, "rlhb_cli.stages.classifier"))
-    register("train-reward", StageRunner(RewardConfig, "rlhb_cli.stages.reward"))
-    register("train-rlhf", StageRunner(RLHFConfig, aligners, "run_rlhf"))
-    register("train-rlhbc", StageRunner(RLHBCConfig, aligners, "run_rlhbc"))
-    register("train-rlhb", StageRunner(RLHBConfig, aligners, "run_rlhb",
-                                       stage_of=lambda c: "train-rlgaf" if c.no_behavior else "train-rlhb"))
-    register("train-oracle", StageRunner(OracleConfig, aligners, "run_oracle"))
-    register("evaluate", StageRunner(EvaluateConfig, "rlhb_cli.stages.evaluate"))
-    register("train-ppo", StageRunner(CustomPPOConfig, aligners, "run_custom"))
-
-
-_register_stages()

@@ -13,6 +13,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -24,44 +25,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from rlhb_cli import distributed
 from rlhb_cli.config import config_to_dict
 from rlhb_cli.distributed import is_main_process
 from rlhb_cli.errors import RlhbError
+from rlhb_cli.registry import STAGES, rerun_hint
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
-
-# Pipeline order, and the command that makes each stage's output (for "run this first" messages).
-PIPELINE: dict[str, str] = {
-    "simulate-logs": "rlhb simulate-logs --run-dir {run_dir}",
-    "prepare-behaviors": "rlhb prepare-behaviors LOGS --run-dir {run_dir}",
-    "train-sft": "rlhb train-sft --run-dir {run_dir}",
-    "warmup-discriminator": "rlhb warmup-discriminator --run-dir {run_dir}",
-    "train-classifier": "rlhb train-classifier --run-dir {run_dir}",
-    "train-reward": "rlhb train-reward --run-dir {run_dir}",
-    "train-rlhf": "rlhb train-rlhf --run-dir {run_dir}",
-    "train-rlhbc": "rlhb train-rlhbc --run-dir {run_dir}",
-    "train-rlhb": "rlhb train-rlhb --run-dir {run_dir}",
-    "train-rlgaf": "rlhb train-rlhb --no-behavior --run-dir {run_dir}",
-    "train-oracle": "rlhb train-oracle --run-dir {run_dir}",
-    "evaluate": "rlhb evaluate --run-dir {run_dir}",
-    "report": "rlhb report --run-dir {run_dir}",
-}
-
-# The figures `rlhb status` shows for a stage (its summary.json has more).
-HEADLINES: dict[str, tuple[str, ...]] = {
-    "simulate-logs": ("rows", "impressions", "bayes_ceiling_auc", "most_preferred_share"),
-    "prepare-behaviors": ("rows_in", "rows_kept", "rows_rejected", "rows_duplicate", "most_preferred_share_train"),
-    "train-sft": ("val_perplexity", "untrained_val_perplexity", "seconds"),
-    "warmup-discriminator": ("val_auc", "bayes_ceiling_auc", "val_accuracy", "seconds"),
-    "train-classifier": ("mean_accuracy_gain", "macro_f1_mean", "seconds"),
-    "train-reward": ("val_pairwise_accuracy", "pairs_train", "seconds"),
-    **{name: ("reward_first", "reward_final", "kl_final", "disc_collapsed", "seconds")
-       for name in ("train-rlhf", "train-rlhbc", "train-rlhb", "train-rlgaf", "train-oracle")},
-    "evaluate": ("headline", "queries", "seconds"),
-    "report": ("report", "runs"),
-}
 
 _LIBRARIES = ("rlhb-cli", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "pyarrow", "numpy")
 
@@ -245,10 +218,6 @@ def stage_state(stage_dir: Path) -> tuple[str, dict[str, Any] | None, str]:
     return "done", manifest, ""
 
 
-def rerun_hint(stage: str, run_dir: Path) -> str:
-    return PIPELINE.get(stage, f"rlhb {stage} --run-dir {{run_dir}}").format(run_dir=run_dir)
-
-
 def require_stage(run_dir: Path, stage: str) -> Path:
     """The done, fresh output directory of an earlier stage, or a one-line refusal naming the fix."""
     stage_dir = Path(run_dir) / stage
@@ -259,6 +228,22 @@ def require_stage(run_dir: Path, stage: str) -> Path:
     if state == "missing":
         raise RlhbError(f"{stage} has not run in {run_dir}: run `{fix}` first")
     raise RlhbError(f"{stage} in {run_dir} is {state}{': ' + detail if detail else ''}; run `{fix}` again")
+
+
+def stage_or_path(value: str, run_dir: Path, stage: "StageRun", inner: str, what: str) -> Path:
+    """`value` names a stage of the run dir (its `inner` folder is used, recorded as upstream) or is a path
+    (recorded as an input with its hash)."""
+    if value in STAGES or (run_dir / value / MANIFEST).exists():
+        found = require_stage(run_dir, value) / inner
+        if not found.exists():
+            raise RlhbError(f"{run_dir / value}: has no {inner}/, so it cannot give the {what}")
+        stage.add_upstream(value)
+        return found
+    path = Path(value)
+    if not path.exists():
+        raise RlhbError(f"{path}: no such {what} (give a stage of {run_dir} or a path)")
+    stage.add_input(what, path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------- one stage run
@@ -358,9 +343,9 @@ def torch_threads() -> int | None:
 def status_rows(run_dir: Path) -> list[dict[str, Any]]:
     """One row per pipeline stage (and any other stage found in the run dir) for `rlhb status`."""
     run_dir = Path(run_dir)
-    names = list(PIPELINE)
+    names = list(STAGES)
     if run_dir.is_dir():
-        names += sorted(p.name for p in run_dir.iterdir() if (p / MANIFEST).exists() and p.name not in PIPELINE)
+        names += sorted(p.name for p in run_dir.iterdir() if (p / MANIFEST).exists() and p.name not in STAGES)
     rows = []
     for name in names:
         state, manifest, detail = stage_state(run_dir / name)
@@ -374,8 +359,47 @@ def status_rows(run_dir: Path) -> list[dict[str, Any]]:
                 "state": state,
                 "detail": detail,
                 "finished_at": (manifest or {}).get("finished_at"),
-                "headline": {k: summary[k] for k in HEADLINES.get(name, ()) if k in summary}
+                "headline": {k: summary[k] for k in (STAGES[name].headline if name in STAGES else ()) if k in summary}
                 or {k: v for k, v in summary.items() if isinstance(v, (int, float))},
             }
         )
     return rows
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object a line, appended as training goes; truncated to a step on resume."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.writes = is_main_process()  # one process writes; the others' rows are the same, gathered
+
+    def keep_until(self, step: int) -> None:
+        if not self.path.exists() or not self.writes:
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by an interruption
+            if row.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+
+    def write(self, row: dict) -> None:
+        if not self.writes:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def tail_mean(rows: list[dict], key: str) -> float | None:
+    """A training figure at the end of a run: its mean over the last tenth of the rows (finite values)."""
+    tail = rows[-max(1, len(rows) // 10):]
+    values = [r[key] for r in tail if r.get(key) is not None and math.isfinite(r[key])]
+    return round(float(np.mean(values)), 4) if values else None

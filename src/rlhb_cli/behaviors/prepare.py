@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow as pa
 
@@ -26,7 +27,7 @@ from rlhb_cli.behaviors.text import SHIPPED, BehaviorTemplate
 from rlhb_cli.behaviors.validate import validate
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.rundir import StageRun, atomic_dir, atomic_write_bytes, atomic_write_json, read_json
+from rlhb_cli.rundir import StageRun, atomic_dir, atomic_write_bytes, atomic_write_json, read_json, require_stage
 
 STAGE = "prepare-behaviors"
 SPLITS = ("train", "validation", "test")
@@ -187,7 +188,6 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
     atomic_write_json(stage.dir / "histograms.json", _histogram_data(counts, reward, spec))
     plotting = plots.Drawing("histograms", stage.dir / "histograms.json", stage.dir / "histograms.png")
 
-    import datasets
     datasets.disable_progress_bars()
     table = table.combine_chunks()
     with _large_write_batches(datasets), atomic_dir(stage.dir / "dataset") as tmp:
@@ -249,3 +249,21 @@ def _histogram_data(counts: dict[str, np.ndarray], reward: np.ndarray, spec: bin
     hist, edges = np.histogram(reward, bins=40)
     panels.append({"title": "shaped reward", "counts": hist.tolist(), "edges": edges.tolist(), "color": "#228833"})
     return {"panels": panels}
+
+
+def load_prepared(run_dir: Path, stage: StageRun, min_validation: int = 1):
+    """(DatasetDict, BinSpec, template) of the run's prepare-behaviors, recorded as this stage's upstream."""
+    datasets.disable_progress_bars()
+    prepared = require_stage(run_dir, STAGE)
+    stage.add_upstream(STAGE)
+    data = datasets.load_from_disk(str(prepared / "dataset"))
+    if len(data["train"]) == 0:
+        raise RlhbError(f"{prepared}: the training split is empty; prepare-behaviors needs more queries")
+    if len(data["validation"]) < min_validation:
+        raise RlhbError(f"{prepared}: the validation split has {len(data['validation'])} rows, too few to measure "
+                        f"anything; rerun prepare-behaviors with more logs or a larger --validation-fraction")
+    spec = binning.BinSpec.from_json(read_json(prepared / "bins.json"))
+    behavior = read_json(prepared / "behavior.json")
+    source = behavior["template"]
+    template = BehaviorTemplate.load(source.split(":", 1)[1] if source.startswith("shipped:") else source)
+    return data, spec, template

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import LoraConfig, get_peft_model
 
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.rundir import atomic_dir
@@ -98,6 +99,12 @@ def learning_weights(model) -> dict[str, torch.Tensor]:
 def load_learning_weights(model, weights: dict[str, torch.Tensor]) -> None:
     """Put back what `learning_weights` kept: every weight, or only the learning ones when some are frozen."""
     model.load_state_dict(weights, strict=all(p.requires_grad for p in model.parameters()))
+
+
+def attach_judge_lora(model, rank: int, alpha: float):
+    """A judge (sequence classifier) as a peft model: LoRA adapters on its body, its head trained in full."""
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, task_type="SEQ_CLS",
+                                            target_modules="all-linear"))
 
 
 class _PooledHead(torch.nn.Module):

@@ -14,19 +14,24 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
 from rlhb_cli import rundir
+from rlhb_cli.behaviors.binning import METRICS
+from rlhb_cli.behaviors.prepare import load_prepared
 from rlhb_cli.behaviors.text import best_logged
 from rlhb_cli.config import config_to_dict, field
+from rlhb_cli.distributed import param_count, seed_everything
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.rl.engine import EngineConfig, PPOEngine
-from rlhb_cli.stages.common import load_prepared, param_count, seed_everything
-
-POLICY_STAGES = ("train-sft", "train-rlhf", "train-rlhbc", "train-rlhb", "train-rlgaf", "train-oracle", "train-ppo")
+from rlhb_cli.models.discriminator import Discriminator
+from rlhb_cli.models.judge import BODY_LEARNING_KEYS, Judge, JudgeMeta, attach_judge_lora
+from rlhb_cli.models.load import load_sequence_classifier
+from rlhb_cli.rl.config import EngineConfig
+from rlhb_cli.rl.discriminator_source import AdversarialSettings, DiscriminatorSource
+from rlhb_cli.rl.ppo import PPOEngine
+from rlhb_cli.rl.sources import ClassifierSource, OracleSource, RewardModelSource, load_custom
 
 
 @dataclass
@@ -47,7 +52,6 @@ class RLHBCConfig(EngineConfig):
         self.weights()
 
     def weights(self) -> dict[str, float] | None:
-        from rlhb_cli.behaviors.binning import METRICS
         out = {}
         for item in self.head_weights:
             name, _, value = item.partition("=")
@@ -102,6 +106,8 @@ class RLHBConfig(EngineConfig):
                                                            "before PPO. Default: 8 with --no-behavior, else 0.")
     disc_lora_r: int = field(0, help="The discriminator learns through LoRA adapters of this rank on its own "
                                      "frozen base, its head in full (0: every weight learns).")
+    collapse_threshold: float = field(0.95, help="A learning discriminator whose fake score stays above this ...")
+    collapse_iterations: int = field(5, help="... for this many iterations is reported as collapsed.")
 
     def __post_init__(self):
         # Defaults that depend on the variant are resolved here, so the manifest records the values used.
@@ -122,7 +128,6 @@ class RLHBConfig(EngineConfig):
             raise ValueError("reward_form contrast compares behaviours; with --no-behavior use probability or "
                              "log_probability")
         if self.contrast_metrics:
-            from rlhb_cli.behaviors.binning import METRICS
             chosen = [m.strip() for m in self.contrast_metrics.split(",")]
             unknown = [m for m in chosen if m not in METRICS]
             if unknown or not all(chosen):
@@ -157,27 +162,12 @@ class CustomPPOConfig(EngineConfig):
 
 
 # ------------------------------------------------------------------------------------------------ running
-def resolve_stage_or_path(value: str, run_dir: Path, stage: rundir.StageRun, inner: str, what: str) -> Path:
-    """`value` names a stage of the run dir (its `inner` folder is used) or is a path."""
-    if value in rundir.PIPELINE or (run_dir / value / rundir.MANIFEST).exists():
-        found = rundir.require_stage(run_dir, value) / inner
-        if not found.exists():
-            raise RlhbError(f"{run_dir / value}: has no {inner}/, so it cannot give the {what}")
-        stage.add_upstream(value)
-        return found
-    path = Path(value)
-    if not path.exists():
-        raise RlhbError(f"{path}: no such {what} (give a stage of {run_dir} or a path)")
-    stage.add_input(what, path)
-    return path
-
-
 def build_engine(config: EngineConfig, stage: rundir.StageRun, make_source: Callable, label: str):
     """(engine, fingerprint, policy meta) of an aligner: its inputs checked and recorded, its models loaded."""
     seed_everything(config.seed)
     run_dir = stage.dir.parent
     data, spec, template = load_prepared(run_dir, stage)
-    policy_path = resolve_stage_or_path(config.init_from, run_dir, stage, "policy", "starting policy")
+    policy_path = rundir.stage_or_path(config.init_from, run_dir, stage, "policy", "starting policy")
     target = None  # --condition none
     if config.condition == "most_preferred":
         target = template.most_preferred(spec)
@@ -209,30 +199,21 @@ def run_aligner(config: EngineConfig, stage: rundir.StageRun, make_source: Calla
 
 
 def run_rlhf(config: RLHFConfig, stage: rundir.StageRun) -> dict:
-    from rlhb_cli.rl.rewards import RewardModelSource
-
     def make(run_dir, data, spec, template, notes):
-        return RewardModelSource(resolve_stage_or_path(config.reward_model, run_dir, stage, "model", "reward model"))
+        return RewardModelSource(rundir.stage_or_path(config.reward_model, run_dir, stage, "model", "reward model"))
     return run_aligner(config, stage, make, "RLHF")
 
 
 def run_rlhbc(config: RLHBCConfig, stage: rundir.StageRun) -> dict:
-    from rlhb_cli.rl.rewards import ClassifierSource
-
     def make(run_dir, data, spec, template, notes):
-        path = resolve_stage_or_path(config.classifier, run_dir, stage, "model", "behaviour classifier")
+        path = rundir.stage_or_path(config.classifier, run_dir, stage, "model", "behaviour classifier")
         return ClassifierSource(path, config.weights())
     return run_aligner(config, stage, make, "RLHBC")
 
 
 def rlhb_source_factory(config: RLHBConfig, stage: rundir.StageRun) -> Callable:
-    from rlhb_cli.models.judge import BODY_LEARNING_KEYS, Judge, JudgeMeta
-    from rlhb_cli.models.load import load_sequence_classifier
-    from rlhb_cli.rl.rewards import AdversarialSettings, DiscriminatorSource
-    from rlhb_cli.stages.discriminator import Discriminator
-
     def make(run_dir, data, spec, template, notes):
-        path = resolve_stage_or_path(config.discriminator, run_dir, stage, "model", "discriminator")
+        path = rundir.stage_or_path(config.discriminator, run_dir, stage, "model", "discriminator")
         warmed = Judge.load(path)
         if config.no_behavior:  # RLGAF: the warmed-up body, a fresh head reading (query, response) alone
             model, tokenizer = load_sequence_classifier(path, 1, notes)
@@ -246,7 +227,6 @@ def rlhb_source_factory(config: RLHBConfig, stage: rundir.StageRun) -> Callable:
             if judge.frozen_body:
                 raise RlhbError(f"{path}: this discriminator learns its head alone on a frozen body; "
                                 f"--disc-lora-r would train the body: leave it at 0")
-            from rlhb_cli.rl.engine import attach_judge_lora
             judge.model = attach_judge_lora(judge.model, config.disc_lora_r, config.lora_alpha)
             notes.append(f"the discriminator learns through LoRA adapters of rank {config.disc_lora_r}")
         train = data["train"]
@@ -258,7 +238,8 @@ def rlhb_source_factory(config: RLHBConfig, stage: rundir.StageRun) -> Callable:
             config.reward_form, config.contrast_behaviors, config.disc_learning_rate, config.disc_steps,
             config.disc_batch_size, config.frozen_iterations, config.update_every, config.bootstrap_ratio,
             config.label_smoothing, config.replaced_negatives, config.likelihood_weight, config.seed,
-            tuple(m.strip() for m in config.contrast_metrics.split(",")) if config.contrast_metrics else None)
+            tuple(m.strip() for m in config.contrast_metrics.split(",")) if config.contrast_metrics else None,
+            config.collapse_threshold, config.collapse_iterations)
         return DiscriminatorSource(Discriminator(judge), settings, train, spec, template, real_rows)
     return make
 
@@ -269,8 +250,6 @@ def run_rlhb(config: RLHBConfig, stage: rundir.StageRun) -> dict:
 
 
 def run_oracle(config: OracleConfig, stage: rundir.StageRun) -> dict:
-    from rlhb_cli.rl.rewards import OracleSource
-
     def make(run_dir, data, spec, template, notes):
         simulated = rundir.require_stage(run_dir, "simulate-logs")
         stage.add_upstream("simulate-logs")
@@ -280,8 +259,6 @@ def run_oracle(config: OracleConfig, stage: rundir.StageRun) -> dict:
 
 
 def run_custom(config: CustomPPOConfig, stage: rundir.StageRun) -> dict:
-    from rlhb_cli.rl.rewards import load_custom
-
     def make(run_dir, data, spec, template, notes):
         return load_custom(config.reward_source, run_dir=run_dir, seed=config.seed)
     return run_aligner(config, stage, make, f"custom ({config.reward_source})")

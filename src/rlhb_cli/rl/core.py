@@ -105,19 +105,6 @@ def leave_one_out_baseline(rewards: torch.Tensor, group_size: int) -> torch.Tens
     return others.reshape(rewards.shape)
 
 
-def response_mask(responses: torch.Tensor, eos_token_id: int, pad_token_id: int):
-    """(responses with padding after the first EOS, mask incl. the EOS, lengths, ended with EOS)."""
-    import warnings
-    with warnings.catch_warnings():  # trl marks these helpers experimental; they are what we want
-        warnings.simplefilter("ignore")
-        from trl.experimental.utils import first_true_indices, truncate_right
-    truncated, mask = truncate_right(responses, [eos_token_id], pad_token_id)
-    first_eos = first_true_indices(responses == eos_token_id)
-    ended = first_eos < responses.shape[1]
-    lengths = torch.where(ended, first_eos + 1, torch.full_like(first_eos, responses.shape[1]))
-    return truncated, mask, lengths, ended
-
-
 class KLController:
     """The coefficient of the KL penalty: fixed, or adaptive towards a target KL (Ziegler et al. 2019)."""
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhb_cli.simulator.world import HEDGES, POLITE_CLOSERS, POLITE_OPENERS, RUDE_CLOSERS, RUDE_OPENERS
+from rlhb_cli.simulator.world import (HEDGES, POLITE_CLOSERS, POLITE_OPENERS, RUDE_CLOSERS, RUDE_OPENERS,
+                                     about_covered_items, all_queries)
 
 FEATURES = ("correct", "wrong", "missing", "verbose", "polite", "rude", "source", "hedging", "repetition", "garbled")
 _WORD = re.compile(r"[a-z0-9]+")
@@ -224,7 +225,6 @@ class GoldJudge:
         order, and from now on judged: simulate-logs keeps only `--eval-queries` of them (with candidate pools),
         so an evaluation on all of them measures the same thing with a narrower interval. The world is code,
         rebuilt here; a query simulate-logs kept that this world does not hold alike means other code wrote it."""
-        from rlhb_cli.simulator.world import about_covered_items, all_queries
         world = {q.text: QueryKey(q.intent, q.required, q.rivals)
                  for q in about_covered_items(all_queries()[1], set(self.train_items))}
         for text in sorted(self.kept_for_evaluation):

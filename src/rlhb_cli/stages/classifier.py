@@ -13,20 +13,23 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
 from rlhb_cli import distributed, rundir
-from rlhb_cli.behaviors.binning import METRICS, shaped_reward
+from rlhb_cli.behaviors.prepare import load_prepared
+from rlhb_cli.behaviors.binning import METRICS
 from rlhb_cli.config import config_to_dict, field
+from rlhb_cli.distributed import param_count, seed_everything
 from rlhb_cli.errors import RlhbError
+from rlhb_cli.models.classifier import BehaviorClassifier
 from rlhb_cli.models.judge import Judge, JudgeMeta, body_learning
 from rlhb_cli.prompts import judge_text
-from rlhb_cli.stages.common import judge_backbone, load_prepared, param_count, seed_everything
+from rlhb_cli.stages.common import judge_backbone
 from rlhb_cli.stages.judge_training import LoopSettings, train_judge
+from rlhb_cli.stats import average_ranks
 
 STAGE = "train-classifier"
 
@@ -63,45 +66,6 @@ class ClassifierConfig:
         unknown = [h for h in self.heads if h not in METRICS]
         if unknown or not self.heads:
             raise ValueError(f"heads must be among {', '.join(METRICS)}, got {self.heads}")
-
-
-class BehaviorClassifier:
-    """The RLHBC reward: expected behaviour of (query, response) from per-metric bin probabilities."""
-
-    def __init__(self, judge: Judge):
-        self.judge = judge
-        self.heads = judge.meta.heads
-        self.table = judge.meta.extra
-
-    @classmethod
-    def load(cls, path: Path) -> "BehaviorClassifier":
-        return cls(Judge.load(path))
-
-    def probabilities(self, queries: list[str], responses: list[str]) -> dict[str, np.ndarray]:
-        logits = self.judge.logits([judge_text(q, r) for q, r in zip(queries, responses)])
-        out, start = {}, 0
-        for metric, size in self.heads.items():
-            out[metric] = torch.softmax(logits[:, start:start + size], dim=-1).numpy()
-            start += size
-        return out
-
-    def expected_behavior(self, queries: list[str], responses: list[str]) -> dict[str, np.ndarray]:
-        """Expected pv, clicks, likes, dislikes and the shaped reward computed from them."""
-        probs = self.probabilities(queries, responses)
-        n = len(queries)
-
-        def expect(metric: str, key: str) -> np.ndarray:
-            if metric in probs:
-                return probs[metric] @ np.asarray(self.table[key][metric])
-            return np.full(n, self.table["overall"][key][metric])
-
-        if self.table["basis"] == "rates":
-            pv = expect("pv", "mean_count")
-            counts = {"pv": pv} | {m: pv * expect(m, "mean_rate") for m in ("clicks", "likes", "dislikes")}
-        else:
-            counts = {m: expect(m, "mean_count") for m in METRICS}
-        return counts | {"shaped_reward": shaped_reward(counts["pv"], counts["clicks"], counts["likes"],
-                                                        counts["dislikes"])}
 
 
 def decoding_table(train, heads: dict[str, int], basis: str) -> dict:
@@ -213,7 +177,6 @@ def run(config: ClassifierConfig, stage: rundir.StageRun) -> dict:
                             "ece": round(final[f"{metric}/ece"], 4),
                             "confusion": confusion.tolist()}
     expected = classifier.expected_behavior(validation["query"], validation["response"])["shaped_reward"]
-    from rlhb_cli.stats import average_ranks
     actual = np.asarray(validation["shaped_reward"])
     rank_corr = float(np.corrcoef(average_ranks(expected), average_ranks(actual))[0, 1]) if len(actual) > 2 else None
     return {

@@ -1,48 +1,16 @@
-"""What the training stages share: the prepared data set, backbones, seeding, metrics, progress."""
+"""What the supervised training stages share: judge backbones, the tiny tokenizer's corpus, progress, the
+Trainer's resume point and config."""
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rlhb_cli import distributed, rundir
-from rlhb_cli.behaviors.binning import BinSpec
-from rlhb_cli.behaviors.text import BehaviorTemplate
-from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.load import TinyModelSpec, load_sequence_classifier, minilm_path, tiny_llama_config
 from rlhb_cli.models.tokenizer import train_tokenizer
 from rlhb_cli.prompts import generator_prompt
-
-PREPARED = "prepare-behaviors"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def load_prepared(run_dir: Path, stage: rundir.StageRun, min_validation: int = 1):
-    """(DatasetDict, BinSpec, template) of the run's prepare-behaviors, recorded as this stage's upstream."""
-    import datasets
-    datasets.disable_progress_bars()
-    prepared = rundir.require_stage(run_dir, PREPARED)
-    stage.add_upstream(PREPARED)
-    data = datasets.load_from_disk(str(prepared / "dataset"))
-    if len(data["train"]) == 0:
-        raise RlhbError(f"{prepared}: the training split is empty; prepare-behaviors needs more queries")
-    if len(data["validation"]) < min_validation:
-        raise RlhbError(f"{prepared}: the validation split has {len(data['validation'])} rows, too few to measure "
-                        f"anything; rerun prepare-behaviors with more logs or a larger --validation-fraction")
-    spec = BinSpec.from_json(rundir.read_json(prepared / "bins.json"))
-    behavior = rundir.read_json(prepared / "behavior.json")
-    source = behavior["template"]
-    template = BehaviorTemplate.load(source.split(":", 1)[1] if source.startswith("shipped:") else source)
-    return data, spec, template
 
 
 def corpus_of(train) -> list[str]:
@@ -80,38 +48,6 @@ def judge_backbone(name: str, run_dir: Path, stage: rundir.StageRun, num_labels:
     return load_sequence_classifier(Path(name), num_labels, notes, trust_remote_code)
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object a line, appended as training goes; truncated to a step on resume."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.writes = distributed.is_main_process()  # one process writes; the others' rows are the same, gathered
-
-    def keep_until(self, step: int) -> None:
-        if not self.path.exists() or not self.writes:
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by an interruption
-            if row.get("step", 0) <= step:
-                kept.append(line)
-        rundir.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
-
-    def write(self, row: dict) -> None:
-        if not self.writes:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def progress_bar():
     """A rich progress bar with loss and rate, on stderr (quiet when stderr is not a terminal, and in all
     processes but the main one)."""
@@ -125,12 +61,7 @@ def progress_bar():
                     disable=not (console.is_terminal and distributed.is_main_process()))
 
 
-def param_count(model, trainable_only: bool = False) -> int:
-    """Weights of a model, whole (under DeepSpeed ZeRO-3 a parameter's own tensor is only this process's shard)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def trainer_resume_point(stage: rundir.StageRun, metrics: MetricsLog) -> str | None:
+def trainer_resume_point(stage: rundir.StageRun, metrics: rundir.MetricsLog) -> str | None:
     """The transformers Trainer checkpoint to resume from (with --resume), metrics.jsonl cut to match."""
     checkpoints = sorted((stage.dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     if stage.resume and checkpoints:

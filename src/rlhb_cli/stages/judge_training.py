@@ -27,8 +27,8 @@ import torch
 from rlhb_cli import distributed
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.judge import Judge, learning_weights, load_learning_weights, padded_batch
-from rlhb_cli.rundir import StageRun, StageStopped
-from rlhb_cli.stages.common import MetricsLog, progress_bar
+from rlhb_cli.rundir import MetricsLog, StageRun, StageStopped
+from rlhb_cli.stages.common import progress_bar
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -17,10 +17,12 @@ from pathlib import Path
 from rlhb_cli import distributed, rundir
 from rlhb_cli.behaviors.prepare import split_queries
 from rlhb_cli.config import field
+from rlhb_cli.distributed import param_count, seed_everything
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.judge import Judge, JudgeMeta
 from rlhb_cli.prompts import judge_text
-from rlhb_cli.stages.common import (MetricsLog, judge_backbone, param_count, seed_everything, stop_if_unfinished,
+from rlhb_cli.rundir import MetricsLog
+from rlhb_cli.stages.common import (judge_backbone, stop_if_unfinished,
                                    trainer_resume_point, trl_config)
 from rlhb_cli.stages.sft import trainer_callback
 

@@ -16,14 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from rlhb_cli import distributed, rundir
+from rlhb_cli.behaviors.prepare import load_prepared
 from rlhb_cli.config import field
+from rlhb_cli.distributed import param_count, seed_everything
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.load import TinyModelSpec, load_causal_lm, tiny_llama_config
 from rlhb_cli.models.tokenizer import train_tokenizer
 from rlhb_cli.prompts import generator_prompt
-from rlhb_cli.stages.common import (MetricsLog, corpus_of, evaluate_before_training, load_prepared, param_count,
-                                   progress_bar, seed_everything, stop_if_unfinished, trainer_resume_point,
-                                   trl_config)
+from rlhb_cli.rundir import MetricsLog
+from rlhb_cli.stages.common import (corpus_of, evaluate_before_training, progress_bar, stop_if_unfinished,
+                                   trainer_resume_point, trl_config)
 
 STAGE = "train-sft"
 

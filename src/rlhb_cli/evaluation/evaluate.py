@@ -17,11 +17,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rich.console import Console
+from rich.table import Table
+from trl.trainer.utils import selective_log_softmax
+
 from rlhb_cli import rundir
+from rlhb_cli.behaviors.binning import most_preferred_levels
+from rlhb_cli.behaviors.prepare import load_prepared
 from rlhb_cli.config import field
+from rlhb_cli.distributed import seed_everything
 from rlhb_cli.errors import RlhbError
+from rlhb_cli.evaluation.chat_judge import ChatJudge
+from rlhb_cli.evaluation.statistics import (agreement_with_gold, answer_draw_se, bootstrap_interval, distinct_2,
+                                            feature_rates, spearman, win_tie_loss)
+from rlhb_cli.models.classifier import BehaviorClassifier
+from rlhb_cli.models.discriminator import Discriminator
+from rlhb_cli.models.generation import generate_responses, policy_meta
+from rlhb_cli.models.load import load_causal_lm
 from rlhb_cli.prompts import generator_prompt
-from rlhb_cli.stages.common import load_prepared, seed_everything
+from rlhb_cli.registry import POLICY_STAGES
+from rlhb_cli.rl.sources import RewardModelSource
+from rlhb_cli.simulator.gold import GoldJudge
 
 STAGE = "evaluate"
 QUERY_SETS = ("auto", "test", "environment", "all", "every-held-out", "train")
@@ -67,32 +83,8 @@ class EvaluateConfig:
             raise ValueError("tie_margin must be >= 0 and bootstrap_samples >= 1")
 
 
-def bootstrap_interval(per_query: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of the mean, resampling queries."""
-    per_query = per_query[np.isfinite(per_query)]  # e.g. a chat judge's reply without a rating
-    if len(per_query) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = per_query[rng.integers(0, len(per_query), size=(resamples, len(per_query)))].mean(1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def win_tie_loss(policy: np.ndarray, baseline: np.ndarray, margin: float) -> dict[str, float]:
-    difference = policy - baseline
-    difference = difference[np.isfinite(difference)]
-    return {"win": float((difference > margin).mean()), "tie": float((np.abs(difference) <= margin).mean()),
-            "loss": float((difference < -margin).mean())}
-
-
-def distinct_2(texts: list[str]) -> float:
-    bigrams = [tuple(pair) for t in texts for pair in zip(t.split(), t.split()[1:])]
-    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
-
-
 def discover_policies(run_dir: Path) -> tuple[list[str], dict[str, str]]:
     """(stages with a policy that is done and fresh, {stage: why it is skipped} for the others)."""
-    from rlhb_cli.rl.aligners import POLICY_STAGES
     def has_policy(stage_dir: Path) -> bool:  # full weights, or LoRA adapters over a base
         return any((stage_dir / "policy" / name).exists() for name in ("config.json", "adapter_config.json"))
 
@@ -118,28 +110,23 @@ class Judges:
         self.gold = None
         environment = run_dir / "simulate-logs" / "environment.json"
         if environment.exists():
-            from rlhb_cli.simulator.gold import GoldJudge
             stage.add_upstream("simulate-logs")
             self.gold = GoldJudge.load(environment)
             self.scorers["gold"] = lambda q, r: self.gold.expected_behavior_batch(q, r)["shaped_reward"]
         if rundir.stage_state(run_dir / "train-reward")[0] == "done":
-            from rlhb_cli.rl.rewards import RewardModelSource
             stage.add_upstream("train-reward")
             reward_model = RewardModelSource(run_dir / "train-reward" / "model")
             self.scorers["reward_model"] = lambda q, r: reward_model.score(q, r, [None] * len(q))[0].numpy()
         if rundir.stage_state(run_dir / "train-classifier")[0] == "done":
-            from rlhb_cli.stages.classifier import BehaviorClassifier
             stage.add_upstream("train-classifier")
             classifier = BehaviorClassifier.load(run_dir / "train-classifier" / "model")
             self.scorers["classifier"] = lambda q, r: classifier.expected_behavior(q, r)["shaped_reward"]
         if rundir.stage_state(run_dir / "warmup-discriminator")[0] == "done":
-            from rlhb_cli.stages.discriminator import Discriminator
             stage.add_upstream("warmup-discriminator")
             discriminator = Discriminator.load(run_dir / "warmup-discriminator" / "model")
             self.scorers["discriminator"] = lambda q, r: discriminator.probability(
                 q, r, [behavior_text] * len(q)).numpy()
         if config.judge_url:  # costs money per call: greedy answers only, cached
-            from rlhb_cli.chat_judge import ChatJudge
             self.chat = ChatJudge(config.judge_url, config.judge_model, run_dir / ".judge-cache.sqlite",
                                   config.judge_key_env, config.judge_requests_per_minute)
             self.scorers["chat"] = self.chat.score
@@ -186,18 +173,9 @@ def _queries(config: EvaluateConfig, run_dir: Path, data, gold) -> dict[str, str
     return out
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from rlhb_cli.stats import average_ranks
-    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(average_ranks(x), average_ranks(y))[0, 1])
-
-
 def behavior_following(model, tokenizer, queries: list[str], spec, template, judge, config: EvaluateConfig) -> dict:
     """Ask for each level of likes (then of dislikes), the other metrics at their most preferred level, and
     measure how the judged rate of that metric per view tracks the level asked (Spearman over answers)."""
-    from rlhb_cli.behaviors.binning import most_preferred_levels
-    from rlhb_cli.policies import generate_responses
     out = {}
     for metric in ("likes", "dislikes"):
         asked, judged, per_level = [], [], []
@@ -216,43 +194,9 @@ def behavior_following(model, tokenizer, queries: list[str], spec, template, jud
     return out
 
 
-def feature_rates(features: list[list[str]]) -> dict[str, float]:
-    """Share of answers with each of the gold users' attributes: what a policy's answers became."""
-    from rlhb_cli.simulator.gold import FEATURES
-    return {f: round(float(np.mean([f in present for present in features])), 4) for f in FEATURES}
-
-
-def agreement_with_gold(rows: list[dict], judges: list[str]) -> dict:
-    """How far each judge can be trusted on one policy's sampled answers: Spearman with gold over all
-    answers, and the share of same-query answer pairs it orders as gold does (0.5 is chance). A judge the
-    policy has learned to fool agrees with gold on the policy's own answers less than on SFT's. With the
-    gold users' attributes, also the share of same-query (correct, not correct) pairs in which it prefers
-    the correct answer: whether it pays for being right or only for how an answer is put."""
-    gold = np.array([r["scores"]["gold"] for r in rows], dtype=np.float64)
-    correct = np.array(["correct" in r.get("gold_features", ()) for r in rows])
-    by_query: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_query.setdefault(r["query"], []).append(i)
-    same_query = [(a, b) for group in by_query.values() for k, a in enumerate(group) for b in group[k + 1:]]
-    pairs = [(a, b) for a, b in same_query if abs(gold[a] - gold[b]) > 1e-9]
-    right_wrong = [(a, b) if correct[a] else (b, a) for a, b in same_query if correct[a] != correct[b]]
-    out = {}
-    for judge in judges:
-        values = np.array([np.nan if r["scores"][judge] is None else r["scores"][judge] for r in rows])
-        finite = np.isfinite(values)
-        agree = [np.sign(values[a] - values[b]) == np.sign(gold[a] - gold[b]) for a, b in pairs
-                 if finite[a] and finite[b]]
-        prefers_right = [values[a] > values[b] for a, b in right_wrong if finite[a] and finite[b] and values[a] != values[b]]
-        out[judge] = {"spearman": round(spearman(values[finite], gold[finite]), 4),
-                      "pair_agreement": round(float(np.mean(agree)), 4) if agree else None,
-                      "correct_pair_agreement": round(float(np.mean(prefers_right)), 4) if prefers_right else None}
-    return out
-
-
 @torch.no_grad()
 def _sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32) -> np.ndarray:
     """Sum of log p(response tokens | prompt) under `model`, per pair (text in, so any tokenizer works)."""
-    from trl.trainer.utils import selective_log_softmax
     tokenizer.padding_side = "right"
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -271,12 +215,6 @@ def _sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str
 
 
 def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
-    from rich.console import Console
-
-    from rlhb_cli.models.load import load_causal_lm
-    from rlhb_cli.policies import generate_responses, policy_meta
-    from rlhb_cli.rl.aligners import resolve_stage_or_path
-
     started = time.perf_counter()
     seed_everything(config.seed)
     run_dir = stage.dir.parent
@@ -290,7 +228,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
         raise RlhbError(f"{run_dir}: no policy to evaluate; run `rlhb train-sft --run-dir {run_dir}` first")
     if config.baseline not in names:
         names = [config.baseline] + names
-    reference_path = resolve_stage_or_path(config.baseline, run_dir, stage, "policy", "baseline policy")
+    reference_path = rundir.stage_or_path(config.baseline, run_dir, stage, "policy", "baseline policy")
     reference, reference_tokenizer = load_causal_lm(reference_path, [])
     reference.eval()
 
@@ -298,7 +236,6 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     if judges.gold is not None:
         follow_judge = judges.gold.expected_behavior_batch
     elif rundir.stage_state(run_dir / "train-classifier")[0] == "done":
-        from rlhb_cli.stages.classifier import BehaviorClassifier
         follow_judge = BehaviorClassifier.load(run_dir / "train-classifier" / "model").expected_behavior
     rows: list[dict] = []
     scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # policy -> decoding -> judge -> per-query mean
@@ -306,7 +243,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     health: dict[str, dict] = {}
     test = data["test"]
     for name in names:
-        path = resolve_stage_or_path(name, run_dir, stage, "policy", "policy")
+        path = rundir.stage_or_path(name, run_dir, stage, "policy", "policy")
         meta = policy_meta(path)
         condition = meta.get("behavior_text", best) if meta.get("condition") != "none" else None
         if path == reference_path:  # the baseline is loaded already
@@ -385,17 +322,6 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def answer_draw_se(policy_variance: np.ndarray, baseline_variance: np.ndarray) -> float:
-    """Standard error of a mean gain over queries from the sampled answers alone (the queries held fixed):
-    what evaluating the same policies again with another --seed would move it by. The bootstrap interval
-    holds it too, with the queries' own spread; when it is a large part of the gain, more --samples pay.
-    The two policies' answers count as independent draws; sampled from one seed, they agree while their
-    tokens do, so the true figure can be smaller (four draws of the demo's RLHB: SD 0.010 against 0.015)."""
-    total = policy_variance + baseline_variance
-    total = total[np.isfinite(total)]
-    return float(np.sqrt(total.mean() / len(total))) if len(total) else float("nan")
-
-
 def _summarise(config, scores, health, queries, query_sets, judges, names, references, draw_variances) -> dict:
     table: dict = {}
     for name in names:
@@ -431,7 +357,6 @@ def _summarise(config, scores, health, queries, query_sets, judges, names, refer
 
 
 def _print_table(console, summary: dict, names: list[str]) -> None:
-    from rich.table import Table
     judge = summary["judge_of_headline"]
     if judge is None:
         return

@@ -1,127 +1,22 @@
-"""Reward sources: what makes the one PPO engine RLHF, RLHBC, RLHB, RLGAF or the oracle.
-
-A reward source scores text, never token ids, so its judge may tokenize differently from the policy:
-
-    score(queries, responses, behaviors) -> (rewards: float tensor (n,), logs: dict of floats)
-
-`behaviors` holds the behaviour text each response was asked for (None where the prompt had none).
-A source that learns during training also has `update(rollout) -> logs`, called once per iteration
-after the policy update, and `state_dict()` / `load_state_dict()` so a checkpoint holds it. A user's
-own source is any object with `score`, made by a factory given as `module:callable`.
-"""
+"""RLHB's reward source (and RLGAF's): the discriminator's judgement that a triplet is a real logged one,
+and how the discriminator learns and is watched while the policy learns against it."""
 
 from __future__ import annotations
 
 import copy
-import importlib
+import math
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from rlhb_cli.errors import RlhbError
-
-
-@runtime_checkable
-class RewardSource(Protocol):
-    name: str
-
-    def score(self, queries: list[str], responses: list[str],
-              behaviors: list[str | None]) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
-@dataclass
-class GeneratedBatch:
-    """What `update` learns from: the iteration's generated triplets and the rewards they were paid."""
-
-    queries: list[str]
-    responses: list[str]
-    behaviors: list[str | None]
-    rewards: torch.Tensor
-    iteration: int
-
-
-def load_custom(spec: str, **kwargs: Any) -> RewardSource:
-    """A user's reward source from `package.module:factory`; the factory gets the run's context as keywords
-    it declares (run_dir, seed)."""
-    import inspect
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise RlhbError(f"--reward-source {spec!r}: give it as package.module:callable")
-    import os
-    import sys
-    if os.getcwd() not in sys.path:  # like uvicorn's --app-dir ".": a module beside the user is found
-        sys.path.insert(0, os.getcwd())
-    try:
-        factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise RlhbError(f"--reward-source {spec!r}: cannot import it ({exc})") from None
-    accepted = inspect.signature(factory).parameters
-    source = factory(**{k: v for k, v in kwargs.items() if k in accepted})
-    if not callable(getattr(source, "score", None)):
-        raise RlhbError(f"--reward-source {spec!r}: made a {type(source).__name__} without a score() method")
-    if not hasattr(source, "name"):
-        source.name = attribute
-    return source
-
-
-class RewardModelSource:
-    """RLHF: the Bradley-Terry reward model of train-reward, on (query, response)."""
-
-    name = "reward-model"
-
-    def __init__(self, path: Path):
-        from rlhb_cli.models.judge import Judge
-        self.judge = Judge.load(path)
-
-    def score(self, queries, responses, behaviors):
-        from rlhb_cli.prompts import judge_text
-        return self.judge.logits([judge_text(q, r) for q, r in zip(queries, responses)]).squeeze(-1), {}
-
-
-class ClassifierSource:
-    """RLHBC: the behaviour classifier's expected behaviour, as the shaped reward or a weighted sum of heads.
-
-    With `head_weights` {metric: w}, reward = sum_m w_m E[m] / (E[pv] + E[clicks]): the shaped reward is
-    the special case likes=1, dislikes=-1.
-    """
-
-    name = "classifier"
-
-    def __init__(self, path: Path, head_weights: dict[str, float] | None = None):
-        from rlhb_cli.stages.classifier import BehaviorClassifier
-        self.classifier = BehaviorClassifier.load(path)
-        self.head_weights = head_weights
-
-    def score(self, queries, responses, behaviors):
-        expected = self.classifier.expected_behavior(queries, responses)
-        logs = {f"reward/expected_{m}": float(np.mean(expected[m])) for m in ("pv", "clicks", "likes", "dislikes")}
-        if not self.head_weights:
-            return torch.as_tensor(expected["shaped_reward"], dtype=torch.float32), logs
-        denominator = np.maximum(expected["pv"] + expected["clicks"], 1e-9)
-        weighted = sum(w * expected[m] for m, w in self.head_weights.items()) / denominator
-        return torch.as_tensor(weighted, dtype=torch.float32), logs
-
-
-class OracleSource:
-    """TESTBED ONLY: the simulator's hidden gold user model. The ceiling a learned reward is measured
-    against; a policy trained on it is never one to ship, and real logs have no such thing."""
-
-    name = "oracle"
-
-    def __init__(self, environment_json: Path):
-        from rlhb_cli.simulator.gold import GoldJudge
-        self.gold = GoldJudge.load(environment_json)
-
-    def score(self, queries, responses, behaviors):
-        try:
-            expected = self.gold.expected_behavior_batch(queries, responses)
-        except KeyError as exc:
-            raise RlhbError(str(exc.args[0])) from None
-        return torch.as_tensor(expected["shaped_reward"], dtype=torch.float32), {}
+from rlhb_cli.behaviors.binning import METRICS
+from rlhb_cli.models.discriminator import Discriminator, FakeMaker
+from rlhb_cli.models.judge import learning_weights, load_learning_weights
+from rlhb_cli.prompts import judge_text
+from rlhb_cli.rl.sources import GeneratedBatch
+from rlhb_cli.rundir import tail_mean
 
 
 @dataclass
@@ -139,6 +34,8 @@ class AdversarialSettings:
     likelihood_weight: float
     seed: int
     contrast_metrics: tuple[str, ...] | None = None  # a factorized contrast over these metrics only (None: all)
+    collapse_threshold: float = 0.95  # generated text judged real above this ...
+    collapse_iterations: int = 5  # ... for this many iterations in a row: collapsed
 
 
 class DiscriminatorSource:
@@ -154,13 +51,12 @@ class DiscriminatorSource:
     fake = the generated triplets (plus behaviour-replaced real ones).
     """
 
-    def __init__(self, discriminator, settings: AdversarialSettings, train, spec=None, template=None,
+    def __init__(self, discriminator: Discriminator, settings: AdversarialSettings, train, spec=None, template=None,
                  real_rows: np.ndarray | None = None):
         self.discriminator = discriminator
         self.settings = settings
         self.with_behavior = discriminator.judge.meta.with_behavior
         self.name = "discriminator" if self.with_behavior else "discriminator-no-behavior"
-        from rlhb_cli.behaviors.binning import METRICS
         columns = ["query", "response", "behavior_text"] + [f"{m}_bin" for m in METRICS]
         self.train = {c: list(train[c]) for c in columns}  # plain lists: a data set column read is a copy
         self.queries, self.responses = self.train["query"], self.train["response"]
@@ -170,6 +66,7 @@ class DiscriminatorSource:
         self._fakes = None  # built at the first update that needs behaviour-replaced negatives
         self.rng = np.random.default_rng([settings.seed, 11])
         self.updates = 0
+        self.collapse = CollapseWatch(settings.collapse_threshold, settings.collapse_iterations)
         self.optimizer = torch.optim.AdamW([p for p in discriminator.judge.model.parameters() if p.requires_grad],
                                            lr=settings.learning_rate, weight_decay=0.0)
         self._contrast_cache: dict[str, list[str]] = {}
@@ -202,7 +99,6 @@ class DiscriminatorSource:
         form = self.settings.reward_form
         factorized_contrast = form == "contrast" and self.discriminator.form == "factorized"
         if factorized_contrast:  # the heads read (q, r) once; behaviours only pick bins
-            from rlhb_cli.prompts import judge_text
             raw = self.discriminator.judge.logits([judge_text(q, r) for q, r in zip(queries, responses)])
             logits = self.discriminator.logits_from(raw, self.discriminator.levels(behaviors),
                                                     self.discriminator.marginals(behaviors))
@@ -268,7 +164,6 @@ class DiscriminatorSource:
             # Replaced on the round's real rows: a (query, response) read once serves its real behaviour and
             # its replaced ones (see `update`), and the pair teaches the contrast the reward is made of.
             if self._fakes is None:
-                from rlhb_cli.stages.discriminator import FakeMaker
                 self._fakes = FakeMaker(self.train, self.spec, self.template)
             rows, fakes, _ = self._fakes.make(self.rng, n_replaced, (0.25, 0.5, 0.25), candidates=real_index)
             queries += [self.queries[i] for i in rows]
@@ -340,19 +235,57 @@ class DiscriminatorSource:
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Its learning weights (with LoRA: the adapters and the head; the base is the warmed-up one on disk)."""
-        from rlhb_cli.models.judge import learning_weights
         return {"model": learning_weights(self.discriminator.judge.model), "optimizer": self.optimizer.state_dict(),
-                "rng": self.rng.bit_generator.state, "updates": self.updates}
+                "rng": self.rng.bit_generator.state, "updates": self.updates, "collapse": self.collapse.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        from rlhb_cli.models.judge import load_learning_weights
         load_learning_weights(self.discriminator.judge.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
         self.updates = state["updates"]
+        self.collapse.load_state_dict(state["collapse"])
 
     def frozen_copy(self) -> "DiscriminatorSource":
         """The discriminator as it is now, for a probe whose yardstick must not move."""
         clone = copy.copy(self)
         clone.discriminator = copy.deepcopy(self.discriminator)
         return clone
+
+    # ---------------------------------------------------------------------------------------- health
+    def watch(self, row: dict, iteration: int) -> str | None:
+        return self.collapse.observe(row, iteration)
+
+    def summary(self, rows: list[dict]) -> dict:
+        return {"disc_score_real_final": tail_mean(rows, "disc/score_real"),
+                "disc_score_fake_final": tail_mean(rows, "disc/score_fake"),
+                "disc_collapsed": self.collapse.collapsed_at is not None,
+                "disc_collapsed_at": self.collapse.collapsed_at}
+
+
+class CollapseWatch:
+    """The paper's failure mode: generated text judged real (score near 1) iteration after iteration."""
+
+    def __init__(self, threshold: float, iterations: int):
+        self.threshold, self.iterations = threshold, iterations
+        self.run = 0
+        self.collapsed_at: int | None = None
+
+    def observe(self, row: dict, iteration: int) -> str | None:
+        """Mark `row` with disc/collapsed; the warning once, at the iteration the collapse is declared."""
+        score = row.get("disc/score_fake", row.get("disc/score_generated"))  # a frozen one has no update logs
+        if score is None or not math.isfinite(score):
+            return None
+        self.run = self.run + 1 if score > self.threshold else 0
+        warning = None
+        if self.run >= self.iterations and self.collapsed_at is None:
+            self.collapsed_at = iteration
+            warning = (f"discriminator collapsed: fake score above {self.threshold} for {self.run} iterations "
+                       f"(since iteration {iteration - self.run + 1})")
+        row["disc/collapsed"] = float(self.collapsed_at is not None)
+        return warning
+
+    def state_dict(self) -> tuple[int, int | None]:
+        return self.run, self.collapsed_at
+
+    def load_state_dict(self, state) -> None:
+        self.run, self.collapsed_at = state

@@ -19,6 +19,7 @@ from rlhb_cli import rundir
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.plots import label_iteration_axis, save_figure
+from rlhb_cli.stages.sft import convergence_note
 
 STAGE = "report"
 CURVES = (("objective/reward_mean", "reward (its own source)"), ("objective/return_mean", "return"),
@@ -209,7 +210,6 @@ def verdicts(table: dict) -> list[str]:
 
 def unconverged_policies(summaries: dict[str, list[dict]]) -> list[str]:
     """Evaluated SFT policies still improving when their training stopped: gains over them are read with that."""
-    from rlhb_cli.stages.sft import convergence_note
     lines = []
     for name, runs in summaries.items():
         for number, summary in enumerate(runs, 1):

@@ -1,0 +1,143 @@
+"""Planning and running a recipe: its steps (the base's stages, each seed's arms, the evaluation, the
+report), what is done already, how long the rest is expected to take, and running what is left."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhb_cli import pipeline, registry, rundir
+from rlhb_cli.config import same_config
+from rlhb_cli.errors import RlhbError
+from rlhb_cli.experiments.recipe import Recipe, arm_options, stage_name
+from rlhb_cli.experiments.results import collect_results, write_results
+
+
+@dataclass
+class Step:
+    """One stage to run: into which run dir, by which command, under which name, with which options."""
+
+    run_dir: Path
+    command: str
+    stage_name: str
+    options: dict[str, Any]
+    arm: str | None = None
+    seed: int | None = None
+    expected_seconds: float = 0.0
+
+
+
+def default_out(recipe: Recipe) -> Path:
+    runs = recipe.path.parent / "runs"
+    return runs / recipe.name if recipe.scale == "small" else runs / recipe.scale / recipe.name
+
+
+def _expected(recipe: Recipe, command: str, options: dict, evaluated: int = 0) -> float:
+    """Seconds a step is expected to take, from rates measured on a 2-core CPU (base.yaml)."""
+    rates = recipe.expected_seconds
+    if command in registry.ALIGNER_COMMANDS:
+        config, _ = pipeline.build_step(command, options)
+        learning_judge = getattr(config, "no_behavior", False) or (getattr(config, "disc_steps", 0) or 0) > 0
+        return (rates.get("rl_per_response", 0.0) * config.iterations * config.prompts_per_iteration
+                * config.rollouts * (config.max_new_tokens / 48) * (rates.get("learning_judge_factor", 1.0)
+                                                                    if learning_judge else 1.0))
+    if command == "evaluate":  # the rate is of make demo's evaluation: 130 queries, 4 sampled answers and 1 greedy
+        config, _ = pipeline.build_step(command, options)
+        queries = 246 / 130 if config.query_set == "every-held-out" else 1.0  # on the default logs
+        return rates.get("evaluate_per_policy", 0.0) * evaluated * queries * (config.samples + 1) / 5
+    if options.get("backbone") == "minilm" and not options.get("freeze_backbone"):
+        # a 22M-parameter pretrained encoder trained instead of the SFT body (frozen, it is read once: no slower)
+        return rates.get(command, 0.0) * rates.get("minilm_judge_factor", 1.0)
+    return rates.get(command, 0.0)
+
+
+def plan(recipe: Recipe, out: Path) -> tuple[Path, list[Step]]:
+    """(base run dir, every step in order): the base stages, then each seed's arms, the evaluation, the report."""
+    base_dir = out.parent / recipe.base_name
+    steps = [Step(base_dir, c, c, o, expected_seconds=_expected(recipe, c, o)) for c, o in recipe.base_stages.items()]
+    names = []
+    for seed in recipe.seeds:
+        for arm in recipe.arms:
+            options = arm_options(recipe, arm, seed)
+            name = stage_name(arm.name, seed)
+            names.append(name)
+            steps.append(Step(out, arm.command, name, options, arm.name, seed, _expected(recipe, arm.command, options)))
+    if recipe.evaluate is not None:
+        baseline = recipe.evaluate.get("baseline", "train-sft")
+        options = {**recipe.evaluate, "baseline": baseline, "policies": [baseline, *names]}
+        steps.append(Step(out, "evaluate", "evaluate", options,
+                          expected_seconds=_expected(recipe, "evaluate", options, len(names) + 1)))
+        steps.append(Step(out, "report", "report", {"run_dirs": [out]}, expected_seconds=_expected(recipe, "report", {})))
+    return base_dir, steps
+
+
+def step_done(step: Step) -> bool:
+    if step.command == "report":
+        return False
+    state, manifest, _ = rundir.stage_state(step.run_dir / step.stage_name)
+    if state != "done" or manifest is None:
+        return False
+    config, _ = pipeline.build_step(step.command, step.options, step.run_dir)
+    if step.command == "prepare-behaviors" and config.logs is None:
+        config.logs = step.run_dir / "simulate-logs" / "logs.jsonl"
+    return same_config(manifest.get("config"), config)
+
+
+def expected_pending(steps: list[Step], force: bool = False) -> list[Step]:
+    """The steps that will run: those not done, and every one after a base stage or an arm that will rerun
+    (its inputs change, so it goes stale)."""
+    pending: list[Step] = []
+    for step in steps:
+        rerun_upstream = any(p.arm is None and p.command not in ("evaluate", "report") for p in pending) or \
+            (step.command in ("evaluate", "report") and pending)
+        if force or rerun_upstream or not step_done(step):
+            pending.append(step)
+    return pending
+
+
+def link_base(base_dir: Path, out: Path, stages: list[str]) -> None:
+    """Make each base stage visible in the experiment's run dir as a relative symbolic link."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        link = out / stage
+        target = Path(os.path.relpath(base_dir / stage, out))
+        if link.is_symlink():
+            if Path(os.readlink(link)) == target:
+                continue
+            link.unlink()
+        elif link.exists():
+            raise RlhbError(f"{link} is a stage of its own, not the base's; remove it or choose another --out")
+        link.symlink_to(target, target_is_directory=True)
+
+
+# ---------------------------------------------------------------------------------------------- running
+def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False,
+               say: Callable[[str], None] = print) -> dict:
+    """Run whatever of the recipe is not done yet, then write results.md / results.json / plots into OUT."""
+    out = Path(out or default_out(recipe))
+    base_dir, steps = plan(recipe, out)
+    pending = expected_pending(steps, force)
+    expected = sum(s.expected_seconds for s in pending)
+    say(f"{recipe.name} at scale {recipe.scale}: {len(steps)} stages, {len(steps) - len(pending)} already done; "
+        f"expected about {expected / 60:.1f} min for the rest (rates measured on a 2-core CPU).")
+    started = time.perf_counter()
+    link_base(base_dir, out, list(recipe.base_stages))  # links to stages the base may still have to train
+    for i, step in enumerate(steps, 1):
+        if not force and step_done(step):  # asked now: a rerun upstream makes the stages after it stale
+            continue
+        say(f"[{i}/{len(steps)}] {step.stage_name} ({step.command}) in {step.run_dir}; "
+            f"{(time.perf_counter() - started) / 60:.1f} min so far")
+        step_started = time.perf_counter()
+        pipeline.run_step(step.run_dir, step.command, step.options, step.stage_name,
+                          force=force and step.command != "report")
+        expected -= step.expected_seconds
+        say(f"    done in {time.perf_counter() - step_started:.0f} s; about {max(expected, 0) / 60:.1f} min left")
+    results = collect_results(recipe, out, base_dir)
+    results["wall_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
+    write_results(recipe, out, results)
+    return results
+
+

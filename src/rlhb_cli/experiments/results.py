@@ -1,0 +1,201 @@
+"""A recipe's results: each arm's figures per seed, across seeds, the claims judged, and results.md /
+results.json / plots written into the experiment's run dir."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from rlhb_cli import rundir
+from rlhb_cli.evaluation.report import across_runs, rolling_mean
+from rlhb_cli.experiments.recipe import Recipe, stage_name
+from rlhb_cli.experiments.verdicts import METRICS, judge_claim
+from rlhb_cli.plots import label_iteration_axis, save_figure
+
+TAIL = 5  # iterations averaged for a run's final figures
+
+
+def _tail(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+    return float(np.mean(values[-TAIL:])) if values else None
+
+
+def _curve_sd(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+    if len(values) < 3:
+        return None
+    return float(np.std(np.asarray(values) - np.asarray(rolling_mean(values, 5)), ddof=1))
+
+
+def run_figures(run_dir: Path, name: str, evaluation: dict | None) -> tuple[dict, list[dict]]:
+    """(figures, training rows) of one arm's run: what it trained towards and, if evaluated, what gold said."""
+    summary = rundir.read_json(run_dir / name / rundir.SUMMARY)
+    metrics = run_dir / name / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if metrics.exists() else []
+    rows = [r for r in rows if "objective/reward_mean" in r]
+    figures = {"reward_final": _tail(rows, "objective/reward_mean"), "return_final": _tail(rows, "objective/return_mean"),
+               "return_curve_sd": _curve_sd(rows, "objective/return_mean"),
+               "reward_curve_sd": _curve_sd(rows, "objective/reward_mean"),
+               "disc_score_generated_final": _tail(rows, "disc/score_generated"),
+               "disc_score_real_final": _tail(rows, "disc/score_real"), "kl_final": _tail(rows, "objective/kl"),
+               "seconds": summary.get("seconds"), "disc_collapsed": summary.get("disc_collapsed")}
+    if evaluation and name in evaluation["scores"]:
+        gold = evaluation["scores"][name]
+        sampled, greedy = gold.get("sampled", {}).get("gold", {}), gold.get("greedy", {}).get("gold", {})
+        figures["gold_gain"] = sampled.get("gain_over_baseline", {}).get("mean")
+        figures["gold_gain_greedy"] = greedy.get("gain_over_baseline", {}).get("mean")
+        wtl = sampled.get("win_tie_loss")
+        figures["win_minus_loss"] = wtl["win"] - wtl["loss"] if wtl else None
+    return figures, rows
+
+
+def collect_results(recipe: Recipe, out: Path, base_dir: Path) -> dict:
+    evaluation = None
+    if recipe.evaluate is not None:
+        evaluation = rundir.read_json(out / "evaluate" / "summary_detail.json")
+    per_run: dict[str, dict[int, dict]] = {}
+    curves: dict[str, list[list[dict]]] = {}
+    for arm in recipe.arms:
+        for seed in recipe.seeds:
+            figures, rows = run_figures(out, stage_name(arm.name, seed), evaluation)
+            per_run.setdefault(arm.name, {})[seed] = figures
+            curves.setdefault(arm.name, []).append(rows)
+    arms = {}
+    for arm in recipe.arms:
+        arms[arm.name] = {"stage": arm.command, "options": arm.options}
+        for metric in METRICS:
+            values = [per_run[arm.name][s].get(metric) for s in recipe.seeds]
+            if all(v is not None for v in values):
+                arms[arm.name][metric] = across_runs([float(v) for v in values])
+    claims = [judge_claim(c, per_run, arms, recipe.seeds) for c in recipe.claims]
+    baseline = None
+    if evaluation is not None:
+        base_name = recipe.evaluate.get("baseline", "train-sft")
+        baseline = {d: evaluation["scores"][base_name][d]["gold"] for d in evaluation["scores"][base_name]}
+    return {"recipe": str(recipe.path), "base": str(recipe.base_path), "scale": recipe.scale, "seeds": recipe.seeds,
+            "run_dir": str(out), "base_run_dir": str(base_dir), "git_commit": rundir.git_commit(),
+            "versions": rundir.library_versions(), "arms": arms, "per_run": per_run, "claims": claims,
+            "baseline_gold": baseline, "curves": {a: [[{k: r.get(k) for k in CURVE_KEYS if k in r} | {"step": r.get("step")}
+                                                     for r in rows] for rows in runs] for a, runs in curves.items()}}
+
+
+
+CURVE_KEYS = ("objective/reward_mean", "objective/return_mean", "objective/kl", "disc/score_generated",
+              "disc/score_real")
+CURVE_TITLES = {"objective/reward_mean": "reward (its own source)", "objective/return_mean": "mean return",
+                "objective/kl": "KL to reference", "disc/score_generated": "D(real) on generated",
+                "disc/score_real": "D(real) on logged"}
+
+
+def draw_arm_curves(curves: dict[str, list[list[dict]]], out: Path) -> bool:
+    """One panel per training figure: each arm's mean over seeds (thick) and its seeds (thin)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in CURVE_KEYS if any(k in r for runs in curves.values() for rows in runs for r in rows)]
+    if not keys:
+        return False
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key in zip(axes[0], keys):
+        for i, (arm, runs) in enumerate(curves.items()):
+            colour = colours[i % len(colours)]
+            series = [[r[key] for r in rows if r.get(key) is not None] for rows in runs]
+            series = [s for s in series if s]
+            for s in series:
+                ax.plot(range(1, len(s) + 1), s, color=colour, alpha=0.2, lw=0.7)
+            if series:
+                length = min(len(s) for s in series)
+                mean = np.mean([s[:length] for s in series], axis=0)
+                ax.plot(range(1, length + 1), mean, color=colour, lw=1.6, label=arm)
+        label_iteration_axis(ax, CURVE_TITLES[key])
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, out)
+    return True
+
+
+def draw_gains(arms: dict, out: Path) -> bool:
+    """Each arm's gold gain over SFT (sampled answers) with its 95% interval over seeds."""
+    rows = [(name, entry["gold_gain"]) for name, entry in arms.items() if "gold_gain" in entry]
+    if not rows:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.0, 0.45 * len(rows) + 1.3))
+    for y, (name, entry) in enumerate(rows):
+        ci = entry.get("ci95") or [entry["mean"], entry["mean"]]
+        ax.barh(y, entry["mean"], color="#4477aa")
+        ax.errorbar(entry["mean"], y, xerr=[[entry["mean"] - ci[0]], [ci[1] - entry["mean"]]], color="black",
+                    capsize=3, lw=1)
+    ax.axvline(0, color="#888888", lw=0.8)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.set_title("gold gain over SFT, sampled answers (mean over seeds, 95% interval)", fontsize=9)
+    save_figure(fig, out)
+    return True
+
+
+def _cell(entry: dict | None, digits: int = 3) -> str:
+    if not entry:
+        return "-"
+    ci = entry.get("ci95")
+    return f"{entry['mean']:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
+
+
+def _seconds(entry: dict | None) -> str:
+    return f"{entry['mean']:.0f}" if entry else "-"
+
+
+def write_results(recipe: Recipe, out: Path, results: dict) -> None:
+    """results.json (every number), results.md (claims, tables, plots) and PNGs in the experiment's run dir."""
+    has_curves = draw_arm_curves(results["curves"], out / "curves.png")
+    has_gains = draw_gains(results["arms"], out / "gains.png")
+    lines = [f"# {recipe.name}: {recipe.title}", ""]
+    if recipe.scale != "small":
+        lines += [f"**Scale {recipe.scale}: a smoke test of the machinery. Its numbers say nothing about the claims.**",
+                  ""]
+    lines += [f"Recipe `{recipe.path}` (base `{recipe.base_path.name}`), scale {recipe.scale}, seeds "
+              f"{', '.join(map(str, recipe.seeds))}; git commit {results['git_commit'] or 'unknown'}. "
+              f"Reproduce: `rlhb experiment run {recipe.path} --scale {recipe.scale}`.", "",
+              "Every figure is the mean over seeds with a 95% t-interval across seeds (the RL stage's seed; the "
+              "base, i.e. the simulated logs, SFT policy and judges, is trained once).", ""]
+    if recipe.notes:
+        lines += [recipe.notes, ""]
+    lines += ["## Claims", "", "| claim | the paper | our rule | ours | verdict |", "|---|---|---|---|---|"]
+    for c in results["claims"]:
+        lines.append(f"| {c['claim']} | {c['paper']} | {c['rule']} ({c['metric']}) | {c['evidence']} | "
+                     f"**{c['verdict']}** |")
+    shown = [m for m in ("gold_gain", "gold_gain_greedy", "win_minus_loss", "reward_final", "return_curve_sd",
+                         "disc_score_generated_final", "kl_final", "seconds")
+             if any(m in a for a in results["arms"].values())]
+    lines += ["", "## Arms", "", "| arm | stage | options | " + " | ".join(shown) + " |",
+              "|---|---|---|" + "---|" * len(shown)]
+    for name, arm in results["arms"].items():
+        options = ", ".join(f"{k}={v}" for k, v in arm["options"].items()) or "defaults"
+        lines.append(f"| {name} | {arm['stage']} | {options} | " + " | ".join(
+            _seconds(arm.get(m)) if m == "seconds" else _cell(arm.get(m)) for m in shown) + " |")
+    lines += ["", "What the columns are: " + "; ".join(f"{m}: {METRICS[m]}" for m in shown) + ".", ""]
+    if results.get("baseline_gold"):
+        lines += ["SFT baseline's gold score: " + ", ".join(f"{d} {_cell(e)}" for d, e in
+                                                            results["baseline_gold"].items()) +
+                  " (mean over queries, bootstrap interval).", ""]
+    if has_gains:
+        lines += ["![gold gain](gains.png)", ""]
+    if has_curves:
+        lines += ["## Training", "", "![training curves](curves.png)", "",
+                  "Thick: mean over seeds; thin: each seed.", ""]
+    lines += ["## Per run", "", "| run | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+    for arm, by_seed in results["per_run"].items():
+        for seed, figures in by_seed.items():
+            lines.append(f"| {stage_name(arm, seed)} | " + " | ".join(
+                "-" if figures.get(m) is None else f"{figures[m]:+.4f}" if m != "seconds" else f"{figures[m]:.1f}"
+                for m in shown) + " |")
+    if recipe.evaluate is not None:
+        lines += ["", "Per-run detail (judges' trust, behaviour following, sample answers): "
+                  "[report/report.md](report/report.md).", ""]
+    rundir.atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    rundir.atomic_write_json(out / "results.json", results)

@@ -1,0 +1,146 @@
+"""Claim verdicts: one small rule per kind of claim, each saying reproduced, direction only, not reproduced,
+contradicted or not measured, with the evidence it read. A rule reads figures per arm and seed (`Evidence`);
+intervals are 95% t-intervals across seeds (`across_runs`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rlhb_cli.evaluation.report import across_runs
+
+# Figures of one arm's run that a claim can be judged on; the gold ones need the evaluation.
+GOLD_METRICS = {"gold_gain": "gold gain over SFT, sampled answers",
+                "gold_gain_greedy": "gold gain over SFT, greedy answers",
+                "win_minus_loss": "win rate minus loss rate against SFT, sampled answers"}
+TRAINING_METRICS = {"reward_final": "reward of its own source, mean of the last iterations",
+                    "return_final": "mean return, last iterations",
+                    "return_curve_sd": "standard deviation of the mean return around its 5-iteration rolling mean",
+                    "reward_curve_sd": "standard deviation of the reward around its 5-iteration rolling mean",
+                    "disc_score_generated_final": "discriminator's P(real) on generated triplets, last iterations",
+                    "disc_score_real_final": "discriminator's P(real) on logged triplets, last iterations",
+                    "kl_final": "KL to the reference, last iterations",
+                    "seconds": "wall time of the run"}
+METRICS = {**GOLD_METRICS, **TRAINING_METRICS}
+CHECK_KINDS = {
+    "close_to": "ARM reaches at least SHARE of TO's mean and its interval lies above 0",
+    "better": "the per-seed difference ARM - THAN has its interval above 0",
+    "decreasing": "the means fall along ARMS and the per-seed difference first - last has its interval above 0",
+    "similar": "the per-seed difference ARM - TO has its interval around 0 and |mean| <= WITHIN",
+    "reaches": "ARM's mean reaches AT_LEAST while every other arm's stays below",
+}
+
+
+@dataclass
+class Evidence:
+    """One metric of every arm: per seed (`per_run[arm][seed][metric]`) and across seeds (`arms[arm][metric]`)."""
+
+    metric: str
+    per_run: dict
+    arms: dict
+    seeds: list[int]
+
+    def values(self, arm: str) -> list[float] | None:
+        got = [self.per_run[arm][s].get(self.metric) for s in self.seeds]
+        return None if any(v is None for v in got) else [float(v) for v in got]
+
+    def summary(self, arm: str) -> dict | None:
+        return self.arms[arm].get(self.metric)
+
+    def diff(self, a: str, b: str) -> dict | None:
+        """The per-seed difference a - b across seeds (paired by seed)."""
+        va, vb = self.values(a), self.values(b)
+        return across_runs([x - y for x, y in zip(va, vb)]) if va and vb else None
+
+
+def above(entry: dict | None) -> bool:
+    """Its interval lies above 0."""
+    return bool(entry and entry.get("ci95") and entry["ci95"][0] > 0)
+
+
+def below(entry: dict | None) -> bool:
+    return bool(entry and entry.get("ci95") and entry["ci95"][1] < 0)
+
+
+def fmt(entry: dict | None) -> str:
+    if not entry:
+        return "n/a"
+    ci = entry.get("ci95")
+    return f"{entry['mean']:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+
+
+def close_to(check: dict, ev: Evidence) -> tuple[str, str]:
+    arm, to, share = check["arm"], check["to"], float(check["share"])
+    a, b = ev.summary(arm), ev.summary(to)
+    if a is None or b is None:
+        return "not measured", f"{ev.metric} missing"
+    ratio = a["mean"] / b["mean"] if b["mean"] > 0 else float("nan")
+    evidence = (f"{arm} {fmt(a)} vs {to} {fmt(b)}: {ratio:.0%} of it (needs {share:.0%}, interval above 0)"
+                if math.isfinite(ratio) else f"{arm} {fmt(a)} vs {to} {fmt(b)} (no gain to compare with)")
+    if a["mean"] >= share * b["mean"] and above(a):
+        return "reproduced", evidence
+    if a["mean"] >= share * b["mean"] and a["mean"] > 0:
+        return "direction only", evidence
+    return "not reproduced", evidence
+
+
+def better(check: dict, ev: Evidence) -> tuple[str, str]:
+    arm, than = check["arm"], check["than"]
+    d = ev.diff(arm, than)
+    evidence = f"{arm} - {than} per seed: {fmt(d)} ({arm} {fmt(ev.summary(arm))}, {than} {fmt(ev.summary(than))})"
+    if d is None:
+        return "not measured", evidence
+    if above(d):
+        return "reproduced", evidence
+    if below(d):
+        return "contradicted", evidence
+    return ("direction only" if d["mean"] > 0 else "not reproduced"), evidence
+
+
+def decreasing(check: dict, ev: Evidence) -> tuple[str, str]:
+    names = list(check["arms"])
+    means = [ev.summary(a) for a in names]
+    if any(m is None for m in means):
+        return "not measured", f"{ev.metric} missing"
+    falling = all(x["mean"] > y["mean"] for x, y in zip(means, means[1:]))
+    d = ev.diff(names[0], names[-1])
+    evidence = " > ".join(f"{a} {m['mean']:.4f}" for a, m in zip(names, means)) + \
+        f"; {names[0]} - {names[-1]} per seed: {fmt(d)}"
+    if falling and above(d):
+        return "reproduced", evidence
+    return ("direction only" if falling else "not reproduced"), evidence
+
+
+def similar(check: dict, ev: Evidence) -> tuple[str, str]:
+    arm, to, within = check["arm"], check["to"], float(check["within"])
+    d = ev.diff(arm, to)
+    evidence = f"{arm} - {to} per seed: {fmt(d)} (similar: interval around 0 and |mean| <= {within})"
+    if d is None:
+        return "not measured", evidence
+    if not above(d) and not below(d) and abs(d["mean"]) <= within:
+        return "reproduced", evidence
+    return "not reproduced", evidence
+
+
+def reaches(check: dict, ev: Evidence) -> tuple[str, str]:
+    arm, at_least = check["arm"], float(check["at_least"])
+    a = ev.summary(arm)
+    others = {name: entry.get(ev.metric) for name, entry in ev.arms.items() if name != arm}
+    evidence = f"{arm} {fmt(a)} (needs >= {at_least}); " + ", ".join(f"{n} {fmt(e)}" for n, e in others.items())
+    if a is None:
+        return "not measured", evidence
+    if a["mean"] >= at_least and all(e is not None and e["mean"] < at_least for e in others.values()):
+        return "reproduced", evidence
+    return "not reproduced", evidence
+
+
+RULES = {"close_to": close_to, "better": better, "decreasing": decreasing, "similar": similar, "reaches": reaches}
+
+
+def judge_claim(claim, per_run: dict, arms: dict, seeds: list[int]) -> dict:
+    """The verdict on one claim (a `recipe.Claim`) by its rule."""
+    check = claim.check
+    verdict, evidence = RULES[check["kind"]](check, Evidence(check["metric"], per_run, arms, seeds))
+    return {"claim": claim.claim, "paper": claim.paper, "rule": CHECK_KINDS[check["kind"]], "metric": check["metric"],
+            "verdict": verdict, "evidence": evidence}
