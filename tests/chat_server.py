@@ -8,7 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class ChatServer:
-    def __init__(self, fail_first: int = 0, status: int = 429, reply: str | None = None):
+    def __init__(self, fail_first: int = 0, status: int = 429, reply: str | None = None,
+                 redirect_to: str | None = None):
         self.requests: list[dict] = []
         self.fail_first = fail_first
         server = self
@@ -18,6 +19,11 @@ class ChatServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, "body": body,
                                         "authorization": self.headers.get("Authorization")})
+                if redirect_to is not None:  # a hostile or moved endpoint: "ask over there"
+                    self.send_response(302)
+                    self.send_header("Location", redirect_to)
+                    self.end_headers()
+                    return
                 if len(server.requests) <= server.fail_first:
                     self.send_response(status)
                     self.end_headers()
@@ -30,6 +36,12 @@ class ChatServer:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_GET(self):  # where urllib would follow a 302 to, with the request's headers
+                server.requests.append({"path": self.path, "body": None,
+                                        "authorization": self.headers.get("Authorization")})
+                self.send_response(404)
+                self.end_headers()
 
             def log_message(self, *args):
                 """Quiet: the tests read what was asked from `requests`."""

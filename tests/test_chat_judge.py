@@ -48,3 +48,17 @@ def test_unrated_replies_and_failures(tmp_path):
             judge.score(["q"], ["a"])
         assert len(server.requests) == 1  # not retryable
     assert parse_rating("Rating: 8/10") == 8.0 and parse_rating("10") == 10.0 and parse_rating("none") is None
+
+
+def test_the_key_never_follows_a_redirect_to_another_host(tmp_path, monkeypatch):
+    """An endpoint that redirects (302) to another server: urllib follows it as a GET with every header, the
+    key's Authorization included; the judge refuses the redirect in one line and the other host hears nothing."""
+    monkeypatch.setenv("MY_KEY", "secret")
+    with ChatServer() as elsewhere, ChatServer(redirect_to=elsewhere.url + "/chat/completions") as server:
+        judge = ChatJudge(server.url, "m", tmp_path / "cache.sqlite", key_env="MY_KEY", requests_per_minute=0,
+                          backoff_seconds=0.01)
+        with pytest.raises(RlhbError, match="a redirect to .* give the final endpoint as --judge-url"):
+            judge.score(["q"], ["a"])
+        assert len(server.requests) == 1 and server.requests[0]["authorization"] == "Bearer secret"
+        assert elsewhere.requests == []
+    assert not any("secret" in p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if p.is_file())

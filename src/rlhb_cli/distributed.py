@@ -182,3 +182,22 @@ def param_count(model, trainable_only: bool = False) -> int:
     """Weights of a model, whole (under DeepSpeed ZeRO-3 a parameter's own tensor is only this process's shard)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
+
+# DeepSpeed's own value classes in its ZeRO optimizer's state (loss scaler, stage enum, slice addresses)
+ZERO_STATE_CLASSES = (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+                      ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+                      ("deepspeed.utils.tensor_fragment", ("fragment_address",)))
+
+
+def zero_checkpoint_classes() -> tuple[type, ...]:
+    """The classes a checkpoint of a DeepSpeed run may hold besides tensors and plain values: allowed by name
+    when it resumes, and nothing else."""
+    import importlib  # (deferred: deepspeed is optional, and heavy)
+    found = []
+    for module_name, names in ZERO_STATE_CLASSES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        found += [getattr(module, name) for name in names if hasattr(module, name)]
+    return tuple(found)

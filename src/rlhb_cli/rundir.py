@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import platform
 import shutil
 import subprocess
@@ -128,6 +129,21 @@ def describe_input(path: Path, run_dir: Path | None = None) -> dict[str, Any]:
 
 def input_path(recorded: str, run_dir: Path) -> Path:
     return Path(run_dir) / recorded[len("RUN_DIR/"):] if recorded.startswith("RUN_DIR/") else Path(recorded)
+
+
+def load_checkpoint_file(path: Path, allowed: tuple[type, ...] = ()) -> dict:
+    """A checkpoint read with `torch.load(weights_only=True)`: tensors and plain Python values only, so a file
+    planted in a run dir runs no code when a stage resumes from it. `allowed`: the few value classes a
+    checkpoint of that kind holds besides (DeepSpeed's ZeRO optimizer state)."""
+    import torch  # (deferred: `rlhb status` reads this module and needs no torch)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RlhbError(f"{path}: holds more than tensors and plain values ({reason[:160]}), so it is not loaded "
+                        f"(a DeepSpeed run's checkpoint needs deepspeed installed); run without --resume to start "
+                        f"over") from None
 
 
 # ----------------------------------------------------------------------------------------- provenance

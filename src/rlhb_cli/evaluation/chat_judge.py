@@ -25,6 +25,18 @@ INSTRUCTION = ("You judge answers on a question-answering platform. Rate how muc
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a redirect with every header of the request, the key's Authorization included, to
+    whatever host the reply names: a redirect is refused instead, so the key goes to the URL given alone."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise RlhbError(f"{req.full_url}: the judge endpoint answered HTTP {code}, a redirect to {newurl}; rlhb "
+                        f"sends its key only to the URL given, so give the final endpoint as --judge-url")
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 def rating_prompt(query: str, response: str) -> str:
     return f"Question: {query}\n\nAnswer: {response}"
 
@@ -72,7 +84,7 @@ class ChatJudge:
             try:
                 self.calls += 1
                 request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                with _OPENER.open(request, timeout=self.timeout) as reply:
                     data = json.loads(reply.read().decode("utf-8"))
                 return data["choices"][0]["message"]["content"]
             except urllib.error.HTTPError as exc:

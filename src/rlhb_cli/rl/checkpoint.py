@@ -84,7 +84,9 @@ def _launch(stage: int | None) -> str:
 
 
 def load_checkpoint(engine: PPOEngine, path: Path) -> None:
-    state = torch.load(path, weights_only=False, map_location="cpu")
+    # (DeepSpeed's value classes are allowed whether this run is under DeepSpeed or not: a checkpoint written
+    # under it is then refused by the check below, which says how to resume it)
+    state = rundir.load_checkpoint_file(path, distributed.zero_checkpoint_classes())
     if state.get("fingerprint") != engine.fingerprint:
         raise RlhbError(f"{path}: made with another config or inputs; run without --resume to start over")
     # (checkpoints of earlier versions hold no stage: a sharded optimizer state there was ZeRO-2's)

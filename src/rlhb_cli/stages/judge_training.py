@@ -27,7 +27,7 @@ import torch
 from rlhb_cli import distributed
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.judge import Judge, learning_weights, load_learning_weights, padded_batch
-from rlhb_cli.rundir import MetricsLog, StageRun, StageStopped
+from rlhb_cli.rundir import MetricsLog, StageRun, StageStopped, load_checkpoint_file
 from rlhb_cli.stages.common import progress_bar
 
 CHECKPOINT = "checkpoint.pt"
@@ -131,7 +131,7 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
     checkpoint = stage.dir / CHECKPOINT
     start = 0
     if stage.resume and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = load_checkpoint_file(checkpoint)
         if state["fingerprint"] != fingerprint:
             raise RlhbError(f"{checkpoint}: made with another config or data; run without --resume to start over")
         load_learning_weights(model, state["model"])
