@@ -78,7 +78,7 @@ class RLHBConfig(EngineConfig):
                                            "the reward, comma-separated from pv, clicks, likes, dislikes (empty: "
                                            "all, with the behaviours' marginals). likes,dislikes leaves out the "
                                            "views and clicks the target asks for, which the shaped reward "
-                                           "divides by (measured: no gain over all metrics, README).")
+                                           "divides by (measured: no gain over all metrics, docs/results.md).")
     disc_learning_rate: float = field(1e-5, help="Discriminator learning rate during RL.")
     reward_scale: Optional[float] = field(None, help="Multiply the discriminator's reward by this. Default: 0.05 for "
                                                      "contrast (it spans a few logits, ten times the gold reward's "

@@ -38,7 +38,7 @@ class EngineConfig:
                                           "(0: the whole mini-batch in one pass). Less activation memory, the same "
                                           "update up to float rounding.")
     learning_rate: float = field(3e-5, help="Actor learning rate (AdamW). From a converged SFT policy 1e-4 moved it "
-                                            "without gain, even on the gold reward (README).")
+                                            "without gain, even on the gold reward (docs/results.md).")
     critic: Optional[str] = field(None, help="separate (own body, a copy of the starting policy) or shared (a "
                                              "value head on the actor's body). Default: separate; shared with "
                                              "--lora-r, where the critic is a head on the one frozen base.")

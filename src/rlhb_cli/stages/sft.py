@@ -121,7 +121,7 @@ def trainer_callback(stage: rundir.StageRun, metrics: MetricsLog, name: str = ST
 
 # A last epoch that still lowers validation perplexity by more than this leaves a policy short of
 # convergence. Measured: the demo's 2-epoch policy fell 12% in its last epoch (1.761 -> 1.548) and a
-# third epoch took it to 1.369; RL from it then partly does SFT's unfinished work (README).
+# third epoch took it to 1.369; RL from it then partly does SFT's unfinished work (docs/results.md).
 STILL_IMPROVING = 0.05
 
 
