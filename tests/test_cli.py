@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -96,3 +97,14 @@ def test_contrast_metrics_are_checked_by_name():
             RLHBConfig(contrast_metrics=bad)
     with pytest.raises(ValueError, match="needs reward_form contrast"):
         RLHBConfig(contrast_metrics="likes", reward_form="probability")
+
+
+def test_the_command_line_is_offline_before_any_hub_library_loads():
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import; the CLI's module imports transformers (through
+    its stages), so the default must be set before that, not in main()."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                            "TRANSFORMERS_VERBOSITY")}
+    code = ("import rlhb_cli.cli, sys, huggingface_hub.constants as c; "
+            "assert 'transformers' in sys.modules; print(c.HF_HUB_OFFLINE)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]

@@ -7,10 +7,17 @@ one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import os
+
+# Set before anything imports huggingface_hub or transformers (the stage modules below do), which read
+# them once, at import: the command line never reaches for a hub, and its own output says what loaded.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own summaries say what loaded and how
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local paths; never reach for a hub
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress bars show what is running
+
 import dataclasses
 import inspect
 import json
-import os
 import sys
 import time
 import types
@@ -408,9 +415,6 @@ def status(run_dir: Annotated[Path, typer.Option("--run-dir", help="Run director
 
 
 def main() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own summaries say what loaded and how
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local paths; never reach for a hub
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress bars show what is running
     try:
         app()
     except KeyboardInterrupt:
