@@ -75,14 +75,13 @@ def plan(recipe: Recipe, out: Path) -> tuple[Path, list[Step]]:
 
 
 def step_done(step: Step) -> bool:
-    if step.command == "report":
+    if registry.STAGES[step.command].always_rerun:
         return False
     state, manifest, _ = rundir.stage_state(step.run_dir / step.stage_name)
     if state != "done" or manifest is None:
         return False
     config, _ = pipeline.build_step(step.command, step.options, step.run_dir)
-    if step.command == "prepare-behaviors" and config.logs is None:
-        config.logs = step.run_dir / "simulate-logs" / "logs.jsonl"
+    pipeline.default_inputs(step.command, config, step.run_dir, check=False)  # as run_step fills them
     return same_config(manifest.get("config"), config)
 
 
@@ -132,7 +131,7 @@ def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False,
             f"{(time.perf_counter() - started) / 60:.1f} min so far")
         step_started = time.perf_counter()
         pipeline.run_step(step.run_dir, step.command, step.options, step.stage_name,
-                          force=force and step.command != "report")
+                          force=force and not registry.STAGES[step.command].always_rerun)
         expected -= step.expected_seconds
         say(f"    done in {time.perf_counter() - step_started:.0f} s; about {max(expected, 0) / 60:.1f} min left")
     results = collect_results(recipe, out, base_dir)
