@@ -18,15 +18,16 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "rlhb_cli"
 LAYERS = {
     "errors": 0, "registry": 0, "stats": 0,
     "config": 1, "distributed": 1, "plots": 1, "prompts": 1,
-    "rundir": 2,
-    "behaviors": 3,
-    "simulator": 4,
-    "models": 5,
-    "stages": 6, "rl": 6,
-    "evaluation": 7,
-    "pipeline": 8,
-    "experiments": 9,
-    "cli": 10, "__main__": 11,
+    "storage": 2,
+    "rundir": 3,
+    "behaviors": 4,
+    "simulator": 5,
+    "models": 6,
+    "stages": 7, "rl": 7,
+    "evaluation": 8,
+    "pipeline": 9,
+    "experiments": 10,
+    "cli": 11, "__main__": 12,
 }
 MAX_LINES = 450
 

@@ -110,19 +110,19 @@ def test_supervised_stages_under_two_processes_write_once_and_agree(small_sim, t
 
 
 def test_only_rank_0_writes_and_batch_sizes_must_divide(tmp_path, monkeypatch):
-    from rlhb_cli import distributed, rundir
+    from rlhb_cli import distributed, storage
     from rlhb_cli.errors import RlhbError
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    rundir.atomic_write_json(tmp_path / "summary.json", {"a": 1})
-    with rundir.atomic_dir(tmp_path / "model") as scratch:
+    storage.atomic_write_json(tmp_path / "summary.json", {"a": 1})
+    with storage.atomic_dir(tmp_path / "model") as scratch:
         (scratch / "weights").write_text("x")
     assert list(tmp_path.iterdir()) == [] and not scratch.exists()  # nothing in the run dir, scratch gone
     assert distributed.per_process(8, "--batch-size") == 4
     with pytest.raises(RlhbError, match="--batch-size 7 must divide among the 2 processes"):
         distributed.per_process(7, "--batch-size")
     monkeypatch.setenv("RANK", "0")
-    with rundir.atomic_dir(tmp_path / "model") as staging:
+    with storage.atomic_dir(tmp_path / "model") as staging:
         (staging / "weights").write_text("x")
     assert (tmp_path / "model" / "weights").read_text() == "x"
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from rlhb_cli import rundir
+from rlhb_cli import rundir, storage
 from rlhb_cli.errors import RlhbError
 
 GOOD = [
@@ -250,7 +250,7 @@ def test_simulated_logs_meet_the_most_preferred_share(cli, sim_run):
     assert (sim_run / "prepare-behaviors" / "histograms.png").stat().st_size > 1000
     manifest = json.loads((sim_run / "prepare-behaviors" / "manifest.json").read_text())
     logs = sim_run / "simulate-logs" / "logs.jsonl"
-    assert manifest["status"] == "done" and manifest["inputs"]["logs"]["sha256"] == rundir.sha256_of(logs)
+    assert manifest["status"] == "done" and manifest["inputs"]["logs"]["sha256"] == storage.sha256_of(logs)
     assert manifest["config"]["behavior_basis"] == "rates" and manifest["seed"] == 0
     assert {"python", "pyarrow", "datasets"} <= set(manifest["versions"])
     assert manifest["started_at"] <= manifest["finished_at"] and "simulate-logs" in manifest["upstream"]
@@ -299,7 +299,7 @@ def test_interrupted_stage_is_reported_and_never_read(tmp_path):
 
 def test_atomic_write_leaves_old_content_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / "x.json"
-    rundir.atomic_write_json(path, {"a": 1})
+    storage.atomic_write_json(path, {"a": 1})
 
     class Boom(Exception):
         pass
@@ -309,7 +309,7 @@ def test_atomic_write_leaves_old_content_when_interrupted(tmp_path, monkeypatch)
 
     monkeypatch.setattr(rundir.os, "replace", explode)
     with pytest.raises(Boom):
-        rundir.atomic_write_json(path, {"a": 2})
+        storage.atomic_write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import read_jsonl
-from rlhb_cli.rundir import sha256_of
+from rlhb_cli.storage import sha256_of
 from rlhb_cli.simulator.gold import GoldJudge, Lexicon, QueryKey, detect
 from rlhb_cli.simulator.world import all_queries, candidate_pool
 

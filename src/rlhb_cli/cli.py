@@ -32,7 +32,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from rlhb_cli import pipeline, registry, rundir
+from rlhb_cli import pipeline, registry, rundir, storage
 from rlhb_cli.behaviors import importers, prepare
 from rlhb_cli.behaviors.prepare import PrepareConfig
 from rlhb_cli.config import build_config, help_of
@@ -82,6 +82,11 @@ def _guard(fn: Callable[[], None]) -> None:
         fn()
     except RlhbError as exc:
         _fail(str(exc))
+    except Exception as exc:  # a full disk, a read-only run dir: one line, the stage is left failed, not done
+        message = storage.disk_error_message(exc)
+        if message is None:
+            raise
+        _fail(message)
 
 
 @app.callback()
@@ -172,19 +177,25 @@ def _import(kind: str, source: Path, out: Path, pairs: Optional[Path]) -> None:
     with rundir.open_stage(out.parent, f"import-{kind}", config, None, manifest_name=f"{out.name}.manifest.json") as stage:
         tmp_out = out.with_name(f".{out.name}.tmp")
         tmp_pairs = pairs.with_name(f".{pairs.name}.tmp") if pairs else None
-        with open(tmp_out, "w", encoding="utf-8") as handle, \
-                (open(tmp_pairs, "w", encoding="utf-8") if tmp_pairs else _nullcontext()) as pairs_handle:
-            if kind == "stackexchange":
-                counts = importers.import_stackexchange(source, handle, pairs_handle)
-                for name in ("Posts.xml", "Votes.xml", "Comments.xml"):
-                    if (source / name).exists():
-                        stage.add_input(name, source / name)
-            else:
-                counts = importers.import_oasst(source, handle, pairs_handle)
-                stage.add_input("trees", source)
-        tmp_out.replace(out)
-        if tmp_pairs:
-            tmp_pairs.replace(pairs)
+        try:
+            with open(tmp_out, "w", encoding="utf-8") as handle, \
+                    (open(tmp_pairs, "w", encoding="utf-8") if tmp_pairs else _nullcontext()) as pairs_handle:
+                if kind == "stackexchange":
+                    counts = importers.import_stackexchange(source, handle, pairs_handle)
+                    for name in ("Posts.xml", "Votes.xml", "Comments.xml"):
+                        if (source / name).exists():
+                            stage.add_input(name, source / name)
+                else:
+                    counts = importers.import_oasst(source, handle, pairs_handle)
+                    stage.add_input("trees", source)
+            tmp_out.replace(out)
+            if tmp_pairs:
+                tmp_pairs.replace(pairs)
+        finally:  # a failed import leaves nothing behind but its failed manifest
+            for tmp in (tmp_out, tmp_pairs):
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+        stage.outputs = (out.name,) + ((pairs.name,) if pairs and pairs.resolve().parent == out.resolve().parent else ())
         stage.set_summary(counts)
     _print_summary(f"import {kind} -> {out}", counts | ({"pairs_file": str(pairs)} if pairs else {}))
 
@@ -399,13 +410,16 @@ def experiment_plan(recipe_path: RecipeArg, scale: ScaleOpt = "small",
 
 
 @app.command("status")
-def status(run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory to describe.")]) -> None:
-    """Each stage of a run directory: done / failed / stale / missing, with its headline figures."""
+def status(run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory to describe.")],
+           verify: Annotated[bool, typer.Option("--verify", help="Re-hash every output, not only the files whose "
+                                                "size or modification time changed.")] = False) -> None:
+    """Each stage of a run directory: done / failed / stale / damaged / missing, with its headline figures."""
     table = Table(title=f"run {run_dir}", title_justify="left")
     for column in ("stage", "state", "finished (UTC)", "headline / detail"):
         table.add_column(column, overflow="fold")
-    colours = {"done": "green", "failed": "red", "stale": "yellow", "interrupted": "red", "running": "cyan"}
-    for row in rundir.status_rows(run_dir):
+    colours = {"done": "green", "failed": "red", "stale": "yellow", "interrupted": "red", "running": "cyan",
+               "damaged": "red"}
+    for row in rundir.status_rows(run_dir, verify):
         headline = "\n".join(f"{k}={v}" for k, v in list(row["headline"].items())[:6])
         detail = row["detail"] or headline
         colour = colours.get(row["state"], "dim")

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from rlhb_cli import registry, rundir
+from rlhb_cli import registry, rundir, storage
 from rlhb_cli.config import build_config, same_config
 from rlhb_cli.errors import RlhbError
 
@@ -21,20 +21,22 @@ console = Console()
 
 def run_stage(stage: str, stage_dir: Path, config: Any, body: Callable, seed: int | None = None,
               upstream: tuple[str, ...] = (), force: bool = False, resume: bool = False,
-              stop_after_steps: int | None = None) -> dict:
-    """Skip when already done with this config and fresh inputs; else run `body(config, stage_run)`."""
-    state, manifest, _ = rundir.stage_state(stage_dir)
-    if state == "done" and not force and manifest and same_config(manifest.get("config"), config):
-        summary = rundir.read_json(stage_dir / rundir.SUMMARY)
-        console.print(f"{stage}: already done in {stage_dir} with this config (--force to run again)")
-        return summary
-    with rundir.open_stage(stage_dir, stage, config, seed) as stage_run:
-        stage_run.resume = resume
-        stage_run.stop_after_steps = stop_after_steps
-        for name in upstream:
-            stage_run.add_upstream(name)
-        summary = body(config, stage_run)
-        stage_run.set_summary(summary)
+              stop_after_steps: int | None = None, command: str | None = None) -> dict:
+    """Skip when already done with this config and fresh inputs; else run `body(config, stage_run)`.
+    The stage's lock is held from the check to the end, so two writers never interleave."""
+    with storage.stage_lock(stage_dir, what=f"{stage} in {stage_dir.parent}"):
+        state, manifest, _ = rundir.stage_state(stage_dir)
+        if state == "done" and not force and manifest and same_config(manifest.get("config"), config):
+            summary = rundir.read_json(stage_dir / rundir.SUMMARY)
+            console.print(f"{stage}: already done in {stage_dir} with this config (--force to run again)")
+            return summary
+        with rundir.open_stage(stage_dir, stage, config, seed, command=command) as stage_run:
+            stage_run.resume = resume
+            stage_run.stop_after_steps = stop_after_steps
+            for name in upstream:
+                stage_run.add_upstream(name)
+            summary = body(config, stage_run)
+            stage_run.set_summary(summary)
     return summary
 
 
@@ -80,7 +82,7 @@ def run_step(run_dir: Path, command: str, options: dict[str, Any], stage_name: s
     spec = registry.STAGES[command]
     try:
         summary = run_stage(name, Path(run_dir) / name, config, registry.runner(command), getattr(config, "seed", None),
-                            upstream, force or spec.always_rerun, resume, stop_after_steps)
+                            upstream, force or spec.always_rerun, resume, stop_after_steps, command)
     except ValueError as exc:
         raise RlhbError(str(exc)) from None
     return name, summary

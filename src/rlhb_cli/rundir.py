@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
 import pickle
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -28,11 +25,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rlhb_cli import distributed
+from rlhb_cli import distributed, storage
 from rlhb_cli.config import config_to_dict
 from rlhb_cli.distributed import is_main_process
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.registry import STAGES, rerun_hint
+from rlhb_cli.storage import atomic_write_json, atomic_write_text, sha256_of
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
@@ -42,78 +40,6 @@ _LIBRARIES = ("rlhb-cli", "torch", "transformers", "trl", "datasets", "accelerat
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# ----------------------------------------------------------------------------------------- writing
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write, flush, then rename: readers see the old file or the whole new one, never a part.
-    Under a launcher only the main process writes (the others hold the same bytes)."""
-    if not is_main_process():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` in one rename.
-    Under a launcher the other processes write into scratch space that is thrown away."""
-    if not is_main_process():
-        scratch = Path(tempfile.mkdtemp(prefix=f"rlhb-rank{distributed.process_index()}-"))
-        try:
-            yield scratch
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------- hashing
-def sha256_of(path: Path) -> str:
-    """sha256 of a file, or of a directory as the sorted (relative path, file hash) list."""
-    path = Path(path)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for child in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(str(child.relative_to(path)).encode())
-            digest.update(sha256_of(child).encode())
-        return digest.hexdigest()
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_input(path: Path, run_dir: Path | None = None) -> dict[str, Any]:
@@ -210,26 +136,49 @@ def changed_inputs(manifest: dict[str, Any], run_dir: Path) -> list[str]:
     return changed
 
 
-def stage_state(stage_dir: Path) -> tuple[str, dict[str, Any] | None, str]:
-    """(state, manifest, detail): state is done / failed / stale / running / interrupted / missing."""
+def stage_state(stage_dir: Path, verify: bool = False,
+                _seen: dict | None = None) -> tuple[str, dict[str, Any] | None, str]:
+    """(state, manifest, detail): done / failed / stale / damaged / running / interrupted / stopped / missing.
+
+    A done stage is damaged when an output differs from what it wrote (size and modification time, or
+    every byte with `verify`), and stale when an input changed or any stage upstream of it, however far,
+    is not done or was rerun since it read it."""
+    stage_dir = Path(stage_dir)
+    seen = {} if _seen is None else _seen
+    key = str(stage_dir.resolve())
+    if key in seen:
+        return seen[key]
+    seen[key] = ("stale", None, "its upstream stages name it")  # a cycle of upstreams is never done
+    seen[key] = result = _state_of(stage_dir, verify, seen)
+    return result
+
+
+def _state_of(stage_dir: Path, verify: bool, seen: dict) -> tuple[str, dict[str, Any] | None, str]:
     manifest = load_manifest(stage_dir)
     if manifest is None:
         return "missing", None, ""
     status = manifest.get("status")
     if status == "running":
-        if manifest.get("host") == platform.node() and _pid_alive(manifest.get("pid")):
+        holder = storage.lock_holder(stage_dir)
+        if holder is not None or (manifest.get("host") == platform.node() and _pid_alive(manifest.get("pid"))):
             return "running", manifest, ""
         return "interrupted", manifest, "stopped before it finished"
     if status == "stopped":
         return "stopped", manifest, (manifest.get("error") or "") + "; continue with --resume"
     if status != "done":
         return "failed", manifest, manifest.get("error", "")
-    changed = changed_inputs(manifest, Path(stage_dir).parent)
+    damage = storage.check_outputs(stage_dir, manifest.get("outputs") or {}, rehash=verify)
+    if damage:
+        return "damaged", manifest, damage
+    changed = changed_inputs(manifest, stage_dir.parent)
     if changed:
         return "stale", manifest, "inputs changed since: " + ", ".join(changed)
     for upstream, recorded in (manifest.get("upstream") or {}).items():
-        up_manifest = Path(stage_dir).parent / upstream / MANIFEST
-        if not up_manifest.exists() or sha256_of(up_manifest) != recorded:
+        up_dir = stage_dir.parent / upstream
+        up_state, _, _ = stage_state(up_dir, verify, seen)
+        if up_state != "done":
+            return "stale", manifest, f"{upstream} is {up_state}"
+        if sha256_of(up_dir / MANIFEST) != recorded:
             return "stale", manifest, f"{upstream} was rerun since"
     return "done", manifest, ""
 
@@ -277,6 +226,7 @@ class StageRun:
     manifest_name: str = MANIFEST
     resume: bool = False  # continue from the stage's checkpoint, if it has one
     stop_after_steps: int | None = None  # stop (resumably) after this many optimizer steps in all
+    outputs: tuple[str, ...] = ()  # a single-file stage's files (a stage folder's outputs are all its files)
 
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.dir / name
@@ -300,53 +250,76 @@ class StageRun:
         else:  # a stage that writes single files keeps its summary in its manifest
             self.manifest["summary"] = summary
 
+    def _finish(self, status: str, error: str | None = None) -> None:
+        self.manifest["status"] = status
+        if error is not None:
+            self.manifest["error"] = error
+        self.manifest["finished_at"] = now()
+        self._flush()
+
     def _flush(self) -> None:
         if is_main_process():
             atomic_write_json(self.dir / self.manifest_name, self.manifest)
 
 
 @contextlib.contextmanager
-def open_stage(stage_dir: Path, stage: str, config: Any, seed: int | None,
-               manifest_name: str = MANIFEST) -> Iterator[StageRun]:
-    """Record a stage run: manifest `running` at start, `done` or `failed` (with the error) at the end."""
+def open_stage(stage_dir: Path, stage: str, config: Any, seed: int | None, manifest_name: str = MANIFEST,
+               command: str | None = None) -> Iterator[StageRun]:
+    """Record a stage run under its lock: manifest `running` at start, `done` (with every output's size and
+    hash) or `failed` (with the error) at the end. A folder that belongs to another command is refused
+    before anything in it is touched."""
     stage_dir = Path(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {
-        "stage": stage,
-        "status": "running",
-        "config": config_to_dict(config),
-        "seed": seed,
-        "inputs": {},
-        "upstream": {},
-        "versions": library_versions(),
-        "git_commit": git_commit(),
-        "command": sys.argv,
-        "host": platform.node(),
-        "pid": os.getpid(),
-        "started_at": now(),
-        "finished_at": None,
-    }
-    run = StageRun(stage, stage_dir, manifest, manifest_name)
-    run._flush()
-    try:
-        yield run
-    except StageStopped as exc:
-        manifest["status"] = "stopped"
-        manifest["error"] = str(exc)
-        manifest["finished_at"] = now()
+    command = command or stage
+    lock_name = storage.LOCK if manifest_name == MANIFEST else f".{manifest_name}.lock"
+    with storage.stage_lock(stage_dir, lock_name, f"{stage} in {stage_dir.parent}"):
+        if manifest_name == MANIFEST:
+            owner = owner_of(stage_dir)
+            if owner and owner != command:
+                raise RlhbError(f"{stage_dir}: is {owner}'s folder, which {command} may not write; give "
+                                f"--stage-name a folder of its own")
+        manifest: dict[str, Any] = {
+            "stage": stage,
+            "made_by": command,
+            "status": "running",
+            "config": config_to_dict(config),
+            "seed": seed,
+            "inputs": {},
+            "upstream": {},
+            "versions": library_versions(),
+            "git_commit": git_commit(),
+            "command": sys.argv,
+            "host": platform.node(),
+            "pid": os.getpid(),
+            "started_at": now(),
+            "finished_at": None,
+        }
+        run = StageRun(stage, stage_dir, manifest, manifest_name)
         run._flush()
-        raise
-    except BaseException as exc:
-        manifest["status"] = "failed"
-        manifest["error"] = str(exc) or type(exc).__name__
-        manifest["finished_at"] = now()
-        run._flush()
-        raise
-    manifest["status"] = "done"
-    manifest["finished_at"] = now()
-    manifest["torch_threads"] = torch_threads()
-    run._flush()
+        try:
+            yield run
+        except StageStopped as exc:
+            run._finish("stopped", str(exc))
+            raise
+        except BaseException as exc:
+            run._finish("failed", str(exc) or type(exc).__name__)
+            raise
+        manifest["torch_threads"] = torch_threads()
+        if is_main_process():
+            manifest["outputs"] = (storage.record_outputs(stage_dir, {manifest_name}) if manifest_name == MANIFEST
+                                   else storage.record_outputs(stage_dir, set(), only=run.outputs) if run.outputs
+                                   else {})
+        run._finish("done")
     distributed.wait_for_everyone()  # what this stage wrote is there for every process's next step
+
+
+def owner_of(stage_dir: Path) -> str | None:
+    """The command whose folder this is: the one its manifest names, or the registry's for a stage's own
+    folder name (train-rlgaf is train-rlhb's); None for a free folder."""
+    manifest = load_manifest(stage_dir) or {}
+    if manifest.get("made_by"):
+        return manifest["made_by"]
+    spec = STAGES.get(Path(stage_dir).name)
+    return (spec.made_by or spec.name) if spec else None
 
 
 def torch_threads() -> int | None:
@@ -356,15 +329,15 @@ def torch_threads() -> int | None:
     return torch.get_num_threads() if torch is not None else None
 
 
-def status_rows(run_dir: Path) -> list[dict[str, Any]]:
+def status_rows(run_dir: Path, verify: bool = False) -> list[dict[str, Any]]:
     """One row per pipeline stage (and any other stage found in the run dir) for `rlhb status`."""
     run_dir = Path(run_dir)
     names = list(STAGES)
     if run_dir.is_dir():
         names += sorted(p.name for p in run_dir.iterdir() if (p / MANIFEST).exists() and p.name not in STAGES)
-    rows = []
+    rows, seen = [], {}
     for name in names:
-        state, manifest, detail = stage_state(run_dir / name)
+        state, manifest, detail = stage_state(run_dir / name, verify, seen)
         summary = {}
         if manifest is not None and (run_dir / name / SUMMARY).exists():
             with contextlib.suppress(OSError, json.JSONDecodeError):

@@ -27,7 +27,8 @@ from rlhb_cli.behaviors.text import SHIPPED, BehaviorTemplate
 from rlhb_cli.behaviors.validate import validate
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.rundir import StageRun, atomic_dir, atomic_write_bytes, atomic_write_json, read_json, require_stage
+from rlhb_cli.rundir import StageRun, read_json, require_stage
+from rlhb_cli.storage import atomic_dir, atomic_write_bytes, atomic_write_json
 
 STAGE = "prepare-behaviors"
 SPLITS = ("train", "validation", "test")

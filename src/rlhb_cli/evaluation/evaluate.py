@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from trl.trainer.utils import selective_log_softmax
 
-from rlhb_cli import rundir
+from rlhb_cli import rundir, storage
 from rlhb_cli.behaviors.binning import most_preferred_levels
 from rlhb_cli.behaviors.prepare import load_prepared
 from rlhb_cli.config import field
@@ -311,7 +311,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             references[key] = {"mean": round(float(values.mean()), 4), "ci95": [round(low, 4), round(high, 4)]}
     summary = _summarise(config, scores, health, queries, query_sets, judges, names, references, draw_variances)
     stage.write_json("summary_detail.json", summary)
-    rundir.atomic_write_text(stage.dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    storage.atomic_write_text(stage.dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     _print_table(Console(), summary, names)
     return {"headline": summary["headline"], "queries": len(queries),
             "query_sets": {s: list(query_sets.values()).count(s) for s in set(query_sets.values())},

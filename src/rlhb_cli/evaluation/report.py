@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhb_cli import rundir
+from rlhb_cli import rundir, storage
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.plots import label_iteration_axis, save_figure
@@ -319,6 +319,6 @@ def run(config: ReportConfig, stage: rundir.StageRun) -> dict:
                 gold = row["scores"].get("gold")
                 lines.append(f"| {name} | {text} | {'' if gold is None else f'{gold:+.3f}'} |")
             lines.append("")
-    rundir.atomic_write_text(stage.dir / "report.md", "\n".join(lines) + "\n")
+    storage.atomic_write_text(stage.dir / "report.md", "\n".join(lines) + "\n")
     return {"report": str(stage.dir / "report.md"), "runs": len(config.run_dirs),
             "policies": list(table["table"]), "verdict": verdicts(table["table"])}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhb_cli import rundir
+from rlhb_cli import rundir, storage
 from rlhb_cli.evaluation.report import across_runs, rolling_mean
 from rlhb_cli.experiments.recipe import Recipe, stage_name
 from rlhb_cli.experiments.verdicts import METRICS, judge_claim
@@ -197,5 +197,5 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
     if recipe.evaluate is not None:
         lines += ["", "Per-run detail (judges' trust, behaviour following, sample answers): "
                   "[report/report.md](report/report.md).", ""]
-    rundir.atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
-    rundir.atomic_write_json(out / "results.json", results)
+    storage.atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    storage.atomic_write_json(out / "results.json", results)

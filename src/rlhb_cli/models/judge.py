@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.rundir import atomic_dir
+from rlhb_cli.storage import atomic_dir
 
 JUDGE_FILE = "judge.json"
 TOKEN_STORE_SIZE = 50_000  # texts whose token ids a judge keeps (see Judge.tokenize; ~0.5 kB each)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate.utils import gather_object
 
-from rlhb_cli import distributed, rundir
+from rlhb_cli import distributed, rundir, storage
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.rl.actor_critic import base_reference
 from rlhb_cli.rl.sources import LearningRewardSource
@@ -156,7 +156,7 @@ def save_policy(engine: PPOEngine, path: Path, policy_meta: dict) -> None:
         return
     if engine.config.lora_r:  # the adapters alone; loading a policy merges them into this base
         policy_meta = policy_meta | {"lora_base": base_reference(engine.policy_path, path)}
-    with rundir.atomic_dir(path) as tmp:
+    with storage.atomic_dir(path) as tmp:
         engine.unwrapped.actor.save_pretrained(str(tmp), state_dict=actor_state)
         engine.tokenizer.save_pretrained(str(tmp))
         (tmp / "policy.json").write_text(json.dumps(policy_meta, indent=2), encoding="utf-8")

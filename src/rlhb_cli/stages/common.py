@@ -3,11 +3,12 @@ Trainer's resume point and config."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
-from rlhb_cli import distributed, rundir
+from rlhb_cli import distributed, rundir, storage
 from rlhb_cli.models.load import TinyModelSpec, load_sequence_classifier, minilm_path, tiny_llama_config
 from rlhb_cli.models.tokenizer import train_tokenizer
 from rlhb_cli.prompts import generator_prompt
@@ -39,7 +40,7 @@ def judge_backbone(name: str, run_dir: Path, stage: rundir.StageRun, num_labels:
                 config = tiny_llama_config(spec or TinyModelSpec(), tokenizer)
                 config.num_labels = num_labels
                 model = LlamaForSequenceClassification(config)
-                with rundir.atomic_dir(init) as tmp:
+                with storage.atomic_dir(init) as tmp:
                     model.save_pretrained(str(tmp))
                     tokenizer.save_pretrained(str(tmp))
         return load_sequence_classifier(init, num_labels, notes)
@@ -62,13 +63,45 @@ def progress_bar():
 
 
 def trainer_resume_point(stage: rundir.StageRun, metrics: rundir.MetricsLog) -> str | None:
-    """The transformers Trainer checkpoint to resume from (with --resume), metrics.jsonl cut to match."""
-    checkpoints = sorted((stage.dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    if stage.resume and checkpoints:
-        metrics.keep_until(int(checkpoints[-1].name.split("-")[1]))
-        return str(checkpoints[-1])
-    metrics.keep_until(-1)
-    return None
+    """The newest complete transformers Trainer checkpoint to resume from (with --resume), metrics.jsonl
+    cut to match. transformers writes trainer_state.json last into a checkpoint, so one whose state does
+    not read whole was cut short (a full disk, a kill during the save): it is removed, and the complete one
+    before it is taken."""
+    checkpoints = sorted((stage.dir / "checkpoints").glob("checkpoint-*"), key=_checkpoint_step)
+    if not stage.resume:
+        metrics.keep_until(-1)
+        return None
+    while checkpoints and not _complete(checkpoints[-1]):
+        if distributed.is_main_process():
+            shutil.rmtree(checkpoints[-1], ignore_errors=True)
+        checkpoints.pop()
+    distributed.wait_for_everyone()
+    if not checkpoints:
+        metrics.keep_until(-1)
+        return None
+    metrics.keep_until(_checkpoint_step(checkpoints[-1]))
+    return str(checkpoints[-1])
+
+
+def _checkpoint_step(path: Path) -> int:
+    suffix = path.name.rpartition("-")[2]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def _complete(checkpoint: Path) -> bool:
+    try:
+        state = rundir.read_json(checkpoint / "trainer_state.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("global_step") == _checkpoint_step(checkpoint)
+
+
+def mean_train_loss(trainer) -> float:
+    """The training loss averaged over every step of the stage, resumed or not. transformers' own figure
+    averages only the steps since the resume; the Trainer logs every step (logging_steps=1) and its log
+    comes back from the checkpoint, so the mean of the logged losses is the uninterrupted run's."""
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return round(sum(losses) / len(losses), 4) if losses else float("nan")
 
 
 def evaluate_before_training(trainer) -> dict:

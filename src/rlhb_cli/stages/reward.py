@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from rlhb_cli import distributed, rundir
+from rlhb_cli import distributed, rundir, storage
 from rlhb_cli.behaviors.prepare import split_queries
 from rlhb_cli.config import field
 from rlhb_cli.distributed import param_count, seed_everything
@@ -22,7 +22,7 @@ from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.judge import Judge, JudgeMeta
 from rlhb_cli.prompts import judge_text
 from rlhb_cli.rundir import MetricsLog
-from rlhb_cli.stages.common import (judge_backbone, stop_if_unfinished,
+from rlhb_cli.stages.common import (judge_backbone, mean_train_loss, stop_if_unfinished,
                                    trainer_resume_point, trl_config)
 from rlhb_cli.stages.sft import trainer_callback
 
@@ -105,7 +105,7 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
         pairs_path = simulated / "preferences.jsonl"
     stage.add_input("pairs", pairs_path)
     pairs, rejected, seen = read_pairs(pairs_path)
-    rundir.atomic_write_text(stage.dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
+    storage.atomic_write_text(stage.dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
     if seen == 0:
         raise RlhbError(f"{pairs_path}: empty file, no pairs")
     if len(rejected) / seen > config.max_reject_ratio:
@@ -135,7 +135,7 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
         output_dir=str(stage.dir / "checkpoints"), num_train_epochs=config.epochs,
         per_device_train_batch_size=per_pass, gradient_accumulation_steps=passes, per_device_eval_batch_size=32,
         learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.01,
-        logging_steps=10, eval_strategy="epoch", save_strategy="steps", save_steps=config.checkpoint_every,
+        logging_steps=1, eval_strategy="epoch", save_strategy="steps", save_steps=config.checkpoint_every,
         save_total_limit=1, seed=config.seed, data_seed=config.seed, max_length=config.max_length,
         center_rewards_coefficient=None,
     )
@@ -145,7 +145,7 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
                             eval_dataset=datasets.Dataset.from_dict(as_texts(validation)),
                             callbacks=[trainer_callback(stage, metrics, STAGE)])
     trainer.remove_callback(PrinterCallback)
-    result = trainer.train(resume_from_checkpoint=trainer_resume_point(stage, metrics))
+    trainer.train(resume_from_checkpoint=trainer_resume_point(stage, metrics))
     stop_if_unfinished(trainer)
     # under ZeRO-3 the weights are sharded: whole on every process while the judge is saved and scored
     with distributed.gathered_weights(trainer.model_wrapped, trainer.model):
@@ -163,7 +163,7 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
         "val_pairwise_accuracy": round(float((chosen > rejected_scores).mean()), 4),
         "train_pairwise_accuracy": round(train_accuracy, 4),
         "val_margin_mean": round(float((chosen - rejected_scores).mean()), 4),
-        "train_loss": round(result.training_loss, 4),
+        "train_loss": mean_train_loss(trainer),
         "pairs_in": seen,
         "pairs_rejected": len(rejected),
         "pairs_train": len(train),

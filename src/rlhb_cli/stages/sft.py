@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhb_cli import distributed, rundir
+from rlhb_cli import distributed, rundir, storage
 from rlhb_cli.behaviors.prepare import load_prepared
 from rlhb_cli.config import field
 from rlhb_cli.distributed import param_count, seed_everything
@@ -24,8 +24,8 @@ from rlhb_cli.models.load import TinyModelSpec, load_causal_lm, tiny_llama_confi
 from rlhb_cli.models.tokenizer import train_tokenizer
 from rlhb_cli.prompts import generator_prompt
 from rlhb_cli.rundir import MetricsLog
-from rlhb_cli.stages.common import (corpus_of, evaluate_before_training, progress_bar, stop_if_unfinished,
-                                   trainer_resume_point, trl_config)
+from rlhb_cli.stages.common import (corpus_of, evaluate_before_training, mean_train_loss, progress_bar,
+                                   stop_if_unfinished, trainer_resume_point, trl_config)
 
 STAGE = "train-sft"
 
@@ -165,7 +165,7 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
             if not (init / "config.json").exists():
                 tokenizer = train_tokenizer(corpus_of(data["train"]), config.tiny_vocab_size)
                 model = LlamaForCausalLM(tiny_llama_config(config.tiny_spec, tokenizer))
-                with rundir.atomic_dir(init) as tmp:
+                with storage.atomic_dir(init) as tmp:
                     model.save_pretrained(str(tmp))
                     tokenizer.save_pretrained(str(tmp))
         model_path = init
@@ -184,7 +184,7 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
         output_dir=str(stage.dir / "checkpoints"), num_train_epochs=config.epochs,
         per_device_train_batch_size=per_pass, gradient_accumulation_steps=passes, per_device_eval_batch_size=64,
         learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
-        logging_steps=10, eval_strategy="epoch", save_strategy="steps", save_steps=config.checkpoint_every,
+        logging_steps=1, eval_strategy="epoch", save_strategy="steps", save_steps=config.checkpoint_every,
         save_total_limit=1, seed=config.seed, data_seed=config.seed, max_length=config.max_length,
         completion_only_loss=True, packing=False, dataset_num_proc=None,
     )
@@ -201,14 +201,14 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
         # transformers evaluates a model before its training under DeepSpeed only at ZeRO-3, and then its
         # training fails (the engine made for evaluation has no optimizer: measured with transformers 5.24)
         untrained = {"eval_loss": None}
-        rundir.atomic_write_json(stage.dir / "untrained.json", untrained)
+        storage.atomic_write_json(stage.dir / "untrained.json", untrained)
     else:
         untrained = {"eval_loss": evaluate_before_training(trainer)["eval_loss"]}
-        rundir.atomic_write_json(stage.dir / "untrained.json", untrained)
+        storage.atomic_write_json(stage.dir / "untrained.json", untrained)
     if untrained["eval_loss"] is None:
         notes.append("untrained validation perplexity not measured: under DeepSpeed, transformers evaluates a model "
                      "before its training only at ZeRO-3, which then cannot train it")
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.train(resume_from_checkpoint=resume_from)
     stop_if_unfinished(trainer)
     final = trainer.evaluate()
     by_epoch = perplexity_by_epoch(trainer.state.log_history)
@@ -219,14 +219,14 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     # under ZeRO-3 Trainer would save a DeepSpeed checkpoint (unless its config asks it to gather on save),
     # which no later stage reads: the whole weights instead, gathered into the main process
     whole = distributed.whole_state_dict(trainer.model_wrapped) if sharded else None
-    with rundir.atomic_dir(stage.dir / "policy") as tmp:
+    with storage.atomic_dir(stage.dir / "policy") as tmp:
         if not sharded:
             trainer.save_model(str(tmp))
         elif whole is not None:
             trainer.model.save_pretrained(str(tmp), state_dict=whole)
         tokenizer.save_pretrained(str(tmp))
     return {
-        "train_loss": round(result.training_loss, 4),
+        "train_loss": mean_train_loss(trainer),
         "val_loss": round(final["eval_loss"], 4),
         "val_perplexity": round(math.exp(final["eval_loss"]), 3),
         "untrained_val_perplexity": (None if untrained["eval_loss"] is None
