@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
 
 from conftest import SHARED_DATA, read_jsonl
 from rlhb_cli.behaviors.importers import html_to_text
@@ -67,3 +70,77 @@ def test_bad_dump_gets_one_line(cli, tmp_path):
     result = cli("import", "stackexchange", tmp_path, "--out", tmp_path / "o.jsonl", ok=False)
     assert result.exit_code == 2 and "Posts.xml:1: not well-formed XML" in result.output
     assert not (tmp_path / "o.jsonl").exists()
+    assert not list(tmp_path.glob(".*.tmp"))  # a failed import leaves nothing half-written behind
+
+
+def _dump(folder: Path, posts: list[str], votes: list[str]) -> Path:
+    folder.mkdir()
+    (folder / "Posts.xml").write_text("<posts>" + "".join(posts) + "</posts>")
+    (folder / "Votes.xml").write_text("<votes>" + "".join(votes) + "</votes>")
+    return folder
+
+
+def test_stackexchange_rows_it_cannot_use_are_counted_with_their_reason(cli, tmp_path):
+    dump = _dump(tmp_path / "dump", [
+        "<row Id='1' PostTypeId='1' Title='Q' Body='&lt;p&gt;q&lt;/p&gt;' ViewCount='10' />",
+        "<row Id='2' PostTypeId='2' ParentId='1' Body='a' Score='1' />",
+        "<row Id='2' PostTypeId='2' ParentId='1' Body='again' Score='3' />",  # a duplicate post id
+        "<row Id='3' PostTypeId='2' ParentId='1' Body='b' Score='many' />",  # a score that is no number
+        "<row Id='4' PostTypeId='1' Title='Q2' Body='q2' ViewCount='lots' />",
+        "<row PostTypeId='2' ParentId='1' Body='no id' />",
+    ], ["<row Id='1' PostId='2' VoteTypeId='2' />", "<row Id='2' VoteTypeId='3' />"])  # a vote without a post
+    out = tmp_path / "se.jsonl"
+    result = cli("import", "stackexchange", dump, "--out", out)
+    assert "Traceback" not in result.output
+    summary = json.loads((tmp_path / "se.jsonl.manifest.json").read_text())["summary"]
+    ledger = read_jsonl(tmp_path / "se.jsonl.rejected.jsonl")
+    assert [(r["where"], r["reason"], r["kind"]) for r in ledger] == [
+        ("Votes.xml row 2", "a vote without PostId", "rejected"),
+        ("Posts.xml row 3 (Id 2)", "post Id 2 appears again (the first one is kept)", "duplicate"),
+        ("Posts.xml row 4 (Id 3)", "Score 'many' is not a whole number", "rejected"),
+        ("Posts.xml row 5 (Id 4)", "ViewCount 'lots' is not a whole number", "rejected"),
+        ("Posts.xml row 6", "Id '' is not a post id", "rejected"),
+    ]
+    # every post is a question, an answer written out, or in the ledger: in = kept + rejected + duplicate
+    assert summary["posts_in"] == summary["questions"] + summary["answers"] + 4 == 6
+    assert summary["rejected"] == 4 and summary["duplicate"] == 1 and len(read_jsonl(out)) == 1
+
+
+OA_TREE = {"message_id": "p", "role": "prompter", "text": "hi", "replies": [
+    {"message_id": "a", "role": "assistant", "text": "hello", "emojis": {"+1": 2}, "replies": []}]}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00\x01\xff\xfe binary", "oa.jsonl:1: not UTF-8 text"),
+    (json.dumps(OA_TREE).encode("utf-16"), "oa.jsonl:1: not UTF-8 text (it looks like UTF-16: save it as UTF-8)"),
+    (None, "oa.jsonl: is a directory"),
+])
+def test_oasst_files_that_are_not_utf8_json_lines_get_one_line(cli, tmp_path, content, message):
+    path = tmp_path / "oa.jsonl"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    result = cli("import", "oasst", path, "--out", tmp_path / "o.jsonl", ok=False)
+    assert result.exit_code == 2 and message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "o.jsonl").exists()
+
+
+def test_oasst_trees_that_cannot_be_read_whole_are_counted_with_their_reason(cli, tmp_path):
+    def tree(**reply):
+        return {**OA_TREE, "replies": [{**OA_TREE["replies"][0], **reply}]}
+    level = '{"message_id": "m", "role": "prompter", "text": "x", "replies": ['
+    deep = level * 3000 + '{"text": "leaf"}' + "]}" * 3000  # deeper than Python's JSON reader recurses
+    lines = [json.dumps(OA_TREE), json.dumps(tree(emojis={"+1": "many"})), json.dumps(tree(replies="none")),
+             json.dumps({**OA_TREE, "message_id": "p2"}), deep]
+    path = tmp_path / "oa.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    cli("import", "oasst", path, "--out", tmp_path / "o.jsonl")
+    ledger = read_jsonl(tmp_path / "o.jsonl.rejected.jsonl")
+    assert [(r["where"], r["reason"]) for r in ledger] == [
+        ("line 2", "message a: reaction '+1' is 'many', not a count"),
+        ("line 3", "message a: field 'replies' is not a list of messages"),
+        ("line 5", "nested deeper than a JSON reader may go"),
+    ]
+    summary = json.loads((tmp_path / "o.jsonl.manifest.json").read_text())["summary"]
+    assert summary["trees"] == 2 and summary["rejected"] == 3 and len(read_jsonl(tmp_path / "o.jsonl")) == 2

@@ -147,6 +147,73 @@ def test_unreadable_files_get_one_line_naming_the_file(cli, tmp_path, name, cont
     assert message in out and name in out and "Traceback" not in out and "\n" not in out
 
 
+def _flat(depth: int) -> str:
+    return json.dumps({"query": "deep", "response": "r", "pv": 1, "clicks": 0, "likes": 0, "dislikes": 0}).replace(
+        '"deep"', "[" * depth + "]" * depth)
+
+
+@pytest.mark.parametrize("line, reason", [
+    (_flat(20_000), "not a log row: nested deeper than a JSON reader may go"),  # Arrow's reader crashed on it
+    (_flat(1_500), "not a log row: nested deeper than a JSON reader may go"),  # Python's: RecursionError
+    (_flat(80), "field 'query' holds a list, not a value"),
+    ('{"query": "half \\ud800 a pair", "response": "r", "pv": 1, "clicks": 0, "likes": 0, "dislikes": 0}',
+     "field 'query' holds a lone surrogate (\\ud800), which is no text"),
+])
+def test_hostile_json_lines_are_rejected_with_their_reason(cli, tmp_path, line, reason):
+    logs = tmp_path / "logs.jsonl"
+    rows = [{**r, "query": f"{r['query']}-{i}"} for i in range(3) for r in GOOD]
+    logs.write_text("".join(json.dumps(r) + "\n" for r in rows) + line + "\n", encoding="utf-8")
+    cli("prepare-behaviors", logs, "--run-dir", tmp_path / "run", "--max-reject-ratio", 0.5)
+    summary, _, rejected = prepared(tmp_path / "run")
+    assert summary["rows_in"] == 13 and summary["rows_kept"] == 12
+    assert [(r["line"], r["reason"]) for r in rejected if r["kind"] == "rejected"] == [(13, reason)]
+
+
+def test_parquet_types_are_read_or_refused_per_row(cli, tmp_path):
+    from decimal import Decimal
+    import datetime
+    n = len(GOOD)
+    base = {k: [r[k] for r in GOOD] for k in GOOD[0]}
+    cases = {  # column -> (values, rows kept, reason of the rejects)
+        "dictionary text": ({"query": pa.array(base["query"]).dictionary_encode()}, n, None),
+        "bytes as text": ({"response": pa.array([v.encode() for v in base["response"]])}, n, None),
+        "decimal counts": ({"pv": pa.array([Decimal(v) for v in base["pv"]], pa.decimal128(12, 0))}, n, None),
+        "timestamps": ({"likes": pa.array([datetime.datetime(2024, 1, 1)] * n, pa.timestamp("s"))}, 0,
+                       "field 'likes' is not a number: datetime.datetime(2024, 1, 1, 0, 0)"),
+        "lists": ({"dislikes": pa.array([[1]] * n)}, 0, "field 'dislikes' is not a number: [1]"),
+        "structs": ({"clicks": pa.array([{"a": 1}] * n)}, 0, "field 'clicks' is not a number: {'a': 1}"),
+        "int as text": ({"query": pa.array(range(n))}, 0, "field 'query' must be text, got a number"),
+        "binary not UTF-8": ({"query": pa.array([b"\xff\xfe"] * n)}, 0,
+                             "field 'query' must be text, got a value of type binary"),
+    }
+    for name, (columns, kept, reason) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.parquet"
+        pq.write_table(pa.table({**base, **columns}), path)
+        result = cli("prepare-behaviors", path, "--run-dir", tmp_path / name.replace(" ", "_"), ok=False)
+        assert "Traceback" not in result.output, name
+        if kept:
+            assert result.exit_code == 0 and prepared(tmp_path / name.replace(" ", "_"))[0]["rows_kept"] == kept, name
+        else:
+            assert result.exit_code == 2 and f"first: line 1: {reason}" in " ".join(result.output.split()), \
+                (name, result.output)
+            ledger = read_jsonl(tmp_path / name.replace(" ", "_") / "prepare-behaviors" / "rejected.jsonl")
+            assert len(ledger) == n and ledger[0]["reason"] == reason, name
+
+
+def test_csv_values_longer_than_a_block_or_pythons_field_limit_are_read(cli, tmp_path):
+    header = "query,response,pv,clicks,likes,dislikes\n"
+    rows = "".join(f"q{i},a{i},10,1,2,1\n" for i in range(20))
+    long_value = "x" * 3_000_000  # longer than Arrow's 1 MB block and Python's 128 KiB field limit
+    (tmp_path / "long.csv").write_text(header + rows + f"qlong,{long_value},10,1,2,1\n")
+    # a short row sends the reader down the record-by-record path, which Python's csv module walks
+    (tmp_path / "short.csv").write_text(header + rows + "qshort,a,10\n" + f'qlong,"{long_value}",10,1,2,1\n')
+    for name, kept in (("long.csv", 21), ("short.csv", 21)):
+        cli("prepare-behaviors", tmp_path / name, "--run-dir", tmp_path / name.replace(".", "_"))
+        summary, data, rejected = prepared(tmp_path / name.replace(".", "_"))
+        assert summary["rows_kept"] == kept and max(len(r["response"]) for r in all_rows(data)) == 3_000_000
+    assert [(r["line"], r["reason"]) for r in rejected] == [(22, "expected 6 columns, got 3")]
+
+
 def test_bom_crlf_gzip_csv_and_parquet_read_the_same_rows(cli, tmp_path):
     text = "".join(json.dumps(r) + "\r\n" for r in GOOD).encode()
     (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + text)
@@ -195,6 +262,26 @@ def test_field_mapping_keep_fields_and_anonymised_user_ids(cli, tmp_path):
     assert hashes["q0"] == hashes["q2"] != hashes["q1"]
     bad = cli("prepare-behaviors", logs, "--run-dir", tmp_path / "run2", "--field", "likes=hearts", ok=False)
     assert "no column 'hearts' for --field likes=hearts" in bad.output
+
+
+def test_no_raw_identifier_is_written_anywhere_in_the_run_dir(cli, tmp_path):
+    """E-mail addresses as user ids, in kept rows, duplicates and bad rows: every file of the run dir is
+    scanned for them; the rejects ledger keys duplicates by the same salted hash as the data set."""
+    emails = [f"person{i}@example.org" for i in range(4)]
+    rows = [{"query": f"q{i}", "response": f"a{i}", "pv": 10, "clicks": 1, "likes": 2, "dislikes": 1,
+             "user_id": emails[i % 4]} for i in range(12)]
+    rows += [dict(rows[0]), dict(rows[5]), {**rows[2], "likes": "many"}, {**rows[3], "pv": -1}]
+    logs = write_jsonl(tmp_path / "logs.jsonl", rows)
+    cli("prepare-behaviors", logs, "--run-dir", tmp_path / "run", "--salt", "pepper", "--max-reject-ratio", 0.5)
+    summary, data, _ = prepared(tmp_path / "run")
+    assert summary["rows_duplicate"] == 2 and summary["rows_rejected"] == 2
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(e.encode() in content or e.encode("utf-16-le") in content for e in emails), path
+    ledger = read_jsonl(tmp_path / "run" / "prepare-behaviors" / "rejected.jsonl")
+    hashed = {r["user_id"] for r in all_rows(data)}
+    assert {r["raw"]["user_id"] for r in ledger if r["reason"].startswith("duplicate")} <= hashed
 
 
 def test_splits_are_disjoint_by_query_and_seeded(cli, tmp_path, sim_run):

@@ -177,17 +177,20 @@ def _import(kind: str, source: Path, out: Path, pairs: Optional[Path]) -> None:
     with rundir.open_stage(out.parent, f"import-{kind}", config, None, manifest_name=f"{out.name}.manifest.json") as stage:
         tmp_out = out.with_name(f".{out.name}.tmp")
         tmp_pairs = pairs.with_name(f".{pairs.name}.tmp") if pairs else None
+        ledger = importers.ImportLedger()
+        rejects = out.with_name(f"{out.name}.rejected.jsonl")
         try:
             with open(tmp_out, "w", encoding="utf-8") as handle, \
                     (open(tmp_pairs, "w", encoding="utf-8") if tmp_pairs else _nullcontext()) as pairs_handle:
                 if kind == "stackexchange":
-                    counts = importers.import_stackexchange(source, handle, pairs_handle)
+                    counts = importers.import_stackexchange(source, handle, pairs_handle, ledger)
                     for name in ("Posts.xml", "Votes.xml", "Comments.xml"):
                         if (source / name).exists():
                             stage.add_input(name, source / name)
                 else:
-                    counts = importers.import_oasst(source, handle, pairs_handle)
+                    counts = importers.import_oasst(source, handle, pairs_handle, ledger)
                     stage.add_input("trees", source)
+            storage.atomic_write_text(rejects, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ledger.rows))
             tmp_out.replace(out)
             if tmp_pairs:
                 tmp_pairs.replace(pairs)
@@ -195,9 +198,11 @@ def _import(kind: str, source: Path, out: Path, pairs: Optional[Path]) -> None:
             for tmp in (tmp_out, tmp_pairs):
                 if tmp is not None:
                     tmp.unlink(missing_ok=True)
-        stage.outputs = (out.name,) + ((pairs.name,) if pairs and pairs.resolve().parent == out.resolve().parent else ())
+        stage.outputs = (out.name, rejects.name) + (
+            (pairs.name,) if pairs and pairs.resolve().parent == out.resolve().parent else ())
         stage.set_summary(counts)
-    _print_summary(f"import {kind} -> {out}", counts | ({"pairs_file": str(pairs)} if pairs else {}))
+    _print_summary(f"import {kind} -> {out}", counts | ({"pairs_file": str(pairs)} if pairs else {})
+                   | ({"rejects_file": str(rejects)} if ledger.rows else {}))
 
 
 @import_app.command("stackexchange")

@@ -63,47 +63,101 @@ def html_to_text(html: str) -> str:
     return "\n".join(text).strip()
 
 
-def _rows(path: Path) -> Iterator[dict]:
-    """Stream the <row .../> elements of a Stack Exchange XML file, freeing each one once read."""
+def _rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """Stream the <row .../> elements of a Stack Exchange XML file (with their ordinal), freeing each once read."""
     if not path.exists():
         raise RlhbError(f"{path}: no such file (a Stack Exchange dump folder holds Posts.xml, Votes.xml, Comments.xml)")
+    if path.is_dir():
+        raise RlhbError(f"{path}: is a directory, not a Stack Exchange XML file")
+    number = 0
     try:
         for _, element in ET.iterparse(path, events=("end",)):
             if element.tag == "row":
-                yield element.attrib
+                number += 1
+                yield number, element.attrib
                 element.clear()
     except ET.ParseError as exc:
         raise RlhbError(f"{path}:{exc.position[0]}: not well-formed XML ({exc})") from None
 
 
-def import_stackexchange(dump: Path, out, pairs_out=None) -> dict:
-    """Write one log row per answer to `out` (a text stream); return counts."""
+class ImportLedger:
+    """The rows an import could not use, each with where it was and why: written beside the log."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def reject(self, where: str, reason: str, kind: str = "rejected") -> None:
+        self.rows.append({"where": where, "reason": reason, "kind": kind})
+
+    def count(self, kind: str) -> int:
+        return sum(row["kind"] == kind for row in self.rows)
+
+
+def _whole(row: dict, name: str) -> int:
+    """A whole number from an XML attribute (absent is 0), or ValueError naming the field."""
+    value = (row.get(name) or "0").strip()
+    if not value.lstrip("-").isdigit():
+        raise ValueError(f"{name} {value[:40]!r} is not a whole number")
+    return int(value)
+
+
+def import_stackexchange(dump: Path, out, pairs_out=None, ledger: ImportLedger | None = None) -> dict:
+    """Write one log row per answer to `out` (a text stream); return counts. Rows that cannot be used
+    (a vote without a post, a count that is no number, a post id seen before) go to `ledger`."""
     dump = Path(dump)
+    ledger = ledger if ledger is not None else ImportLedger()
+    if not dump.is_dir():
+        raise RlhbError(f"{dump}: not a folder (a Stack Exchange dump folder holds Posts.xml, Votes.xml, Comments.xml)")
     up, down, comments = defaultdict(int), defaultdict(int), defaultdict(int)
-    for row in _rows(dump / "Votes.xml"):
-        kind = row.get("VoteTypeId")
-        if kind == "2":
-            up[row["PostId"]] += 1
+    votes = 0
+    for number, row in _rows(dump / "Votes.xml"):
+        votes += 1
+        kind, post = row.get("VoteTypeId"), row.get("PostId")
+        if kind in ("2", "3") and not post:
+            ledger.reject(f"Votes.xml row {number}", "a vote without PostId")
+        elif kind == "2":
+            up[post] += 1
         elif kind == "3":
-            down[row["PostId"]] += 1
+            down[post] += 1
     comments_path = dump / "Comments.xml"
     if comments_path.exists():
-        for row in _rows(comments_path):
-            comments[row["PostId"]] += 1
-    counts = {"questions": 0, "answers": 0, "answers_without_question": 0, "pairs": 0, "score_mismatches": 0}
+        for number, row in _rows(comments_path):
+            if row.get("PostId"):
+                comments[row["PostId"]] += 1
+            else:
+                ledger.reject(f"Comments.xml row {number}", "a comment without PostId")
+    counts = {"questions": 0, "answers": 0, "answers_without_question": 0, "pairs": 0, "score_mismatches": 0,
+              "posts_in": 0}
     with tempfile.TemporaryDirectory() as tmp:
         db = sqlite3.connect(Path(tmp) / "posts.sqlite")
         db.execute("CREATE TABLE q (id TEXT PRIMARY KEY, query TEXT, views INTEGER, accepted TEXT)")
         db.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, parent TEXT, body TEXT, score INTEGER, owner TEXT)")
-        for row in _rows(dump / "Posts.xml"):
-            if row.get("PostTypeId") == "1":
-                query = (row.get("Title", "").strip() + "\n\n" + html_to_text(row.get("Body", ""))).strip()
-                db.execute("INSERT INTO q VALUES (?, ?, ?, ?)",
-                           (row["Id"], query, int(row.get("ViewCount") or 0), row.get("AcceptedAnswerId")))
-                counts["questions"] += 1
-            elif row.get("PostTypeId") == "2":
-                db.execute("INSERT INTO a VALUES (?, ?, ?, ?, ?)", (int(row["Id"]), row.get("ParentId"),
-                           html_to_text(row.get("Body", "")), int(row.get("Score") or 0), row.get("OwnerUserId")))
+        seen: set[str] = set()
+        for number, row in _rows(dump / "Posts.xml"):
+            counts["posts_in"] += 1
+            where = f"Posts.xml row {number}" + (f" (Id {row['Id'][:20]})" if row.get("Id") else "")
+            kind, post_id = row.get("PostTypeId"), (row.get("Id") or "").strip()
+            if kind not in ("1", "2"):
+                continue  # wiki, tag excerpts and the like: not questions or answers (counted in posts_in)
+            if not post_id.isdigit():
+                ledger.reject(where, f"Id {post_id[:40]!r} is not a post id")
+                continue
+            if post_id in seen:
+                ledger.reject(where, f"post Id {post_id} appears again (the first one is kept)", "duplicate")
+                continue
+            try:
+                if kind == "1":
+                    query = (row.get("Title", "").strip() + "\n\n" + html_to_text(row.get("Body", ""))).strip()
+                    db.execute("INSERT INTO q VALUES (?, ?, ?, ?)",
+                               (post_id, query, _whole(row, "ViewCount"), row.get("AcceptedAnswerId")))
+                    counts["questions"] += 1
+                else:
+                    db.execute("INSERT INTO a VALUES (?, ?, ?, ?, ?)", (int(post_id), row.get("ParentId"),
+                               html_to_text(row.get("Body", "")), _whole(row, "Score"), row.get("OwnerUserId")))
+            except ValueError as exc:
+                ledger.reject(where, str(exc))
+                continue
+            seen.add(post_id)
         db.commit()
         counts["answers_without_question"] = db.execute(
             "SELECT COUNT(*) FROM a LEFT JOIN q ON a.parent = q.id WHERE q.id IS NULL").fetchone()[0]
@@ -133,6 +187,8 @@ def import_stackexchange(dump: Path, out, pairs_out=None) -> dict:
                     pairs_out.write(json.dumps({"prompt": query, "chosen": chosen, "rejected": rejected,
                                                 "margin": abs(score_i - score_j)}, ensure_ascii=False) + "\n")
                     counts["pairs"] += 1
+    counts["votes_in"] = votes
+    counts["rejected"], counts["duplicate"] = ledger.count("rejected"), ledger.count("duplicate")
     return counts
 
 
@@ -143,51 +199,98 @@ def _conversation(turns: list[tuple[str, str]]) -> str:
     return "\n\n".join(f"{names.get(role, role)}: {text}" for role, text in turns)
 
 
-def import_oasst(path: Path, out, pairs_out=None) -> dict:
-    """One log row per assistant reply of OpenAssistant trees (tree or nested-message JSONL)."""
+class _BadTree(Exception):
+    """A tree that cannot be read whole: rejected with this reason, none of its rows written."""
+
+
+def _reaction(emojis: dict, name: str, message_id) -> int:
+    value = emojis.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _BadTree(f"message {message_id}: reaction {name!r} is {value!r}, not a count")
+    return value
+
+
+def import_oasst(path: Path, out, pairs_out=None, ledger: ImportLedger | None = None) -> dict:
+    """One log row per assistant reply of OpenAssistant trees (tree or nested-message JSONL). A tree that
+    cannot be read whole (replies that are no list, a reaction that is no count, nesting too deep) goes to
+    `ledger` with its line; a file that is not UTF-8 JSON lines is refused in one line."""
     path = Path(path)
+    ledger = ledger if ledger is not None else ImportLedger()
     if not path.exists():
         raise RlhbError(f"{path}: no such file")
+    if path.is_dir():
+        raise RlhbError(f"{path}: is a directory; give the trees' .jsonl file")
     counts = {"trees": 0, "assistant_replies": 0, "pairs": 0}
 
-    def walk(message: dict, history: list[tuple[str, str]]) -> None:
+    def walk(message: dict, history: list[tuple[str, str]], rows: list[dict], pairs: list[dict]) -> None:
+        if not isinstance(message.get("text", ""), str):
+            raise _BadTree(f"message {message.get('message_id')}: field 'text' is not text")
         turns = history + [(message.get("role", ""), message.get("text", ""))]
         replies = message.get("replies") or []
+        if not isinstance(replies, list) or not all(isinstance(r, dict) for r in replies):
+            raise _BadTree(f"message {message.get('message_id')}: field 'replies' is not a list of messages")
         ranked = []
         for reply in replies:
             if reply.get("role") == "assistant":
                 emojis = reply.get("emojis") or {}
-                likes, dislikes = int(emojis.get("+1", 0)), int(emojis.get("-1", 0))
-                out.write(json.dumps({
+                if not isinstance(emojis, dict):
+                    raise _BadTree(f"message {reply.get('message_id')}: field 'emojis' is not a mapping")
+                likes = _reaction(emojis, "+1", reply.get("message_id"))
+                dislikes = _reaction(emojis, "-1", reply.get("message_id"))
+                reviews = reply.get("review_count") or 0
+                if isinstance(reviews, bool) or not isinstance(reviews, int):
+                    raise _BadTree(f"message {reply.get('message_id')}: review_count {reviews!r} is not a count")
+                rows.append({
                     "query": _conversation(turns), "response": reply.get("text", ""),
-                    "pv": max(int(reply.get("review_count") or 0), likes + dislikes), "clicks": 0,
+                    "pv": max(reviews, likes + dislikes), "clicks": 0,
                     "likes": likes, "dislikes": dislikes, "rank": reply.get("rank"),
                     "synthetic": int(bool(reply.get("synthetic"))), "message_id": reply.get("message_id"),
-                }, ensure_ascii=False) + "\n")
-                counts["assistant_replies"] += 1
-                if reply.get("rank") is not None:
+                })
+                if isinstance(reply.get("rank"), (int, float)) and not isinstance(reply.get("rank"), bool):
                     ranked.append((reply["rank"], reply.get("text", "")))
-            walk(reply, turns)
-        if pairs_out is not None:
-            ranked.sort(key=lambda r: r[0])
-            for i, (rank_i, text_i) in enumerate(ranked):
-                for rank_j, text_j in ranked[i + 1:]:
-                    if rank_i < rank_j:
-                        pairs_out.write(json.dumps({"prompt": _conversation(turns), "chosen": text_i,
-                                                    "rejected": text_j}, ensure_ascii=False) + "\n")
-                        counts["pairs"] += 1
+            walk(reply, turns, rows, pairs)
+        ranked.sort(key=lambda r: r[0])
+        for i, (rank_i, text_i) in enumerate(ranked):
+            for rank_j, text_j in ranked[i + 1:]:
+                if rank_i < rank_j:
+                    pairs.append({"prompt": _conversation(turns), "chosen": text_i, "rejected": text_j})
 
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                hint = " (it looks like UTF-16: save it as UTF-8)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+                raise RlhbError(f"{path}:{number}: not UTF-8 text{hint}") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise RlhbError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                ledger.reject(f"line {number}", "nested deeper than a JSON reader may go")
+                continue
             root = record.get("prompt", record) if isinstance(record, dict) else None
             if not isinstance(root, dict) or "text" not in root:
                 raise RlhbError(f"{path}:{number}: field 'prompt': not an OpenAssistant tree or message")
+            rows: list[dict] = []
+            pairs: list[dict] = []
+            try:
+                walk(root, [], rows, pairs)
+            except _BadTree as exc:
+                ledger.reject(f"line {number}", str(exc))
+                continue
+            except RecursionError:
+                ledger.reject(f"line {number}", "a conversation nested deeper than can be walked")
+                continue
             counts["trees"] += 1
-            walk(root, [])
+            counts["assistant_replies"] += len(rows)
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if pairs_out is not None:
+                for pair in pairs:
+                    pairs_out.write(json.dumps(pair, ensure_ascii=False) + "\n")
+                counts["pairs"] += len(pairs)
+    counts["rejected"] = ledger.count("rejected")
     return counts

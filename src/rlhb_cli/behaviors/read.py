@@ -28,6 +28,7 @@ KNOWN_OPTIONAL = ("window", "user_segment", "user_id", "event_id")
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _NUMBER = r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$"
 _BOM = b"\xef\xbb\xbf"
+MAX_DEPTH = 64  # a log row is flat; deeper input is read line by line, where nesting is refused per line
 
 
 @dataclass
@@ -101,13 +102,33 @@ def read_logs(path: Path, field_map: dict[str, str] | None = None) -> ParsedLogs
             raise RlhbError(f"{path}: not a readable Parquet file ({exc})") from None
         if table.num_rows == 0:
             raise RlhbError(f"{path}: empty file, no rows to read")
-        parsed = ParsedLogs(table, np.arange(1, table.num_rows + 1), [], fmt)
+        parsed = ParsedLogs(_plain_columns(table), np.arange(1, table.num_rows + 1), [], fmt)
     else:
         data = _load_bytes(path, gzipped)
         parsed = _read_jsonl(data) if fmt == "jsonl" else _read_csv(data, path)
     parsed.table, renamed = _rename(parsed.table, field_map or {}, path)
     parsed.was_number = {renamed.get(k, k): v for k, v in parsed.was_number.items()}
     return parsed
+
+
+def _plain_columns(table: pa.Table) -> pa.Table:
+    """Parquet's encodings as plain values: a dictionary-encoded (categorical) column as its values, bytes
+    that are all UTF-8 as text, decimals as floats. Other types stay, to be refused per row by name."""
+    columns = {}
+    for name, column in zip(table.column_names, table.columns):
+        kind = column.type
+        if pa.types.is_dictionary(kind):
+            column = column.cast(kind.value_type)
+            kind = column.type
+        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            try:
+                column = column.cast(pa.string())
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                pass
+        elif pa.types.is_decimal(kind):
+            column = column.cast(pa.float64())
+        columns[name] = column
+    return pa.table(columns)
 
 
 def _rename(table: pa.Table, field_map: dict[str, str], path: Path) -> tuple[pa.Table, dict[str, str]]:
@@ -128,15 +149,35 @@ def _read_jsonl(data: bytes) -> ParsedLogs:
     # Fast path: Arrow's multi-threaded reader. Its row i is line i + 1 exactly when there are as many
     # rows as lines (it skips blank lines, which would shift the numbering).
     import pyarrow.json as pj
-    try:
-        table = pj.read_json(pa.BufferReader(normalized))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        table = None
     lines = normalized.count(b"\n") + (not normalized.endswith(b"\n"))
+    table = None
+    if not _may_nest_deeper(normalized, MAX_DEPTH):  # a native reader can crash on deep nesting
+        try:
+            table = pj.read_json(pa.BufferReader(normalized))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            table = None
     if (table is not None and table.num_rows == lines
             and not any(pa.types.is_struct(t) or pa.types.is_list(t) for t in table.schema.types)):
         return ParsedLogs(table, np.arange(1, table.num_rows + 1), [], "jsonl")
     return _read_jsonl_slow(normalized)
+
+
+def _may_nest_deeper(data: bytes, limit: int) -> bool:
+    """Whether any value could nest deeper than `limit`: the running count of opening minus closing
+    brackets, over the bytes in blocks (brackets inside strings count too, so it errs towards yes)."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    steps = np.zeros(256, dtype=np.int8)
+    steps[[ord("["), ord("{")]] = 1
+    steps[[ord("]"), ord("}")]] = -1
+    depth, block = 0, 1 << 24
+    for start in range(0, len(data), block):
+        running = np.cumsum(steps[np.frombuffer(data, np.uint8, min(block, len(data) - start), start)],
+                            dtype=np.int32) + depth
+        if running.max() > limit:
+            return True
+        depth = int(running[-1])
+    return False
 
 
 def _read_jsonl_slow(data: bytes) -> ParsedLogs:
@@ -158,6 +199,9 @@ def _read_jsonl_slow(data: bytes) -> ParsedLogs:
         except json.JSONDecodeError as exc:
             rejected.append(Rejected(number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
             continue
+        except RecursionError:
+            rejected.append(Rejected(number, "not a log row: nested deeper than a JSON reader may go"))
+            continue
         if not isinstance(row, dict):
             rejected.append(Rejected(number, f"not a JSON object (got {type(row).__name__})"))
             continue
@@ -170,6 +214,9 @@ def _read_jsonl_slow(data: bytes) -> ParsedLogs:
             elif isinstance(value, (int, float)):
                 numbers.add(key)
                 clean[key] = repr(value)
+            elif isinstance(value, str) and _lone_surrogate(value):
+                problem = problem or (key, f"field '{key}' holds a lone surrogate ({_lone_surrogate(value)}), "
+                                           f"which is no text")
             elif value is None or isinstance(value, str):
                 clean[key] = value
             else:
@@ -190,6 +237,15 @@ def _read_jsonl_slow(data: bytes) -> ParsedLogs:
     return ParsedLogs(table, np.asarray(lines, dtype=np.int64), rejected, "jsonl", was_number)
 
 
+def _lone_surrogate(text: str) -> str:
+    """The first half of a UTF-16 pair standing alone in `text` (JSON's \\ud800 escape allows it), or ""."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(text[exc.start]):04x}"
+    return ""
+
+
 # ------------------------------------------------------------------------------------------ CSV
 def _read_csv(data: bytes, path: Path) -> ParsedLogs:
     import pyarrow.csv as pcsv
@@ -207,13 +263,22 @@ def _read_csv(data: bytes, path: Path) -> ParsedLogs:
         bad_rows.append(Rejected(0, f"expected {row.expected_columns} columns, got {row.actual_columns}"))
         return "skip"
 
-    try:
-        table = pcsv.read_csv(
-            io.BytesIO(data),
+    def read(block_size: int | None) -> pa.Table:
+        bad_rows.clear()
+        return pcsv.read_csv(
+            io.BytesIO(data), read_options=pcsv.ReadOptions(block_size=block_size) if block_size else None,
             parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
             convert_options=pcsv.ConvertOptions(column_types={n: pa.binary() for n in header},
                                                 strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
+
+    try:
+        try:
+            table = read(None)
+        except pa.ArrowInvalid as exc:
+            if "straddl" not in str(exc):
+                raise
+            table = read(min(len(data) + 1, 2**31 - 1))  # a value longer than a block: the file as one block
     except pa.ArrowInvalid as exc:
         raise RlhbError(f"{path}: not readable as CSV ({exc})") from None
     if bad_rows:
@@ -255,6 +320,7 @@ def _read_csv(data: bytes, path: Path) -> ParsedLogs:
 
 def _csv_record_lines(data: bytes, n_fields: int) -> tuple[np.ndarray, list[Rejected]]:
     """(first line of each well-formed record, the malformed records) by reading the CSV record by record."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(data)))  # Python's reader stops at 128 KiB a value
     reader = csv.reader(io.StringIO(data.decode("utf-8", errors="replace"), newline=""))
     next(reader, None)
     good, bad = [], []
@@ -291,7 +357,7 @@ def to_numbers(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarr
 
 
 def text_column(parsed: ParsedLogs, name: str) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """(column as strings, is_missing, is_not_text) for a text field."""
+    """(column as strings, is_missing, is_not_text) for a text field (what it holds instead: `kind_of`)."""
     column = parsed.table.column(name)
     column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     missing = column.is_null().to_numpy(zero_copy_only=False)
@@ -299,3 +365,12 @@ def text_column(parsed: ParsedLogs, name: str) -> tuple[pa.Array, np.ndarray, np
         not_text = parsed.was_number.get(name, np.zeros(len(column), dtype=bool))
         return column, missing, not_text
     return pa.nulls(len(column), pa.string()), missing, ~missing
+
+
+def kind_of(parsed: ParsedLogs, name: str) -> str:
+    """What a column that should hold text holds instead, for the reject's reason."""
+    kind = parsed.table.column(name).type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind) or \
+            pa.types.is_floating(kind):
+        return "a number"
+    return f"a value of type {kind}"

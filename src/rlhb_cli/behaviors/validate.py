@@ -7,6 +7,7 @@ their reason. Impression events are checked as events, then aggregated per (quer
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rlhb_cli.behaviors.read import (COUNT_FIELDS, EVENT_FLAGS, KNOWN_OPTIONAL, TEXT_FIELDS, ParsedLogs, Rejected,
-                                     text_column, to_numbers)
+                                     kind_of, text_column, to_numbers)
 from rlhb_cli.errors import RlhbError
 
 
@@ -99,7 +100,7 @@ def validate(parsed: ParsedLogs, path: Path, kind: str = "auto", max_count: floa
     for name in TEXT_FIELDS:
         column, missing, not_text = text_column(parsed, name)
         verdicts.flag(missing, name, f"missing field '{name}'")
-        verdicts.flag(not_text, name, f"field '{name}' must be text, got a number")
+        verdicts.flag(not_text, name, f"field '{name}' must be text, got {kind_of(parsed, name)}")
         verdicts.flag(_blank(column), name, f"field '{name}' is empty")
         texts[name] = column
 
@@ -153,9 +154,10 @@ def validate(parsed: ParsedLogs, path: Path, kind: str = "auto", max_count: floa
         first_row = _first_occurrence(key_columns, ok)
         repeated = ok & (first_row != np.arange(n))
         for r, f in zip(np.flatnonzero(repeated), first_row[repeated]):
-            duplicates.append(Rejected(int(parsed.lines[r]), f"duplicate of line {int(parsed.lines[f])}", None,
-                                       {k: _short(texts[k][r].as_py() if k in texts else table.column(k)[r].as_py())
-                                        for k in key_names}))
+            key = {k: _short(texts[k][r].as_py() if k in texts else table.column(k)[r].as_py()) for k in key_names}
+            if key.get("user_id") is not None:  # the ledger holds what the data set holds: the hash, never the id
+                key["user_id"] = _hashed(table.column("user_id").cast(pa.string())[r].as_py(), salt)
+            duplicates.append(Rejected(int(parsed.lines[r]), f"duplicate of line {int(parsed.lines[f])}", None, key))
             ok[r] = False
 
     def raw_of(i: int) -> dict:
@@ -229,15 +231,28 @@ def _first_occurrence(key_columns: list, usable: np.ndarray) -> np.ndarray:
 
 
 def _short(value, limit: int = 200):
+    """A value as the rejects ledger shows it: JSON's own types, long text cut (bytes, decimals and times
+    from Parquet as their text)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            value = str(value)
     if isinstance(value, str) and len(value) > limit:
         return value[:limit] + "..."
     return value
 
 
+def _hashed(identifier: str, salt: str) -> str:
+    return hashlib.sha256((salt + identifier).encode()).hexdigest()[:16]
+
+
 def _anonymise(column: pa.ChunkedArray, salt: str) -> pa.Array:
     """Each distinct identifier becomes sha256(salt + id)[:16]; the same id always maps to the same hash."""
     encoded = column.combine_chunks().dictionary_encode()
-    hashed = [None if v is None else hashlib.sha256((salt + v).encode()).hexdigest()[:16]
+    hashed = [None if v is None else _hashed(v, salt)
               for v in encoded.dictionary.to_pylist()]
     return pa.DictionaryArray.from_arrays(encoded.indices, pa.array(hashed, pa.string())).cast(pa.string())
 
