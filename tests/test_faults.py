@@ -21,13 +21,13 @@ from rlhb_cli import storage
 
 from conftest import RL, TINY, read_jsonl, summary_of
 
-KILLED = {
-    "train-sft": ["--epochs", 1, "--max-train-rows", 1024, "--batch-size", 32, "--learning-rate", 1e-2, *TINY,
-                  "--checkpoint-every", 3],
-    "train-reward": ["--backbone", "tiny", "--epochs", 1, "--checkpoint-every", 3],
-    "warmup-discriminator": ["--backbone", "tiny", "--epochs", 1, "--max-train-rows", 1500, "--learning-rate", 3e-3,
-                             "--checkpoint-every", 4],
-    "train-rlhb": ["--iterations", 6, *RL, "--checkpoint-every", 1],
+KILLED = {  # stage -> (its options, the metrics rows between which the kill lands)
+    "train-sft": (["--epochs", 1, "--max-train-rows", 1024, "--batch-size", 32, "--learning-rate", 1e-2, *TINY,
+                   "--checkpoint-every", 3], (2, 20)),
+    "train-reward": (["--backbone", "tiny", "--epochs", 1, "--checkpoint-every", 3], (2, 12)),
+    "warmup-discriminator": (["--backbone", "tiny", "--epochs", 1, "--max-train-rows", 1500, "--learning-rate", 3e-3,
+                              "--checkpoint-every", 4], (2, 8)),
+    "train-rlhb": (["--iterations", 6, *RL, "--checkpoint-every", 1], (1, 4)),
 }
 
 
@@ -52,12 +52,12 @@ def kill_when(process: subprocess.Popen, stage_dir: Path, rows: int, timeout: fl
 
 @pytest.mark.parametrize("stage", list(KILLED))
 def test_kill_9_then_resume_equals_the_uninterrupted_run(rl_run, cli, tmp_path, stage):
-    args = KILLED[stage]
+    args, (first, last) = KILLED[stage]
     straight = tmp_path / "straight"
     shutil.copytree(rl_run, straight)
     cli(stage, "--run-dir", straight, *args, "--force")
 
-    moment = random.Random(f"{stage}-{os.getpid()}").randint(3, 8)  # a different moment each session
+    moment = random.Random(f"{stage}-{os.getpid()}").randint(first, last)  # a different moment each session
     process = subprocess.Popen([sys.executable, "-m", "rlhb_cli", stage, "--run-dir", str(rl_run),
                                 *map(str, args), "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     kill_when(process, rl_run / stage, moment)
@@ -112,7 +112,7 @@ def test_a_full_or_read_only_disk_is_one_line_and_leaves_nothing_done_that_is_no
     script = tmp_path / "full_disk.py"
     script.write_text(textwrap.dedent(FULL_DISK))
     size_kb = used // 1024 + 600  # the run as it is, and room for part of what SFT writes
-    sft = KILLED["train-sft"]
+    sft = KILLED["train-sft"][0]
     shell = (f"mount -t tmpfs -o size={size_kb}k tmpfs {mount} && "
              f"{sys.executable} {script} {rl_run} {mount} {how} " + " ".join(map(str, sft)))
     result = subprocess.run(["unshare", "-rm", "sh", "-c", shell], capture_output=True, text=True, timeout=600,

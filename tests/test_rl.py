@@ -309,7 +309,7 @@ def test_best_logged_condition_asks_for_the_behaviour_with_the_best_logged_rewar
     assert {r["behavior"] for r in read_jsonl(run / "train-rlhb" / "samples.jsonl")} == {expected}
 
 
-def test_evaluate_judges_every_policy_with_intervals(run, cli):
+def test_evaluate_judges_every_policy_with_intervals(run, cli, monkeypatch):
     cli("train-oracle", "--run-dir", run, "--iterations", 2, *RL)
     cli("train-rlhf", "--run-dir", run, "--iterations", 1, *RL, "--stage-name", "my-rlhf")
     from chat_server import ChatServer
@@ -372,10 +372,10 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli):
     sft = summary_of(run, "train-sft")  # the fixture's toy SFT (2 epochs) stops short of convergence
     note = convergence_note(sft["val_perplexity_by_epoch"])
     assert note in sft["notes"] and f"- train-sft (run dir 1 of 2): {note}." in report
-    for run_dir in (run, twin):  # had both converged, the report would not say so
-        path = run_dir / "train-sft" / "summary.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "val_perplexity_by_epoch": [1.749, 1.409, 1.369]}))
+    import rlhb_cli.evaluation.report as report_module  # had both converged (no note), the report would not say so
+    monkeypatch.setattr(report_module, "convergence_note", lambda by_epoch: None)
     cli("report", "--run-dir", run, "--run-dir", twin)
+    monkeypatch.undo()
     assert "short of convergence" not in (run / "report" / "report.md").read_text()
     for part in ("## Headline", "| my-rlhf |", "(best in pool)", "![training curves](curves.png)",
                  "## Can the judges be trusted?", "## Behaviour following", "## Sample answers",

@@ -33,6 +33,8 @@ def run_stage(stage: str, stage_dir: Path, config: Any, body: Callable, seed: in
         with rundir.open_stage(stage_dir, stage, config, seed, command=command) as stage_run:
             stage_run.resume = resume
             stage_run.stop_after_steps = stop_after_steps
+            if not resume:
+                rundir.discard_resume_points(stage_dir)
             for name in upstream:
                 stage_run.add_upstream(name)
             summary = body(config, stage_run)

@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from rlhb_cli.storage import atomic_write_json, atomic_write_text, sha256_of
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
+RESUME_POINTS = ("checkpoint.pt", "checkpoints")  # what training stages keep to continue from with --resume
 
 _LIBRARIES = ("rlhb-cli", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "pyarrow", "numpy")
 
@@ -320,6 +322,19 @@ def owner_of(stage_dir: Path) -> str | None:
         return manifest["made_by"]
     spec = STAGES.get(Path(stage_dir).name)
     return (spec.made_by or spec.name) if spec else None
+
+
+def discard_resume_points(stage_dir: Path) -> None:
+    """A run that is not a resume starts without the checkpoints of an earlier run, so that a later
+    `--resume` continues this run and never an older one (killed before its first save, it starts over)."""
+    if not is_main_process():
+        return
+    for name in RESUME_POINTS:
+        path = Path(stage_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def torch_threads() -> int | None:
