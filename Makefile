@@ -59,6 +59,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_prepare.py
 	$(BIN)/python benchmarks/bench_rl.py
 	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_smollm2.py
 
 clean:
 	rm -rf $(VENV) runs

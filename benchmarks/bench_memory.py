@@ -59,9 +59,10 @@ def kib(field: str) -> int:
 def child(run_dir: Path, lora_r: int, options: dict) -> None:
     """Two iterations of one variant; prints a JSON line with the peak above the starting point."""
     from rlhb_cli import rundir
+    from rlhb_cli.config import build_config
     from rlhb_cli.rl.aligners import RLHBConfig, build_engine, rlhb_source_factory
 
-    config = RLHBConfig(iterations=10_000, sample_every=0, lora_r=lora_r, **options)
+    config = build_config(RLHBConfig, None, dict(iterations=10_000, sample_every=0, lora_r=lora_r, **options))
     name = "-".join(["bench-memory", "lora" if lora_r else "full", *(f"{k}={v}" for k, v in options.items())])
     import torch
     torch.set_num_threads(max(1, os.cpu_count() or 1))

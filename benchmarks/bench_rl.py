@@ -41,12 +41,14 @@ def build_rlhb_engines(run_dir: Path) -> dict:
     """The RLHB engines timed: a separate critic (with and without the discriminator update) and a critic head
     sharing the actor's body, each after one warm-up iteration."""
     from rlhb_cli import rundir
+    from rlhb_cli.config import build_config
     from rlhb_cli.rl.aligners import RLHBConfig, build_engine, rlhb_source_factory
 
     engines = {}
     for critic in ("separate", "shared"):
-        config = RLHBConfig(prompts_per_iteration=16, rollouts=1, max_new_tokens=NEW_TOKENS, ppo_epochs=4,
-                            minibatch_size=16, iterations=10_000, sample_every=0, disc_steps=2, critic=critic)
+        config = build_config(RLHBConfig, None, dict(
+            prompts_per_iteration=16, rollouts=1, max_new_tokens=NEW_TOKENS, ppo_epochs=4, minibatch_size=16,
+            iterations=10_000, sample_every=0, disc_steps=2, critic=critic))
         name = f"bench-rlhb-{critic}"
         with rundir.open_stage(run_dir / name, name, config, config.seed) as stage:
             engines[critic], _, _ = build_engine(config, stage, rlhb_source_factory(config, stage), "RLHB")

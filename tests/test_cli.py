@@ -76,14 +76,14 @@ def test_run_all_runs_a_plan_in_order_and_skips_what_is_done(cli, tmp_path):
 
 
 def test_a_field_added_since_at_its_default_keeps_a_stage_done():
-    from rlhb_cli.config import config_to_dict, same_config
+    from rlhb_cli.config import build_config, config_to_dict, same_config
     from rlhb_cli.rl.aligners import RLHBConfig
     config = RLHBConfig()
     recorded = config_to_dict(config)
     assert same_config(recorded, config)
     older = {k: v for k, v in recorded.items() if k not in ("lora_r", "gradient_checkpointing")}
     assert same_config(older, config)  # recorded before those options existed; they are at their defaults
-    assert not same_config(older, RLHBConfig(lora_r=8))
+    assert not same_config(older, build_config(RLHBConfig, None, {"lora_r": 8}))
     assert not same_config({**recorded, "iterations": 7}, config)
     assert not same_config(None, config)
 
@@ -108,3 +108,26 @@ def test_the_command_line_is_offline_before_any_hub_library_loads():
             "assert 'transformers' in sys.modules; print(c.HF_HUB_OFFLINE)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_the_engine_config_nests_its_groups_and_keeps_flat_flags_and_keys(tmp_path):
+    """config.kl.coef in code; --kl-coef, the YAML key kl_coef and the manifest's kl_coef outside."""
+    from rlhb_cli.config import build_config, config_to_dict, flat_fields
+    from rlhb_cli.rl.aligners import RLHBConfig, RLHFConfig
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("kl_coef: 0.2\nlora_r: 4\nppo_epochs: 2\nprobe_every: 5\nreward_clip: 1.5\n")
+    config = build_config(RLHBConfig, recipe, {"learning_rate": 1e-4, "kl_coef": None})
+    assert (config.kl.coef, config.lora.r, config.ppo.epochs, config.probe.every, config.shaping.clip) == \
+        (0.2, 4, 2, 5, 1.5)
+    assert config.ppo.learning_rate == 1e-4 and config.ppo.critic == "shared"  # the LoRA default resolved
+    flat = config_to_dict(config)
+    assert flat["kl_coef"] == 0.2 and flat["lora_r"] == 4 and "kl" not in flat and "ppo" not in flat
+    # the variant's own defaults of a group: RLHB's contrast reward is scaled, RLHF's is not
+    assert (config.shaping.scale, config.shaping.length_debias) == (0.05, True)
+    assert (RLHFConfig().shaping.scale, RLHFConfig().shaping.length_debias) == (1.0, False)
+    assert "Default: 0.05 for contrast" in flat_fields(RLHBConfig)["reward_scale"].help
+    assert "Default: 0.05" not in flat_fields(RLHFConfig)["reward_scale"].help
+    recipe.write_text("kl: {coef: 0.2}\n")
+    with pytest.raises(RlhbError, match="unknown key\\(s\\) kl for RLHBConfig; known: .*kl_coef"):
+        build_config(RLHBConfig, recipe)
+    assert RLHBConfig().kl is not RLHBConfig().kl  # each config its own groups

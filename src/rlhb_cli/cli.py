@@ -35,7 +35,7 @@ from rich.table import Table
 from rlhb_cli import pipeline, registry, rundir, storage
 from rlhb_cli.behaviors import importers, prepare
 from rlhb_cli.behaviors.prepare import PrepareConfig
-from rlhb_cli.config import build_config, help_of
+from rlhb_cli.config import FlatField, build_config, flat_fields, help_of
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.evaluation import report as report_stage
 from rlhb_cli.experiments import plan as recipe_plan
@@ -226,20 +226,18 @@ def import_oasst(
 
 
 # ------------------------------------------------------------------------------------------- training stages
-def _config_option(config_cls: type, f: dataclasses.Field, hints: dict) -> tuple[Any, Any]:
-    """(annotation, default) of the CLI option for one config field; the help is the field's own."""
+def _config_option(config_cls: type, f: FlatField) -> tuple[Any, Any]:
+    """(annotation, default) of the CLI option for one config setting; the help is the field's own."""
     flag = "--" + f.name.replace("_", "-")
-    kind = hints[f.name]
+    kind = f.annotation
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     base = args[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind
     if base is bool:
-        return Annotated[Optional[bool], typer.Option(f"{flag}/--no-{flag[2:]}", help=help_of(config_cls, f.name),
-                                                      show_default=False)], None
+        return Annotated[Optional[bool], typer.Option(f"{flag}/--no-{flag[2:]}", help=f.help, show_default=False)], None
     if typing.get_origin(base) is list:
-        return Annotated[Optional[list[str]], typer.Option(flag, help=help_of(config_cls, f.name), show_default=False)], None
+        return Annotated[Optional[list[str]], typer.Option(flag, help=f.help, show_default=False)], None
     shown = f" (default: {f.default})" if f.default is not dataclasses.MISSING else ""
-    return Annotated[Optional[base], typer.Option(flag, help=help_of(config_cls, f.name) + shown,
-                                                  show_default=False)], None
+    return Annotated[Optional[base], typer.Option(flag, help=f.help + shown, show_default=False)], None
 
 
 def stage_command(name: str) -> None:
@@ -248,8 +246,7 @@ def stage_command(name: str) -> None:
     from SFT; the folder is otherwise the one the config picks (train-rlhb --no-behavior: train-rlgaf)."""
     spec = registry.STAGES[name]
     config_cls = registry.config_class(name)
-    hints = typing.get_type_hints(config_cls)
-    fields = dataclasses.fields(config_cls)
+    fields = flat_fields(config_cls).values()
     parameters = [
         inspect.Parameter("run_dir", inspect.Parameter.KEYWORD_ONLY,
                           annotation=Annotated[Path, typer.Option("--run-dir", help="Run directory.")]),
@@ -266,7 +263,7 @@ def stage_command(name: str) -> None:
             Optional[str], typer.Option("--stage-name", help="Write into RUN_DIR/STAGE_NAME instead of the default "
                                         "(e.g. train-rlhb-on-rlhf beside train-rlhb).")]))
     for f in fields:
-        annotation, default = _config_option(config_cls, f, hints)
+        annotation, default = _config_option(config_cls, f)
         parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                             annotation=annotation))
 

@@ -1,7 +1,10 @@
 """Stage configs: one typed dataclass per stage; a YAML recipe fills it, CLI flags override it.
 
 Every field carries its help text in `metadata["help"]`; the CLI reads it from there, so a field is
-documented once. `__post_init__` validates and says how to fix a bad value.
+documented once. `__post_init__` validates and says how to fix a bad value. A config may nest groups of
+settings (the PPO engine's `ppo`, `kl`, `shaping`, `lora`, `probe`, as lm-human-preference-details nests
+its own), read in code as `config.kl.coef`; their fields keep flat names outside (`--kl-coef`, the YAML
+key `kl_coef`, the manifest's `kl_coef`), so recipes and recorded runs read the same as before.
 """
 
 from __future__ import annotations
@@ -10,22 +13,84 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from rlhb_cli.errors import RlhbError
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, **kw: Any) -> Any:
-    """A dataclass field with help text (the CLI and the docs read it)."""
+def field(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, flat: str | None = None,
+          **kw: Any) -> Any:
+    """A dataclass field with help text (the CLI and the docs read it); `flat`: its flag and key when it
+    sits in a group under a shorter name (`coef` in `kl` is `kl_coef`)."""
+    metadata = {"help": help, **({"flat": flat} if flat else {})}
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=factory, metadata=metadata, **kw)
+    return dataclasses.field(default=default, metadata=metadata, **kw)
+
+
+def group(factory: Callable[[], Any], *, help: str, help_overrides: dict[str, str] | None = None) -> Any:
+    """A nested group of settings (a dataclass made by `factory`, which a subclass may replace to change its
+    defaults); `help_overrides` rewords a field's help for this config, by flat name."""
+    return dataclasses.field(default_factory=factory,
+                             metadata={"group": True, "help": help, "help_overrides": help_overrides or {}})
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatField:
+    """One setting as the outside sees it: flag / key `name`, found in the config at `path`."""
+
+    name: str
+    path: tuple[str, ...]  # ("seed",) or ("kl", "coef")
+    annotation: Any
+    default: Any  # dataclasses.MISSING when required
+    help: str
+
+
+def flat_fields(config_cls: type) -> dict[str, FlatField]:
+    """Every setting of a config by its flat name, groups opened in place, in declaration order."""
+    hints = typing.get_type_hints(config_cls)  # the modules use `from __future__ import annotations`
+    found: dict[str, FlatField] = {}
+    for f in dataclasses.fields(config_cls):
+        if f.metadata.get("group"):
+            defaults = f.default_factory()
+            inner = typing.get_type_hints(type(defaults))
+            for sub in dataclasses.fields(defaults):
+                name = sub.metadata.get("flat", sub.name)
+                found[name] = FlatField(name, (f.name, sub.name), inner[sub.name], getattr(defaults, sub.name),
+                                        f.metadata["help_overrides"].get(name, sub.metadata["help"]))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        found[f.name] = FlatField(f.name, (f.name,), hints[f.name], default, f.metadata["help"])
+    return found
 
 
 def help_of(config_cls: type, name: str) -> str:
-    return config_cls.__dataclass_fields__[name].metadata["help"]
+    return flat_fields(config_cls)[name].help
+
+
+def flat_value(config: Any, field_: FlatField) -> Any:
+    value = config
+    for part in field_.path:
+        value = getattr(value, part)
+    return value
+
+
+def _construct(config_cls: type, values: dict[str, Any], known: dict[str, FlatField]) -> Any:
+    """The config from flat values: a group's values replace those of its default (the config's own)."""
+    top: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        path = known[name].path
+        if len(path) == 2:
+            groups.setdefault(path[0], {})[path[1]] = value
+        else:
+            top[name] = value
+    for name, changed in groups.items():
+        top[name] = dataclasses.replace(config_cls.__dataclass_fields__[name].default_factory(), **changed)
+    return config_cls(**top)
 
 
 def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
@@ -70,9 +135,9 @@ def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
 
 
 def build_config(config_cls: type, recipe: Path | None = None, overrides: dict[str, Any] | None = None):
-    """Defaults < YAML recipe < CLI overrides (only the flags the user gave, i.e. not None)."""
-    known = {f.name: f for f in dataclasses.fields(config_cls)}
-    types_of = typing.get_type_hints(config_cls)  # the modules use `from __future__ import annotations`
+    """Defaults < YAML recipe < CLI overrides (only the flags the user gave, i.e. not None); keys are flat."""
+    known = flat_fields(config_cls)
+    types_of = {name: f.annotation for name, f in known.items()}
     values: dict[str, Any] = {}
     if recipe is not None:
         try:
@@ -100,7 +165,7 @@ def build_config(config_cls: type, recipe: Path | None = None, overrides: dict[s
             raise RlhbError(f"unknown option '{name}' for {config_cls.__name__}")
         values[name] = _coerce(value, types_of[name], name, f"--{name.replace('_', '-')}")
     try:
-        return config_cls(**values)
+        return _construct(config_cls, values, known)
     except RlhbError:
         raise
     except (TypeError, ValueError) as exc:
@@ -108,17 +173,19 @@ def build_config(config_cls: type, recipe: Path | None = None, overrides: dict[s
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """JSON-ready dict of a config (Paths become strings) for the manifest."""
+    """JSON-ready flat dict of a config (groups opened, Paths as strings) for the manifest."""
     def plain(v: Any) -> Any:
         if isinstance(v, Path):
             return str(v)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return plain(dataclasses.asdict(v))
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
+    return {name: plain(flat_value(config, f)) for name, f in flat_fields(type(config)).items()}
 
 
 def same_config(recorded: dict[str, Any] | None, config: Any) -> bool:
@@ -127,14 +194,12 @@ def same_config(recorded: dict[str, Any] | None, config: Any) -> bool:
     if recorded is None:
         return False
     current = config_to_dict(config)
-    for f in dataclasses.fields(config):
+    for f in flat_fields(type(config)).values():
         if f.name in recorded or f.name not in current:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        if default is dataclasses.MISSING:
+        if f.default is dataclasses.MISSING:
             return False
-        if current[f.name] != (str(default) if isinstance(default, Path) else default):
+        if current[f.name] != (str(f.default) if isinstance(f.default, Path) else f.default):
             return False
         recorded = {**recorded, f.name: current[f.name]}
     return recorded == current

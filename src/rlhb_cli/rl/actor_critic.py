@@ -60,8 +60,8 @@ class PolicyAndValue(nn.Module):
 
 def attach_lora(actor, config: EngineConfig):
     """The actor as a peft model: LoRA adapters (trainable) over its frozen weights."""
-    targets = config.lora_target_modules
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+    targets = config.lora.target_modules
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
     try:
         return get_peft_model(actor, lora)
@@ -104,7 +104,7 @@ def build_actor_critic(config: EngineConfig, policy_path: Path, accelerator: Acc
     tokenizer.padding_side = "left"
     if tokenizer.eos_token_id is None:
         raise RlhbError(f"{policy_path}: the tokenizer has no EOS token; a response could never end")
-    if config.lora_r:  # one frozen base: the actor is it with adapters, the reference it without
+    if config.lora.r:  # one frozen base: the actor is it with adapters, the reference it without
         actor = attach_lora(actor, config)
         reference = None
     else:
@@ -112,7 +112,7 @@ def build_actor_critic(config: EngineConfig, policy_path: Path, accelerator: Acc
         reference.requires_grad_(False)
         reference.eval()
     # A separate critic starts from the starting policy's body (a copy: same weights, fitted to the tokenizer).
-    critic_body = starting_policy_copy(actor, policy_path, zero3).base_model if config.critic == "separate" else None
+    critic_body = starting_policy_copy(actor, policy_path, zero3).base_model if config.ppo.critic == "separate" else None
     if config.gradient_checkpointing:
         for body in (actor, critic_body):
             if body is not None:
@@ -125,8 +125,8 @@ def build_actor_critic(config: EngineConfig, policy_path: Path, accelerator: Acc
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     optimizer = torch.optim.AdamW([
-        {"params": [p for p in actor.parameters() if p.requires_grad], "lr": config.learning_rate},
-        {"params": model.critic_parameters(), "lr": config.critic_learning_rate}], eps=1e-5, weight_decay=0.0)
+        {"params": [p for p in actor.parameters() if p.requires_grad], "lr": config.ppo.learning_rate},
+        {"params": model.critic_parameters(), "lr": config.ppo.critic_learning_rate}], eps=1e-5, weight_decay=0.0)
     if accelerator.state.deepspeed_plugin is not None:
         deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
         # no data loader goes through prepare, so DeepSpeed learns the rows of a pass from its config

@@ -22,13 +22,13 @@ from rlhb_cli import rundir
 from rlhb_cli.behaviors.binning import METRICS
 from rlhb_cli.behaviors.prepare import load_prepared
 from rlhb_cli.behaviors.text import best_logged
-from rlhb_cli.config import config_to_dict, field
+from rlhb_cli.config import config_to_dict, field, group
 from rlhb_cli.distributed import param_count, seed_everything
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.discriminator import Discriminator
 from rlhb_cli.models.judge import BODY_LEARNING_KEYS, Judge, JudgeMeta, attach_judge_lora
 from rlhb_cli.models.load import load_sequence_classifier
-from rlhb_cli.rl.config import EngineConfig
+from rlhb_cli.rl.config import EngineConfig, RewardShaping
 from rlhb_cli.rl.discriminator_source import AdversarialSettings, DiscriminatorSource
 from rlhb_cli.rl.ppo import PPOEngine
 from rlhb_cli.rl.sources import ClassifierSource, OracleSource, RewardModelSource, load_custom
@@ -64,6 +64,13 @@ class RLHBCConfig(EngineConfig):
         return out or None
 
 
+_SCALE_HELP = ("Multiply the discriminator's reward by this. Default: 0.05 for contrast (it spans a few logits, ten "
+               "times the gold reward's spread, so the KL penalty stays in proportion), else 1.")
+_DEBIAS_HELP = ("Remove each iteration's linear trend of reward in response length. Default: on for RLHB (the "
+                "discriminators pay for short answers, gold does not; measured: three seeds all gained with it, one "
+                "lost without), off with --no-behavior.")
+
+
 @dataclass
 class RLHBConfig(EngineConfig):
     discriminator: str = field("warmup-discriminator", help="The warmed-up discriminator: the warmup-discriminator "
@@ -80,13 +87,8 @@ class RLHBConfig(EngineConfig):
                                            "views and clicks the target asks for, which the shaped reward "
                                            "divides by (measured: no gain over all metrics, docs/results.md).")
     disc_learning_rate: float = field(1e-5, help="Discriminator learning rate during RL.")
-    reward_scale: Optional[float] = field(None, help="Multiply the discriminator's reward by this. Default: 0.05 for "
-                                                     "contrast (it spans a few logits, ten times the gold reward's "
-                                                     "spread, so the KL penalty stays in proportion), else 1.")
-    length_debias: Optional[bool] = field(None, help="Remove each iteration's linear trend of reward in response "
-                                                     "length. Default: on for RLHB (the discriminators pay for short "
-                                                     "answers, gold does not; measured: three seeds all gained with "
-                                                     "it, one lost without), off with --no-behavior.")
+    shaping: RewardShaping = group(lambda: RewardShaping(scale=None, length_debias=None), help="Reward shaping.",
+                                   help_overrides={"reward_scale": _SCALE_HELP, "length_debias": _DEBIAS_HELP})
     disc_steps: Optional[int] = field(None, help="Discriminator optimizer steps per update. Default: 0 for RLHB (the "
                                                  "warmed-up discriminator stays frozen: measured best on the simulated "
                                                  "testbed), 2 with --no-behavior (its new head must learn); 2 gives "
@@ -113,10 +115,10 @@ class RLHBConfig(EngineConfig):
         # Defaults that depend on the variant are resolved here, so the manifest records the values used.
         if self.reward_form is None:
             self.reward_form = "probability" if self.no_behavior else "contrast"
-        if self.reward_scale is None:
-            self.reward_scale = 0.05 if self.reward_form == "contrast" else 1.0
-        if self.length_debias is None:
-            self.length_debias = not self.no_behavior
+        if self.shaping.scale is None:
+            self.shaping.scale = 0.05 if self.reward_form == "contrast" else 1.0
+        if self.shaping.length_debias is None:
+            self.shaping.length_debias = not self.no_behavior
         if self.disc_steps is None:
             self.disc_steps = 2 if self.no_behavior else 0
         if self.source_warmup_rounds is None:
@@ -227,7 +229,7 @@ def rlhb_source_factory(config: RLHBConfig, stage: rundir.StageRun) -> Callable:
             if judge.frozen_body:
                 raise RlhbError(f"{path}: this discriminator learns its head alone on a frozen body; "
                                 f"--disc-lora-r would train the body: leave it at 0")
-            judge.model = attach_judge_lora(judge.model, config.disc_lora_r, config.lora_alpha)
+            judge.model = attach_judge_lora(judge.model, config.disc_lora_r, config.lora.alpha)
             notes.append(f"the discriminator learns through LoRA adapters of rank {config.disc_lora_r}")
         train = data["train"]
         real_rows = None

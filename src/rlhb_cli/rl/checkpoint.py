@@ -32,7 +32,7 @@ def trained_weights(engine: PPOEngine) -> dict | None:
     """Every weight of actor and critic, or under LoRA only the adapters and the value head: the frozen
     base is the starting policy's, on disk already. Under ZeRO-3 every process must call this: the shards
     are gathered layer by layer into the main process's memory (None on the others)."""
-    lora = bool(engine.config.lora_r)
+    lora = bool(engine.config.lora.r)
     if engine.zero3:
         return distributed.whole_state_dict(engine.model, trainable_only=lora)
     state = engine.unwrapped.state_dict()
@@ -98,7 +98,7 @@ def load_checkpoint(engine: PPOEngine, path: Path) -> None:
         expected = trained_weights(engine)
         unexpected = set(state["model"]) - set(expected) if expected is not None else set()
     else:
-        _, unexpected = engine.unwrapped.load_state_dict(state["model"], strict=not engine.config.lora_r)
+        _, unexpected = engine.unwrapped.load_state_dict(state["model"], strict=not engine.config.lora.r)
         expected = trained_weights(engine)
     absent = set(expected or ()) - set(state["model"])
     if unexpected or absent:
@@ -154,7 +154,7 @@ def save_policy(engine: PPOEngine, path: Path, policy_meta: dict) -> None:
         actor_state = gathered and {k.removeprefix("actor."): v for k, v in gathered.items() if k.startswith("actor.")}
     if not engine.accelerator.is_main_process:
         return
-    if engine.config.lora_r:  # the adapters alone; loading a policy merges them into this base
+    if engine.config.lora.r:  # the adapters alone; loading a policy merges them into this base
         policy_meta = policy_meta | {"lora_base": base_reference(engine.policy_path, path)}
     with storage.atomic_dir(path) as tmp:
         engine.unwrapped.actor.save_pretrained(str(tmp), state_dict=actor_state)

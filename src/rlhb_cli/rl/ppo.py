@@ -67,7 +67,7 @@ class PPOEngine:
     def __init__(self, config: EngineConfig, policy_path: Path, reward_source: RewardSource, stage: rundir.StageRun,
                  train_queries: list[str], probe_queries: list[str], behavior_of: Callable[[str], str | None],
                  notes: list[str]):
-        distributed.refuse_passes_under_deepspeed(config.micro_batch_size)
+        distributed.refuse_passes_under_deepspeed(config.ppo.micro_batch_size)
         self.config = config
         self.stage = stage
         on_cpu = not torch.cuda.is_available()
@@ -81,27 +81,27 @@ class PPOEngine:
         self.learning_source = reward_source if isinstance(reward_source, LearningRewardSource) else None
         self.behavior_of = behavior_of
         self.train_queries = sorted(set(train_queries))
-        self.probe_queries = sorted(set(probe_queries))[:config.probe_queries]
+        self.probe_queries = sorted(set(probe_queries))[:config.probe.queries]
         if len(self.train_queries) < config.prompts_per_iteration:
             raise RlhbError(f"{len(self.train_queries)} training queries, fewer than --prompts-per-iteration "
                             f"{config.prompts_per_iteration}")
         processes = self.accelerator.num_processes
-        if config.prompts_per_iteration % processes or config.minibatch_size % processes:
+        if config.prompts_per_iteration % processes or config.ppo.minibatch_size % processes:
             raise RlhbError(f"--prompts-per-iteration {config.prompts_per_iteration} and --minibatch-size "
-                            f"{config.minibatch_size} must both divide among the {processes} processes")
-        self.local_minibatch = config.minibatch_size // processes
+                            f"{config.ppo.minibatch_size} must both divide among the {processes} processes")
+        self.local_minibatch = config.ppo.minibatch_size // processes
         torch.manual_seed(config.seed)
         self.policy_path = Path(policy_path)
         self.model, self.optimizer, self.reference, self.tokenizer = build_actor_critic(
             config, self.policy_path, self.accelerator, self.zero3, self.local_minibatch, notes)
         self.generator = HFGenerator(self.tokenizer, config.max_new_tokens, config.temperature)
-        self.kl = KLController(config.kl_coef, config.kl_target or None, config.kl_horizon)
+        self.kl = KLController(config.kl.coef, config.kl.target or None, config.kl.horizon)
         self.iteration = 0
         self.best_probe = -math.inf
         self.probes_since_best = 0
         self.fingerprint = ""
         self.metrics = rundir.MetricsLog(stage.dir / "metrics.jsonl")
-        self.probe_source = self.learning_source.frozen_copy() if self.learning_source and config.probe_every \
+        self.probe_source = self.learning_source.frozen_copy() if self.learning_source and config.probe.every \
             else reward_source
 
     @property
@@ -145,11 +145,11 @@ class PPOEngine:
                                      reward=float("nan"), kl=0.0)
             while self.iteration < config.iterations:
                 row = self.step()
-                if config.probe_every and self.iteration % config.probe_every == 0:
+                if config.probe.every and self.iteration % config.probe.every == 0:
                     row |= self.probe()
                     if row.get("probe/reward_mean", -math.inf) > self.best_probe:
                         self.best_probe, self.probes_since_best = row["probe/reward_mean"], 0
-                        if config.keep_best:
+                        if config.probe.keep_best:
                             checkpoint.save_policy(self, stage.dir / "policy", policy_meta | {"iteration": self.iteration})
                     else:
                         self.probes_since_best += 1
@@ -165,7 +165,7 @@ class PPOEngine:
                     display.show_samples(console, samples, stage.stage, self.iteration, self.last_rollout,
                                          self.last_raw)
                 done = self.iteration >= config.iterations
-                if config.early_stop_patience and self.probes_since_best >= config.early_stop_patience:
+                if config.probe.early_stop_patience and self.probes_since_best >= config.probe.early_stop_patience:
                     stopped_early = done = True
                 if done or self.iteration % config.checkpoint_every == 0:
                     checkpoint.save_checkpoint(self)
@@ -174,7 +174,7 @@ class PPOEngine:
                 if stage.stop_after_steps and self.iteration >= stage.stop_after_steps:
                     checkpoint.save_checkpoint(self)
                     raise rundir.StageStopped(f"stopped after {self.iteration} of {config.iterations} iterations")
-        if not (config.keep_best and (stage.dir / "policy").exists()):
+        if not (config.probe.keep_best and (stage.dir / "policy").exists()):
             checkpoint.save_policy(self, stage.dir / "policy", policy_meta | {"iteration": self.iteration})
         return self._summary(warnings, stopped_early) | distributed.processes_summary(*checkpoint.trained_states(self))
 
@@ -199,7 +199,7 @@ class PPOEngine:
         logprobs, ref_logprobs, values = self._old_policy_pass(rollout)
         mask = rollout.mask
         rewards, kl = token_rewards(paid, logprobs, ref_logprobs, mask, rollout.lengths, self.kl.value, config)
-        advantages, returns = generalized_advantages(rewards, values, mask, config.gamma, config.lam)
+        advantages, returns = generalized_advantages(rewards, values, mask, config.ppo.gamma, config.ppo.lam)
         advantages = whiten(advantages, mask)
         stats = self._ppo_update(rollout, logprobs, values, advantages, returns)
         row["time/update"] = time.perf_counter() - started
@@ -227,10 +227,10 @@ class PPOEngine:
             warning = source.watch(row, self.iteration)
             if warning:
                 row["warning"] = warning
-        if row["objective/kl"] > config.kl_bound:
+        if row["objective/kl"] > config.kl.bound:
             message = (f"iteration {self.iteration}: KL to the reference {row['objective/kl']:.2f} is above the bound "
-                       f"{config.kl_bound}; raise --kl-coef or lower --learning-rate")
-            if config.stop_on_kl_bound:
+                       f"{config.kl.bound}; raise --kl-coef or lower --learning-rate")
+            if config.kl.stop_on_bound:
                 self._fail(message)
             row["warning"] = message
         self.last_rollout, self.last_raw = rollout, raw
@@ -304,8 +304,8 @@ class PPOEngine:
                                                         "loss/policy", "loss/value", "value/clipfrac", "policy/ratio")}
         actor_params = [p for p in self.unwrapped.actor.parameters() if p.requires_grad]
         critic_params = self.unwrapped.critic_parameters()
-        micro = config.micro_batch_size or self.local_minibatch
-        for epoch in range(config.ppo_epochs):
+        micro = config.ppo.micro_batch_size or self.local_minibatch
+        for epoch in range(config.ppo.epochs):
             order = torch.randperm(n)
             for start in range(0, n, self.local_minibatch):
                 index = order[start:start + self.local_minibatch]
@@ -327,8 +327,8 @@ class PPOEngine:
                     for key, value in part_figures.items():
                         figures[key] = figures.get(key, 0.0) + value
                 if self.accelerator.sync_gradients:
-                    self.accelerator.clip_grad_norm_(actor_params, config.max_grad_norm)
-                    self.accelerator.clip_grad_norm_(critic_params, config.max_grad_norm)
+                    self.accelerator.clip_grad_norm_(actor_params, config.ppo.max_grad_norm)
+                    self.accelerator.clip_grad_norm_(critic_params, config.ppo.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 for key, value in figures.items():
@@ -345,19 +345,19 @@ class PPOEngine:
         logits, value = self.model(ids, attention, positions, rollout.responses.shape[1])
         m = rollout.mask[index]
         new_logprobs = self._response_logprobs(logits, rollout, index).masked_fill(m == 0, INVALID_LOGPROB)
-        clipped_value = old_values[index] + (value - old_values[index]).clamp(-config.cliprange_value,
-                                                                              config.cliprange_value)
+        clipped_value = old_values[index] + (value - old_values[index]).clamp(-config.ppo.cliprange_value,
+                                                                              config.ppo.cliprange_value)
         value_losses = torch.max((value - returns[index]) ** 2, (clipped_value - returns[index]) ** 2)
         value_loss = 0.5 * masked_share(value_losses, m, tokens)
         log_ratio = new_logprobs - old_logprobs[index]
         ratio = torch.exp(log_ratio)
         adv = advantages[index]
-        policy_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - config.cliprange, 1 + config.cliprange))
+        policy_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - config.ppo.cliprange, 1 + config.ppo.cliprange))
         policy_loss = masked_share(policy_losses, m, tokens)
         with torch.no_grad():
             figures = {
                 "policy/approxkl": float(0.5 * masked_share(log_ratio ** 2, m, tokens)),
-                "policy/clipfrac": float(masked_share(((ratio - 1).abs() > config.cliprange).float(), m, tokens)),
+                "policy/clipfrac": float(masked_share(((ratio - 1).abs() > config.ppo.cliprange).float(), m, tokens)),
                 "loss/policy": policy_loss.item(), "loss/value": value_loss.item(),
                 "value/clipfrac": float(masked_share(
                     ((value - returns[index]) ** 2 < (clipped_value - returns[index]) ** 2).float(), m, tokens)),
@@ -365,7 +365,7 @@ class PPOEngine:
             }
             if with_entropy:
                 figures["policy/entropy"] = float(masked_share(entropy_from_logits(logits), m, tokens))
-        return policy_loss + config.vf_coef * value_loss, figures
+        return policy_loss + config.ppo.vf_coef * value_loss, figures
 
     def _update_source(self, rollout: Rollout, raw: torch.Tensor, iteration: int) -> dict:
         """One update of a learning reward source on the whole batch of every process, with a torch seed of

@@ -23,16 +23,16 @@ def paid_reward(raw: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor, r
     """(paid reward per response, logs). `repeats` answers per prompt stand consecutively; `length_trend`
     fits the trend of reward in length over the whole batch (every process's share)."""
     logs: dict = {}
-    paid = raw * config.reward_scale
-    if config.group_baseline and repeats > 1:
+    paid = raw * config.shaping.scale
+    if config.shaping.group_baseline and repeats > 1:
         paid = paid - leave_one_out_baseline(paid, repeats)
-    if config.length_debias:
+    if config.shaping.length_debias:
         trend, logs["objective/length_slope"] = length_trend(paid, lengths)
         paid = paid - trend
-    if config.reward_clip:
-        paid = paid.clamp(-config.reward_clip, config.reward_clip)
-    if config.missing_eos_penalty:
-        paid = paid - config.missing_eos_penalty * (~ended).float()
+    if config.shaping.clip:
+        paid = paid.clamp(-config.shaping.clip, config.shaping.clip)
+    if config.shaping.missing_eos_penalty:
+        paid = paid - config.shaping.missing_eos_penalty * (~ended).float()
     return paid, logs
 
 
@@ -40,10 +40,10 @@ def token_rewards(paid: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torc
                   lengths: torch.Tensor, kl_coef: float, config: EngineConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token rewards, per-token KL to the reference): -kl_coef x KL on every response token, the paid
     reward added at the last one (the EOS, or the last token of a response cut at max_new_tokens)."""
-    kl = kl_per_token(logprobs, ref_logprobs, config.kl_estimator) * mask
+    kl = kl_per_token(logprobs, ref_logprobs, config.kl.estimator) * mask
     rewards = -kl_coef * kl
     last = (lengths - 1).clamp(min=0)
     rewards[torch.arange(len(last)), last] += paid
-    if config.whiten_rewards:
+    if config.shaping.whiten:
         rewards = whiten(rewards, mask, shift_mean=False)
     return rewards, kl
