@@ -93,3 +93,22 @@ def test_the_checker_sees_a_cycle(tmp_path):
 def test_no_module_answers_two_questions(path):
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(SRC)} has {lines} lines: split it by role (at most {MAX_LINES})"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(SRC)))
+def test_an_import_inside_a_function_says_why_it_waits(path):
+    """A library imported inside a function (a heavy or optional one) carries a comment saying why, on its
+    line or heading its block of imports; anything cheap sits at the top."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    tree = ast.parse("\n".join(lines))
+    top_level = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top_level:
+            continue
+        if "rlhb_cli" in ast.unparse(node):  # the project's own: at the top, or under TYPE_CHECKING
+            continue
+        i = node.lineno - 1
+        while "#" not in lines[i] and i > 0 and lines[i - 1].strip().startswith(("import ", "from ")):
+            i -= 1  # the first import of its block
+        said = "#" in lines[i] or (i > 0 and lines[i - 1].strip().startswith("#"))
+        assert said, f"{path.relative_to(SRC)}:{node.lineno}: say in a comment why this import waits for its function"

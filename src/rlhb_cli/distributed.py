@@ -15,6 +15,8 @@ import os
 import random
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from rlhb_cli.errors import RlhbError
 
 
@@ -79,6 +81,7 @@ def weights_to_change(module) -> Iterator[None]:
     if not zero3_sharded(module):
         yield
         return
+    # deferred: optional, installed only for ZeRO runs
     import deepspeed
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
         yield
@@ -93,6 +96,7 @@ def gathered_weights(engine, module) -> Iterator[None]:
     if not zero3_sharded(module):
         yield
         return
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     import deepspeed
     from trl.models.utils import add_hooks, remove_hooks
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
@@ -113,6 +117,7 @@ def refuse_passes_under_deepspeed(micro_batch_size: int) -> None:
 
 def _state():
     """accelerate's process state (it sets up the process group once: gloo on CPU, nccl on GPU)."""
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     import torch
     from accelerate import PartialState
     return PartialState(cpu=not torch.cuda.is_available())
@@ -135,6 +140,7 @@ def main_process_first() -> Iterator[None]:
 
 def weights_digest(state_dicts: Iterable[dict]) -> str:
     """sha256 over the tensors of some state dicts, by sorted name: equal only for the very same weights."""
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     import torch
     digest = hashlib.sha256()
     for state in state_dicts:
@@ -149,6 +155,7 @@ def check_in_sync(digest: str) -> dict:
     """Data-parallel processes must end with the very same weights; a difference is a bug worth stopping for."""
     digests = [digest]
     if num_processes() > 1:
+        # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
         from accelerate.utils import gather_object
         _state()
         digests = gather_object([digest])
@@ -171,7 +178,6 @@ def processes_summary(*state_dicts: dict, sharded: bool = False) -> dict:
 
 def seed_everything(seed: int) -> None:
     """Python's, numpy's and torch's global generators, once, where a stage starts."""
-    import numpy as np
     import torch  # (deferred: this module is read by `rlhb status`, which needs no torch)
     random.seed(seed)
     np.random.seed(seed)

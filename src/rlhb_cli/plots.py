@@ -15,8 +15,10 @@ from rlhb_cli.errors import RlhbError
 
 def behavior_histograms(data: dict, out: Path) -> None:
     """One panel per behaviour metric (log(1 + count)) and one for the shaped reward."""
+    # deferred: matplotlib loads only when a plot is drawn
     import matplotlib
     matplotlib.use("Agg")
+    # deferred: matplotlib loads only when a plot is drawn
     import matplotlib.pyplot as plt
 
     panels = data["panels"]
@@ -44,6 +46,7 @@ def label_iteration_axis(ax, title: str) -> None:
 
 def save_figure(fig, out: Path) -> None:
     """Tight layout, PNG at 80 dpi, and the figure freed (reports draw many)."""
+    # deferred: matplotlib loads only when a plot is drawn
     import matplotlib.pyplot as plt
     fig.tight_layout()
     fig.savefig(out, dpi=80)

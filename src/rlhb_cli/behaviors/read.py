@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.json as pj
+import pyarrow.parquet as pq
 
 from rlhb_cli.errors import RlhbError
 
@@ -93,7 +96,6 @@ def read_logs(path: Path, field_map: dict[str, str] | None = None) -> ParsedLogs
     if fmt == "parquet":
         if gzipped:
             raise RlhbError(f"{path}: Parquet is compressed inside; give the .parquet file itself")
-        import pyarrow.parquet as pq
         if not path.exists():
             raise RlhbError(f"{path}: no such file")
         try:
@@ -148,7 +150,6 @@ def _read_jsonl(data: bytes) -> ParsedLogs:
     normalized = data.replace(b"\r\n", b"\n") if b"\r" in data else data
     # Fast path: Arrow's multi-threaded reader. Its row i is line i + 1 exactly when there are as many
     # rows as lines (it skips blank lines, which would shift the numbering).
-    import pyarrow.json as pj
     lines = normalized.count(b"\n") + (not normalized.endswith(b"\n"))
     table = None
     if not _may_nest_deeper(normalized, MAX_DEPTH):  # a native reader can crash on deep nesting
@@ -248,7 +249,6 @@ def _lone_surrogate(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------ CSV
 def _read_csv(data: bytes, path: Path) -> ParsedLogs:
-    import pyarrow.csv as pcsv
     data = data.replace(b"\r\n", b"\n")
     header_line = data.split(b"\n", 1)[0]
     try:

@@ -115,8 +115,10 @@ def headline(evaluations: list[dict]) -> dict:
 
 
 def draw_curves(curves: dict, window: int, out: Path) -> bool:
+    # deferred: matplotlib loads only when a plot is drawn
     import matplotlib
     matplotlib.use("Agg")
+    # deferred: matplotlib loads only when a plot is drawn
     import matplotlib.pyplot as plt
     panels = [(key, title) for key, title in CURVES if any(key in r for runs in curves.values() for rows in runs
                                                            for r in rows)]
@@ -141,8 +143,10 @@ def draw_curves(curves: dict, window: int, out: Path) -> bool:
 
 
 def draw_wtl(table: dict, out: Path) -> bool:
+    # deferred: matplotlib loads only when a plot is drawn
     import matplotlib
     matplotlib.use("Agg")
+    # deferred: matplotlib loads only when a plot is drawn
     import matplotlib.pyplot as plt
     rows = [(name, cell["sampled"]["wtl"]) for name, cell in table.items() if "wtl" in cell.get("sampled", {})]
     if not rows:

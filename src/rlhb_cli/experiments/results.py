@@ -93,8 +93,10 @@ CURVE_TITLES = {"objective/reward_mean": "reward (its own source)", "objective/r
 
 def draw_arm_curves(curves: dict[str, list[list[dict]]], out: Path) -> bool:
     """One panel per training figure: each arm's mean over seeds (thick) and its seeds (thin)."""
+    # deferred: matplotlib loads only when a plot is drawn
     import matplotlib
     matplotlib.use("Agg")
+    # deferred: matplotlib loads only when a plot is drawn
     import matplotlib.pyplot as plt
     keys = [k for k in CURVE_KEYS if any(k in r for runs in curves.values() for rows in runs for r in rows)]
     if not keys:
@@ -123,8 +125,10 @@ def draw_gains(arms: dict, out: Path) -> bool:
     rows = [(name, entry["gold_gain"]) for name, entry in arms.items() if "gold_gain" in entry]
     if not rows:
         return False
+    # deferred: matplotlib loads only when a plot is drawn
     import matplotlib
     matplotlib.use("Agg")
+    # deferred: matplotlib loads only when a plot is drawn
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.0, 0.45 * len(rows) + 1.3))
     for y, (name, entry) in enumerate(rows):

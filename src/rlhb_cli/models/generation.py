@@ -19,6 +19,7 @@ from rlhb_cli.errors import RlhbError
 
 with warnings.catch_warnings():  # trl marks these helpers experimental; they are what we want
     warnings.simplefilter("ignore")
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     from trl.experimental.utils import first_true_indices, truncate_right
 
 

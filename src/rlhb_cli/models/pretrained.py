@@ -80,6 +80,7 @@ def convert_gguf(file: Path, cache: Path, notes: list[str] | None = None) -> Pat
     target = Path(cache) / f"{file.stem}-{digest[:12]}"
     if (target / SOURCE).exists():
         return target
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
     try:

@@ -15,6 +15,7 @@ CHAT_TEMPLATE = (
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path | None = None):
     """Train byte-level BPE on `texts`; returns a PreTrainedTokenizerFast with pad/bos/eos/unk set."""
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

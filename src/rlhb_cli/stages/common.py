@@ -4,9 +4,12 @@ Trainer's resume point and config."""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rlhb_cli import distributed, rundir, storage
 from rlhb_cli.models.load import TinyModelSpec, load_sequence_classifier, minilm_path, tiny_llama_config
@@ -31,6 +34,7 @@ def judge_backbone(name: str, run_dir: Path, stage: rundir.StageRun, num_labels:
         stage.add_upstream("train-sft")
         return load_sequence_classifier(policy, num_labels, notes)
     if name == "tiny":
+        # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
         from transformers import LlamaForSequenceClassification
         init = stage.dir / "init"
         with distributed.main_process_first():  # built once, by the main process; the others read it
@@ -52,9 +56,6 @@ def judge_backbone(name: str, run_dir: Path, stage: rundir.StageRun, num_labels:
 def progress_bar():
     """A rich progress bar with loss and rate, on stderr (quiet when stderr is not a terminal, and in all
     processes but the main one)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     console = Console(stderr=True)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} it/s"),
@@ -123,7 +124,6 @@ def stop_if_unfinished(trainer) -> None:
 def trl_config(config_cls, **kwargs):
     """A trl config, on the CPU unless there is a GPU. trl still passes transformers' renamed
     `gradient_checkpointing`, whose deprecation warning says nothing a user could act on."""
-    import warnings
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
         return config_cls(bf16=False, fp16=False, report_to="none", gradient_checkpointing=False,

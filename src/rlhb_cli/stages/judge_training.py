@@ -51,6 +51,7 @@ def _save_checkpoint(path, judge, optimizer, scheduler, step, fingerprint, windo
     """Written by the main process; keeps every process's RNG (each has its own dropout)."""
     rng = [torch.get_rng_state()]
     if distributed.num_processes() > 1:
+        # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
         from accelerate.utils import gather_object
         rng = gather_object(rng)
     if not distributed.is_main_process():
@@ -93,6 +94,7 @@ def _cache_body_features(judge: Judge, texts: list[str], progress) -> None:
         progress.update(task, completed=min(start + 256, len(mine)))
     progress.remove_task(task)
     if distributed.num_processes() > 1:
+        # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
         from accelerate.utils import gather_object
         shares = gather_object([{t: judge.feature_cache[t] for t in mine}])
         for share in shares:
@@ -114,6 +116,7 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
     per_pass, passes = distributed.accumulation(settings.batch_size, settings.micro_batch_size)
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total = steps_per_epoch * settings.epochs
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

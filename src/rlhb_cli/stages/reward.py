@@ -81,6 +81,7 @@ def read_pairs(path: Path) -> tuple[list[dict], list[dict], int]:
 
 
 def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     import datasets
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging

@@ -76,6 +76,7 @@ def _rows(split, min_quantile: float = 0.0, limit: int = 0) -> list[dict]:
 
 
 def trainer_callback(stage: rundir.StageRun, metrics: MetricsLog, name: str = STAGE):
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     from transformers import TrainerCallback
 
     class StageCallback(TrainerCallback):
@@ -150,6 +151,7 @@ def convergence_note(perplexities: list[float], threshold: float = STILL_IMPROVI
 
 
 def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
+    # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     from transformers import LlamaForCausalLM, PrinterCallback
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
