@@ -59,11 +59,11 @@ def flat_fields(config_cls: type) -> dict[str, FlatField]:
             for sub in dataclasses.fields(defaults):
                 name = sub.metadata.get("flat", sub.name)
                 found[name] = FlatField(name, (f.name, sub.name), inner[sub.name], getattr(defaults, sub.name),
-                                        f.metadata["help_overrides"].get(name, sub.metadata["help"]))
+                                        f.metadata["help_overrides"].get(name, sub.metadata.get("help", "")))
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        found[f.name] = FlatField(f.name, (f.name,), hints[f.name], default, f.metadata["help"])
+        found[f.name] = FlatField(f.name, (f.name,), hints[f.name], default, f.metadata.get("help", ""))
     return found
 
 
