@@ -73,6 +73,18 @@ def test_sft_resume_gives_the_uninterrupted_numbers(run, cli):
     assert result.exit_code == 0
 
 
+def test_sft_scores_a_validation_budget_once_after_training(run, cli):
+    """--max-val-rows spreads its rows over the split, and the trained model is scored once: its figure is
+    the epoch-end evaluation, not a second pass over the same rows."""
+    full = summary_of(run, "train-sft")
+    cli("train-sft", "--run-dir", run, *SFT, "--max-val-rows", 50, "--force")
+    summary = summary_of(run, "train-sft")
+    assert summary["val_rows"] == 50 < full["val_rows"]
+    evaluations = [r for r in read_jsonl(run / "train-sft" / "metrics.jsonl") if "eval/loss" in r]
+    assert [r["step"] for r in evaluations] == [0, summary["steps"]]  # untrained, then the epoch's end only
+    assert summary["val_loss"] == round(evaluations[-1]["eval/loss"], 4)
+
+
 def test_discriminator_learns_saves_and_reloads(run, cli):
     cli("warmup-discriminator", "--run-dir", run, "--epochs", 3, "--max-train-rows", 3000, "--learning-rate", 3e-3)
     summary = summary_of(run, "warmup-discriminator")
