@@ -226,7 +226,7 @@ def import_oasst(
 
 
 # ------------------------------------------------------------------------------------------- training stages
-def _config_option(config_cls: type, f: FlatField) -> tuple[Any, Any]:
+def _config_option(f: FlatField) -> tuple[Any, Any]:
     """(annotation, default) of the CLI option for one config setting; the help is the field's own."""
     flag = "--" + f.name.replace("_", "-")
     kind = f.annotation
@@ -263,7 +263,7 @@ def stage_command(name: str) -> None:
             Optional[str], typer.Option("--stage-name", help="Write into RUN_DIR/STAGE_NAME instead of the default "
                                         "(e.g. train-rlhb-on-rlhf beside train-rlhb).")]))
     for f in fields:
-        annotation, default = _config_option(config_cls, f)
+        annotation, default = _config_option(f)
         parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                             annotation=annotation))
 

@@ -1,10 +1,11 @@
 """The run directory: the contract between stages.
 
 Each stage writes into `RUN_DIR/<stage>/`: its artifacts, `summary.json` (headline figures) and
-`manifest.json` (resolved config, every input with its sha256, library versions, git commit, seed,
-start/end time, status, torch's thread count). The manifest says `running` while the stage works and `done` only after
-every artifact is in place, so a later stage never reads a half-written one. Artifacts are written to
-a temporary name and renamed into place.
+`manifest.json` (resolved config, every input with its sha256, every output with its size and sha256,
+library versions, git commit, seed, start/end time, status, torch's thread count). The manifest says
+`running` while the stage works and `done` only after every artifact is in place and recorded, so a later
+stage never reads a half-written one; it refuses one that is damaged or stale since. Artifacts are written
+to a temporary name and renamed into place (`storage`), and a stage is written under its lock.
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def _plain_columns(table: pa.Table) -> pa.Table:
             try:
                 column = column.cast(pa.string())
             except (pa.ArrowInvalid, pa.ArrowTypeError):
-                pass
+                pass  # bytes that are not UTF-8 stay bytes: a text field refuses them per row, naming the type
         elif pa.types.is_decimal(kind):
             column = column.cast(pa.float64())
         columns[name] = column
