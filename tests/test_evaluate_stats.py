@@ -73,7 +73,7 @@ def test_agreement_with_gold_by_hand():
 
 
 def test_correct_pair_agreement_and_feature_rates_by_hand():
-    from rlhb_cli.simulator.gold import FEATURES
+    from rlhb_cli.simulator.attributes import FEATURES
     from rlhb_cli.evaluation.statistics import agreement_with_gold, feature_rates
     rows = [{"query": q, "scores": {"gold": g, "judge": j}, "gold_features": f} for q, g, j, f in (
         ("a", 0.4, 1.0, ["correct", "polite"]), ("a", 0.1, 2.0, ["wrong"]), ("a", 0.2, 0.5, ["wrong", "polite"]),

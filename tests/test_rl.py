@@ -345,7 +345,7 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli, monkeypatch):
     rows = read_jsonl(run / "evaluate" / "results.jsonl")
     assert len(rows) == 3 * summary["queries"] * (1 + 2)
     assert set(rows[0]["scores"]) == set(summary["judges"])
-    from rlhb_cli.simulator.gold import FEATURES
+    from rlhb_cli.simulator.attributes import FEATURES
     rates = detail["health"]["train-oracle"]["sampled"]["gold_feature_rates"]
     mine = [r for r in rows if r["policy"] == "train-oracle" and r["decoding"] == "sampled"]
     assert list(rates) == list(FEATURES) and set().union(*(r["gold_features"] for r in mine)) <= set(FEATURES)

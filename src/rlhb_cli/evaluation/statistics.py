@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlhb_cli.simulator.gold import FEATURES
+from rlhb_cli.simulator.attributes import FEATURES
 from rlhb_cli.stats import average_ranks
 
 

@@ -1,41 +1,19 @@
 """The hidden user model and the gold judge: expected behaviour of ANY response text.
 
-Attributes are detected from the text itself (never taken from how a logged answer was built), so a
-policy's new text is judged by exactly the rules that produced the logs. Abstaining or garbled text
-counts as a wrong answer to a factual or how-to question: a polite "I do not know" plus a link must not
-be a cheap way to please users.
+The judge reads an answer's attributes from its text (attributes.py: the same rules that produced the
+logs) and turns them into the users' expected behaviour through their hidden preferences.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rlhb_cli.simulator.world import (HEDGES, POLITE_CLOSERS, POLITE_OPENERS, RUDE_CLOSERS, RUDE_OPENERS,
-                                     about_covered_items, all_queries)
-
-FEATURES = ("correct", "wrong", "missing", "verbose", "polite", "rude", "source", "hedging", "repetition", "garbled")
-_WORD = re.compile(r"[a-z0-9]+")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-_URL = re.compile(r"https?://\S+")
-
-
-def words_of(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def _phrases(sentences: list[str]) -> list[str]:
-    return [" ".join(words_of(s)) for s in sentences]
-
-
-POLITE_MARKERS = _phrases(POLITE_OPENERS + POLITE_CLOSERS) + ["please", "thank you"]
-RUDE_MARKERS = _phrases(RUDE_OPENERS + RUDE_CLOSERS) + ["stupid", "obviously"]
-HEDGE_MARKERS = _phrases(HEDGES) + ["probably", "perhaps", "not sure"]
-
+from rlhb_cli.simulator.attributes import FEATURES, Lexicon, QueryKey, detect, feature_matrix
+from rlhb_cli.simulator.world import about_covered_items, all_queries
 
 @dataclass
 class Persona:
@@ -113,77 +91,6 @@ class UserModel:
         return cls(personas=[Persona(**p) for p in data["personas"]], correctness_scale=data["correctness_scale"],
                    view=tuple(data["view"]), click=tuple(data["click"]), like=tuple(data["like"]),
                    dislike=tuple(data["dislike"]))
-
-
-@dataclass
-class QueryKey:
-    """What the judge needs to know of a query to judge an answer to it."""
-
-    intent: str
-    required: list[str]
-    rivals: list[str]
-
-
-@dataclass
-class Lexicon:
-    """Words and word pairs of the environment's language: text mostly outside it is garbled."""
-
-    words: set[str] = field(default_factory=set)
-    bigrams: set[str] = field(default_factory=set)
-
-    def add(self, text: str) -> None:
-        w = words_of(_URL.sub(" ", text))
-        self.words.update(w)
-        self.bigrams.update(f"{a} {b}" for a, b in zip(w, w[1:]))
-
-
-def _has(haystack: str, phrase: str) -> bool:
-    return f" {phrase} " in haystack
-
-
-def detect(key: QueryKey, text: str, lexicon: Lexicon) -> dict[str, bool]:
-    """The response's attributes, read from its text alone."""
-    raw = text.strip()
-    no_url = _URL.sub(" ", raw)
-    words = words_of(no_url)
-    haystack = f" {' '.join(words_of(raw))} "
-    pairs = [f"{a} {b}" for a, b in zip(words, words[1:])]
-    unknown_words = sum(w not in lexicon.words for w in words) / max(len(words), 1)
-    unknown_pairs = sum(p not in lexicon.bigrams for p in pairs) / max(len(pairs), 1)
-    garbled = len(words) < 2 or unknown_words > 0.2 or unknown_pairs > 0.4
-    rival = any(_has(haystack, r) for r in key.rivals)
-    required = all(_has(haystack, r) for r in key.required)
-    if garbled or rival:
-        answer = "wrong"
-    elif required:
-        answer = "correct"
-    else:
-        answer = "missing"
-    sentences = [s for s in _SENTENCE_END.split(no_url) if words_of(s)]
-    normalized = [" ".join(words_of(s)) for s in sentences]
-    markers = POLITE_MARKERS + RUDE_MARKERS + HEDGE_MARKERS + ["source"] + key.required + key.rivals
-    padding = {s for s in normalized if not any(_has(f" {s} ", m) for m in markers)}
-    grams = [" ".join(words[i:i + 4]) for i in range(len(words) - 3)]
-    polite = any(_has(haystack, m) for m in POLITE_MARKERS)
-    rude = any(_has(haystack, m) for m in RUDE_MARKERS)
-    return {
-        "correct": answer == "correct",
-        # abstaining is no answer to a question that has one
-        "wrong": answer == "wrong" or (answer == "missing" and key.intent != "chitchat"),
-        "missing": answer == "missing",
-        "verbose": len(padding) >= 2 or len(words) > 60,
-        "polite": polite and not rude,
-        "rude": rude,
-        "source": "http" in raw.lower() or _has(haystack, "source"),
-        "hedging": any(_has(haystack, m) for m in HEDGE_MARKERS),
-        "repetition": len(grams) != len(set(grams)) or len(normalized) != len(set(normalized)),
-        "garbled": garbled,
-    }
-
-
-def feature_matrix(keys: list[QueryKey], texts: list[str], lexicon: Lexicon) -> np.ndarray:
-    rows = [detect(k, t, lexicon) for k, t in zip(keys, texts)]
-    return np.array([[float(r[f]) for f in FEATURES] for r in rows], dtype=np.float64)
 
 
 def expected_rates(model: UserModel, features: np.ndarray, intents: list[str]) -> dict[str, np.ndarray]:

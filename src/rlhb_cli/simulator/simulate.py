@@ -19,7 +19,8 @@ from rlhb_cli.behaviors import binning
 from rlhb_cli.config import field
 from rlhb_cli.rundir import StageRun
 from rlhb_cli.storage import atomic_write_bytes, atomic_write_json
-from rlhb_cli.simulator.gold import FEATURES, Lexicon, QueryKey, UserModel, expected_rates, feature_matrix
+from rlhb_cli.simulator.attributes import FEATURES, Lexicon, QueryKey, feature_matrix
+from rlhb_cli.simulator.gold import UserModel, expected_rates
 from rlhb_cli.simulator.world import Query, all_queries, candidate_pool, choose_queries
 from rlhb_cli.stats import auc
 
