@@ -14,6 +14,11 @@ from typer.testing import CliRunner
 
 from rlhb_cli.cli import app
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers, one per core: one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY = ["--tiny-hidden-size", 32, "--tiny-layers", 1, "--tiny-heads", 2, "--tiny-vocab-size", 400]

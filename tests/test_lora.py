@@ -16,11 +16,12 @@ TESTS = Path(__file__).parent
 
 def test_the_reference_is_exactly_the_base_with_its_adapters_off(rl_base):
     from rlhb_cli.models.load import load_causal_lm
-    from rlhb_cli.rl.actor_critic import attach_lora, reference_logits
+    from rlhb_cli.models.lora import attach_lora
+    from rlhb_cli.rl.actor_critic import reference_logits
     from rlhb_cli.config import build_config
     from rlhb_cli.rl.config import EngineConfig
     base, tokenizer = load_causal_lm(rl_base / "train-sft" / "policy", [])
-    actor = attach_lora(load_causal_lm(rl_base / "train-sft" / "policy", [])[0], build_config(EngineConfig, None, {"lora_r": 4}))
+    actor = attach_lora(load_causal_lm(rl_base / "train-sft" / "policy", [])[0], build_config(EngineConfig, None, {"lora_r": 4}).lora)
     torch.manual_seed(0)
     for name, parameter in actor.named_parameters():
         if "lora_B" in name:  # B starts at zero; give the adapters something to change

@@ -14,7 +14,7 @@ from rlhb_cli.errors import RlhbError
 from rlhb_cli.models import pretrained
 from rlhb_cli.models.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
-from conftest import summary_of
+from conftest import RL, read_jsonl, summary_of
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is in the test extra: pip install -e '.[test]'")
 
@@ -24,7 +24,7 @@ def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_tiny_gguf(path, architecture: str = "llama"):
+def write_tiny_gguf(path, architecture: str = "llama", chat_template: bool = True):
     """(tiny Llama, its tokenizer) written as an F32 GGUF at `path`, with a byte-level BPE tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
     tokenizer = train_tokenizer([f"question {i}: how are answers liked? answer {i} is liked by many" for i in range(200)],
@@ -58,7 +58,8 @@ def write_tiny_gguf(path, architecture: str = "llama"):
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_unk_token_id(tokenizer.unk_token_id)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    if chat_template:
+        writer.add_chat_template(CHAT_TEMPLATE)
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
@@ -108,15 +109,50 @@ def test_a_gguf_is_converted_once_into_a_folder_that_answers_as_the_original(tmp
     assert (folder / "model.safetensors").stat().st_mtime_ns == written  # converted once
 
 
-def test_sft_trains_a_gguf_model_and_records_its_file(cli, sim_run, tmp_path, cache):
+def test_a_chat_model_is_fine_tuned_with_lora_aligned_and_evaluated_through_its_chat_template(cli, sim_run, tmp_path,
+                                                                                              cache):
+    """A pretrained model with a chat template (the GGUF): SFT picks the chat format and trains LoRA adapters,
+    the aligner and evaluation prompt it the same way (policy.json), and evaluation also takes the model
+    as it comes (the no-SFT reference row)."""
+    from rlhb_cli.models.load import load_causal_lm
+    from rlhb_cli.prompts import PromptFormat
     write_tiny_gguf(tmp_path / "tiny.gguf")
     cli("prepare-behaviors", "--run-dir", sim_run)
     cli("train-sft", "--run-dir", sim_run, "--model", tmp_path / "tiny.gguf", "--epochs", 1, "--max-train-rows", 64,
-        "--batch-size", 16)
+        "--batch-size", 16, "--max-val-rows", 16, "--lora-r", 4, "--learning-rate", 1e-3)
     summary = summary_of(sim_run, "train-sft")
-    assert summary["steps"] == 4 and summary["parameters"] > 0
+    assert summary["steps"] == 4 and summary["prompt_format"] == "chat"
+    assert 0 < summary["trainable_parameters"] < summary["parameters"] / 4  # adapters only
     manifest = json.loads((sim_run / "train-sft" / "manifest.json").read_text())
     assert manifest["inputs"]["model"]["path"].endswith("tiny.gguf") and len(manifest["inputs"]["model"]["sha256"]) == 64
+    policy = sim_run / "train-sft" / "policy"
+    meta = json.loads((policy / "policy.json").read_text())
+    assert meta["prompt_format"] == "chat" and meta["lora_base"] == str(pretrained.local_model_dir(tmp_path / "tiny.gguf"))
+    assert (policy / "adapter_config.json").exists() and not (policy / "model.safetensors").exists()
+    model, tokenizer = load_causal_lm(policy, [])  # the adapters merged into their base
+    prompt = PromptFormat.of_policy(meta, tokenizer, policy).prompt("Who wrote Hamlet?", "liked by many")
+    assert prompt == "System: Answer so that users react like this: liked by many.\nUser: Who wrote Hamlet?\nAssistant:"
+
+    cli("train-oracle", "--run-dir", sim_run, "--iterations", 1, *RL)
+    aligned = json.loads((sim_run / "train-oracle" / "policy" / "policy.json").read_text())
+    assert aligned["prompt_format"] == "chat"
+    cli("evaluate", "--run-dir", sim_run, "--policies", "train-sft", "--policies", "train-oracle", "--policies",
+        tmp_path / "tiny.gguf",
+        "--samples", 1, "--max-new-tokens", 8, "--following-queries", 0, "--bootstrap-samples", 50,
+        "--max-queries", 8)
+    assert summary_of(sim_run, "evaluate")["policies"] == ["train-sft", "train-oracle", str(tmp_path / "tiny.gguf")]
+    rows = read_jsonl(sim_run / "evaluate" / "results.jsonl")
+    assert {r["policy"] for r in rows} == {"train-sft", "train-oracle", str(tmp_path / "tiny.gguf")}
+
+
+def test_a_model_without_a_chat_template_asked_for_one_is_refused_in_one_line(cli, sim_run, tmp_path, cache):
+    write_tiny_gguf(tmp_path / "plain.gguf", chat_template=False)
+    cli("prepare-behaviors", "--run-dir", sim_run)
+    result = cli("train-sft", "--run-dir", sim_run, "--model", tmp_path / "plain.gguf", "--prompt-format", "chat",
+                 "--epochs", 1, "--max-train-rows", 64, "--batch-size", 16, ok=False)
+    assert result.exit_code != 0
+    assert "plain.gguf: the model's tokenizer has no chat template; use --prompt-format plain" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_what_is_not_a_readable_gguf_is_refused_in_one_line(tmp_path, cache, monkeypatch):

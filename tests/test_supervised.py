@@ -189,7 +189,7 @@ def test_a_minilm_discriminator_learning_its_top_layer_only_keeps_the_rest_and_r
     from transformers import AutoModel
     from rlhb_cli.models.load import minilm_path
     from rlhb_cli.models.discriminator import Discriminator
-    args = ["--backbone", "minilm", "--train-top-layers", 1, "--epochs", 1, "--max-train-rows", 160,
+    args = ["--backbone", "minilm", "--train-top-layers", 1, "--epochs", 1, "--max-train-rows", 160, "--max-length", 64,
             "--checkpoint-every", 4]
     resumed, straight, other = warmup_stopped_and_straight(run, cli, args, stop_after=5)
     assert resumed["val_auc"] == pytest.approx(straight["val_auc"], abs=1e-6)

@@ -1,15 +1,30 @@
 """The one place that turns (query, behaviour text) into model inputs.
 
-The generator learns `generator_prompt(query, behaviour)` in SFT and is asked the same way in RL and
+The generator learns `PromptFormat.prompt(query, behaviour)` in SFT and is asked the same way in RL and
 evaluation, with the most preferred behaviour as the condition (every aligner by default, so they differ
-in their reward only); `--condition none` gives the no-behaviour variant. Judges (discriminator, classifier, reward model) read `judge_text`, plain text, so a judge
-may have a different tokenizer from the policy.
+in their reward only); `--condition none` gives the no-behaviour variant. Two formats:
+
+- plain: "Question: ... / Users: ... / Answer:", the response after one space; the tiny model built here
+  learns it from scratch (and every result recorded before the chat format existed used it);
+- chat: the model's own chat template, the behaviour condition as the system turn and the query as the
+  user's, the response as the assistant's turn ended by the template's end-of-turn token (its EOS).
+
+SFT chooses the format (`--prompt-format auto`: chat for a pretrained model with a template, plain for
+tiny) and records it in the policy's policy.json; every later stage reads it from there.
+Judges (discriminator, classifier, reward model) read `judge_text`, plain text, so a judge may have a
+different tokenizer from the policy.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhb_cli.errors import RlhbError
+
 MAX_QUERY_CHARS = 600
 MAX_RESPONSE_CHARS = 1200
+PROMPT_FORMATS = ("plain", "chat")
 
 
 def _clip(text: str, limit: int) -> str:
@@ -18,12 +33,57 @@ def _clip(text: str, limit: int) -> str:
 
 
 def generator_prompt(query: str, behavior_text: str | None = None) -> str:
-    """Prompt of the policy; the response follows it after one space."""
+    """The plain format's prompt; the response follows it after one space."""
     lines = [f"Question: {_clip(query, MAX_QUERY_CHARS)}"]
     if behavior_text is not None:
         lines.append(f"Users: {behavior_text}")
     lines.append("Answer:")
     return "\n".join(lines)
+
+
+def chat_messages(query: str, behavior_text: str | None = None) -> list[dict]:
+    """The chat format's turns: the condition as the system's instruction, the query as the user's."""
+    messages = []
+    if behavior_text is not None:
+        messages.append({"role": "system", "content": f"Answer so that users react like this: {behavior_text}."})
+    messages.append({"role": "user", "content": _clip(query, MAX_QUERY_CHARS)})
+    return messages
+
+
+@dataclass
+class PromptFormat:
+    """How a policy is prompted and how its answer follows the prompt (`tokenizer` renders chat turns)."""
+
+    kind: str = "plain"
+    tokenizer: object = None
+
+    @classmethod
+    def resolve(cls, asked: str, tokenizer, where: str | Path, built_here: bool = False) -> "PromptFormat":
+        """`asked` (auto, plain or chat) for a model whose tokenizer is `tokenizer`: auto is chat when the model
+        came with a chat template and was not built here (the tiny model's template is not what it learns)."""
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if asked == "auto":
+            asked = "chat" if has_template and not built_here else "plain"
+        if asked not in PROMPT_FORMATS:
+            raise RlhbError(f"prompt format must be auto, plain or chat, got {asked!r}")
+        if asked == "chat" and not has_template:
+            raise RlhbError(f"{where}: the model's tokenizer has no chat template; use --prompt-format plain")
+        return cls(asked, tokenizer)
+
+    @classmethod
+    def of_policy(cls, meta: dict, tokenizer, where: str | Path) -> "PromptFormat":
+        """The format a policy was trained with (its policy.json; plain when it says nothing)."""
+        return cls.resolve(meta.get("prompt_format", "plain"), tokenizer, where)
+
+    def prompt(self, query: str, behavior_text: str | None = None) -> str:
+        if self.kind == "plain":
+            return generator_prompt(query, behavior_text)
+        return self.tokenizer.apply_chat_template(chat_messages(query, behavior_text), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def completion(self, response: str) -> str:
+        """The text that follows the prompt for `response` (before the EOS the trainer or scorer adds)."""
+        return (" " + response) if self.kind == "plain" else response
 
 
 def judge_text(query: str, response: str, behavior_text: str | None = None) -> str:

@@ -1,7 +1,7 @@
 """`rlhb evaluate`: which policy do users like better? Held-out responses judged by every judge at hand.
 
-Each policy answers the held-out queries with the prompt it was trained for (policy.json; SFT is asked
-for the most preferred behaviour), greedily and `samples` times sampled, from fixed seeds. Judges:
+Each policy answers the held-out queries with the prompt it was trained for (policy.json: its condition,
+the most preferred behaviour by default, and its format), greedily and `samples` times sampled, from fixed seeds. Judges:
 the simulator's gold user model (ground truth of the testbed, when the logs came from simulate-logs),
 and the run's own reward model, behaviour classifier and discriminator. Every mean has a bootstrap
 interval over queries; Win-Tie-Loss compares each policy with the baseline query by query.
@@ -33,8 +33,9 @@ from rlhb_cli.evaluation.statistics import (agreement_with_gold, answer_draw_se,
 from rlhb_cli.models.classifier import BehaviorClassifier
 from rlhb_cli.models.discriminator import Discriminator
 from rlhb_cli.models.generation import generate_responses, policy_meta
-from rlhb_cli.models.load import load_causal_lm
-from rlhb_cli.prompts import generator_prompt
+from rlhb_cli.models.load import load_causal_lm, local_folder
+from rlhb_cli.models.pretrained import gguf_source
+from rlhb_cli.prompts import PromptFormat
 from rlhb_cli.registry import POLICY_STAGES
 from rlhb_cli.rl.sources import RewardModelSource
 from rlhb_cli.simulator.gold import GoldJudge
@@ -45,8 +46,8 @@ QUERY_SETS = ("auto", "test", "environment", "all", "every-held-out", "train")
 
 @dataclass
 class EvaluateConfig:
-    policies: list[str] = field(factory=list, help="Stages (or paths) of the policies to evaluate; default: every "
-                                                   "stage of the run dir that left a policy/.")
+    policies: list[str] = field(factory=list, help="Stages (or model folders, GGUF files, smollm2) of the policies to "
+                                                   "evaluate; default: every stage of the run dir that left a policy/.")
     baseline: str = field("train-sft", help="Policy the others are compared with in Win-Tie-Loss.")
     query_set: str = field("auto", help="test (prepare-behaviors' held-out split), environment (the simulator's "
                                         "held-out queries: new phrasings), all, auto (all when simulated), "
@@ -65,6 +66,9 @@ class EvaluateConfig:
     seed: int = field(0, help="Seed of sampling and of the bootstrap.")
     following_queries: int = field(40, help="Behaviour following: queries on which each behaviour-conditioned "
                                             "policy is asked for every level of likes and of dislikes (0: skip).")
+    perplexity_rows: int = field(0, help="Logged test responses each policy's perplexity is measured on, spread over "
+                                         "the split (0: all of them; a pretrained model's pass over 720 rows takes "
+                                         "minutes on a CPU).")
     judge_url: str = field("", help="An OpenAI-compatible endpoint (e.g. https://api.openai.com/v1) whose model rates "
                                     "each greedy answer 1-10; called only when given; answers cached in "
                                     "RUN_DIR/.judge-cache.sqlite, so a rerun costs nothing.")
@@ -73,8 +77,8 @@ class EvaluateConfig:
     judge_requests_per_minute: float = field(60.0, help="Rate limit of calls to --judge-url.")
 
     def __post_init__(self):
-        if self.max_queries < 0:
-            raise ValueError("max_queries must be >= 0")
+        if self.max_queries < 0 or self.perplexity_rows < 0:
+            raise ValueError("max_queries and perplexity_rows must be >= 0")
         if self.query_set not in QUERY_SETS:
             raise ValueError(f"query_set must be one of {', '.join(QUERY_SETS)}, got {self.query_set!r}")
         if self.samples < 0 or self.max_new_tokens < 1 or self.temperature <= 0:
@@ -173,7 +177,8 @@ def _queries(config: EvaluateConfig, run_dir: Path, data, gold) -> dict[str, str
     return out
 
 
-def behavior_following(model, tokenizer, queries: list[str], spec, template, judge, config: EvaluateConfig) -> dict:
+def behavior_following(model, tokenizer, prompt: PromptFormat, queries: list[str], spec, template, judge,
+                       config: EvaluateConfig) -> dict:
     """Ask for each level of likes (then of dislikes), the other metrics at their most preferred level, and
     measure how the judged rate of that metric per view tracks the level asked (Spearman over answers)."""
     out = {}
@@ -182,7 +187,7 @@ def behavior_following(model, tokenizer, queries: list[str], spec, template, jud
         for level in range(spec.levels(metric)):
             levels = most_preferred_levels(spec) | {metric: level}
             text = template.render(spec, levels)
-            answers = generate_responses(model, tokenizer, [generator_prompt(q, text) for q in queries],
+            answers = generate_responses(model, tokenizer, [prompt.prompt(q, text) for q in queries],
                                          config.max_new_tokens, greedy=True, seed=config.seed)
             behavior = judge(queries, [a["response"] for a in answers])
             rate = behavior[metric] / np.maximum(behavior["pv"], 1e-9)
@@ -195,14 +200,15 @@ def behavior_following(model, tokenizer, queries: list[str], spec, template, jud
 
 
 @torch.no_grad()
-def _sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32) -> np.ndarray:
-    """Sum of log p(response tokens | prompt) under `model`, per pair (text in, so any tokenizer works)."""
+def _sequence_logprobs(model, tokenizer, prompt: PromptFormat, prompts: list[str], responses: list[str],
+                       batch_size: int = 32) -> np.ndarray:
+    """Sum of log p(response tokens and EOS | prompt) under `model`, per pair (text in, so any tokenizer works)."""
     tokenizer.padding_side = "right"
     out = []
     for start in range(0, len(prompts), batch_size):
         p, r = prompts[start:start + batch_size], responses[start:start + batch_size]
         prompt_lengths = [len(tokenizer(x)["input_ids"]) for x in p]
-        full = tokenizer([a + " " + b + tokenizer.eos_token for a, b in zip(p, r)], padding=True,
+        full = tokenizer([a + prompt.completion(b) + tokenizer.eos_token for a, b in zip(p, r)], padding=True,
                          return_tensors="pt")
         logits = model(**full).logits[:, :-1]
         token_logprobs = selective_log_softmax(logits, full["input_ids"][:, 1:])
@@ -212,6 +218,18 @@ def _sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str
         out.append((token_logprobs * mask).sum(1))
     tokenizer.padding_side = "left"
     return torch.cat(out).numpy()
+
+
+def _policy_path(name: str, run_dir: Path, stage: rundir.StageRun, what: str = "policy") -> Path:
+    """A stage of the run dir, a model folder, or a GGUF / named model (`smollm2`: a pretrained model as it
+    comes, the reference row of a run that fine-tunes it), converted once, its file recorded as the input."""
+    source = gguf_source(name)
+    if source is None:
+        return rundir.stage_or_path(name, run_dir, stage, "policy", what)
+    if not source.is_file():
+        raise RlhbError(f"{source}: no such GGUF file (give a stage of {run_dir}, a model folder or a GGUF file)")
+    stage.add_input(what, source)
+    return local_folder(name, [])
 
 
 def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
@@ -228,9 +246,10 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
         raise RlhbError(f"{run_dir}: no policy to evaluate; run `rlhb train-sft --run-dir {run_dir}` first")
     if config.baseline not in names:
         names = [config.baseline] + names
-    reference_path = rundir.stage_or_path(config.baseline, run_dir, stage, "policy", "baseline policy")
+    reference_path = _policy_path(config.baseline, run_dir, stage, "baseline policy")
     reference, reference_tokenizer = load_causal_lm(reference_path, [])
     reference.eval()
+    reference_format = PromptFormat.of_policy(policy_meta(reference_path), reference_tokenizer, reference_path)
 
     follow_judge = None  # expected behaviour of (query, response): the gold users, else the run's classifier
     if judges.gold is not None:
@@ -242,8 +261,11 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     draw_variances: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # the same: variance of that mean
     health: dict[str, dict] = {}
     test = data["test"]
+    real_rows = range(len(test["query"]))  # the logged responses each policy's perplexity is measured on
+    if config.perplexity_rows and config.perplexity_rows < len(real_rows):
+        real_rows = np.linspace(0, len(real_rows) - 1, config.perplexity_rows).round().astype(int).tolist()
     for name in names:
-        path = rundir.stage_or_path(name, run_dir, stage, "policy", "policy")
+        path = _policy_path(name, run_dir, stage)
         meta = policy_meta(path)
         condition = meta.get("behavior_text", best) if meta.get("condition") != "none" else None
         if path == reference_path:  # the baseline is loaded already
@@ -251,7 +273,8 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
         else:
             model, tokenizer = load_causal_lm(path, [])
             model.eval()
-        prompts = [generator_prompt(q, condition) for q in queries]
+        prompt = PromptFormat.of_policy(meta, tokenizer, path)
+        prompts = [prompt.prompt(q, condition) for q in queries]
         scores[name] = {}
         sampled_texts, sampled_prompts = [], []
         for decoding, repeats in (("greedy", 1), ("sampled", config.samples)):
@@ -283,15 +306,17 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             if features:
                 health[name][decoding]["gold_feature_rates"] = feature_rates(features)
         if sampled_texts:  # KL(policy || baseline) per response, estimated on the policy's own samples
-            own = _sequence_logprobs(model, tokenizer, sampled_prompts, sampled_texts)
-            ref = _sequence_logprobs(reference, reference_tokenizer, sampled_prompts, sampled_texts)
+            own = _sequence_logprobs(model, tokenizer, prompt, sampled_prompts, sampled_texts)
+            reference_prompts = [reference_format.prompt(q, condition) for q in repeated_queries]
+            ref = _sequence_logprobs(reference, reference_tokenizer, reference_format, reference_prompts, sampled_texts)
             health[name]["kl_to_baseline"] = round(float(np.mean(own - ref)), 4)
         if config.following_queries and condition is not None and follow_judge is not None:
             health[name]["behavior_following"] = behavior_following(
-                model, tokenizer, queries[:config.following_queries], spec, template, follow_judge, config)
-        real_prompts = [generator_prompt(q, b) for q, b in zip(test["query"], test["behavior_text"])]
-        logprobs = _sequence_logprobs(model, tokenizer, real_prompts, list(test["response"]))
-        tokens = sum(len(tokenizer(" " + r)["input_ids"]) + 1 for r in test["response"])
+                model, tokenizer, prompt, queries[:config.following_queries], spec, template, follow_judge, config)
+        real_prompts = [prompt.prompt(test["query"][i], test["behavior_text"][i]) for i in real_rows]
+        real_responses = [test["response"][i] for i in real_rows]
+        logprobs = _sequence_logprobs(model, tokenizer, prompt, real_prompts, real_responses)
+        tokens = sum(len(tokenizer(prompt.completion(r))["input_ids"]) + 1 for r in real_responses)
         health[name]["perplexity_real_responses"] = round(float(np.exp(-logprobs.sum() / max(tokens, 1))), 4)
 
     if judges.gold is not None:
@@ -315,7 +340,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     _print_table(Console(), summary, names)
     return {"headline": summary["headline"], "queries": len(queries),
             "query_sets": {s: list(query_sets.values()).count(s) for s in set(query_sets.values())},
-            "policies": names, "skipped_policies": skipped, "judges": list(judges.scorers),
+            "policies": names, "skipped_policies": skipped, "perplexity_rows": len(real_rows), "judges": list(judges.scorers),
             **({"chat_judge": {"endpoint": judges.chat.endpoint, "model": config.judge_model, "calls": judges.chat.calls,
                                "cache_hits": judges.chat.cache_hits, "unparsed_replies": judges.chat.unparsed}}
                if judges.chat else {}), "baseline": config.baseline,

@@ -67,9 +67,11 @@ def plan(recipe: Recipe, out: Path) -> tuple[Path, list[Step]]:
             steps.append(Step(out, arm.command, name, options, arm.name, seed, _expected(recipe, arm.command, options)))
     if recipe.evaluate is not None:
         baseline = recipe.evaluate.get("baseline", "train-sft")
-        options = {**recipe.evaluate, "baseline": baseline, "policies": [baseline, *names]}
+        references = recipe.evaluate.get("references", [])  # models beside the arms, e.g. the base model as it comes
+        options = {k: v for k, v in recipe.evaluate.items() if k != "references"} | {
+            "baseline": baseline, "policies": [baseline, *references, *names]}
         steps.append(Step(out, "evaluate", "evaluate", options,
-                          expected_seconds=_expected(recipe, "evaluate", options, len(names) + 1)))
+                          expected_seconds=_expected(recipe, "evaluate", options, len(names) + len(references) + 1)))
         steps.append(Step(out, "report", "report", {"run_dirs": [out]}, expected_seconds=_expected(recipe, "report", {})))
     return base_dir, steps
 

@@ -22,7 +22,9 @@ from rlhb_cli import pipeline, registry
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.experiments.verdicts import CHECK_KINDS, GOLD_METRICS, METRICS
 
-RECIPE_KEYS = {"title", "base", "seeds", "arms", "arm_defaults", "evaluate", "claims", "scales", "notes"}
+TINY_SEEDS = 2  # seeds a recipe runs at scale tiny
+RECIPE_KEYS = {"title", "base", "seeds", "arms", "arm_defaults", "evaluate", "claims", "scales", "notes",
+               "expected_seconds"}
 BASE_KEYS = {"stages", "scales", "expected_seconds", "notes"}
 
 
@@ -169,6 +171,8 @@ def load_recipe(path: Path, scale: str = "small") -> Recipe:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) \
             or len(set(seeds)) != len(seeds):
         raise recipe_file.error(("seeds",), f"must be a list of distinct non-negative integers, got {seeds!r}")
+    if scale == "tiny":  # a smoke test of the machinery: two seeds make every interval and rule run
+        seeds = seeds[:TINY_SEEDS]
     arm_defaults = {}
     for command, options in recipe_file.mapping(("arm_defaults",), data.get("arm_defaults")).items():
         arm_defaults[command] = recipe_file.mapping(("arm_defaults", command), options)
@@ -188,7 +192,12 @@ def load_recipe(path: Path, scale: str = "small") -> Recipe:
         evaluate = _merge(recipe_file.mapping(("evaluate",), evaluate), scale_options.get("evaluate"))
         for key in ("policies",):
             if key in evaluate:
-                raise recipe_file.error(("evaluate", key), "the runner sets the evaluated policies (every arm)")
+                raise recipe_file.error(("evaluate", key), "the runner sets the evaluated policies (every arm); "
+                                                           "other models go in references")
+        references = evaluate.get("references", [])
+        if not isinstance(references, list) or not all(isinstance(r, str) and r for r in references):
+            raise recipe_file.error(("evaluate", "references"), f"must be a list of models (a folder, a GGUF file or "
+                                                                f"smollm2), got {references!r}")
     recipe = Recipe(
         name=Path(path).stem, path=Path(path), title=str(data.get("title", Path(path).stem)), scale=scale,
         seeds=seeds, arms=arms, base_path=base_path, base_stages=base_stages,
@@ -197,8 +206,11 @@ def load_recipe(path: Path, scale: str = "small") -> Recipe:
         base_name=base_path.stem + (f"-{Path(path).stem}" if changes_base else ""),
         arm_defaults={c: _merge(arm_defaults.get(c), scale_options.get(c)) for c in registry.ALIGNER_COMMANDS},
         evaluate=evaluate, claims=[], notes=str(data.get("notes", "")).strip(),
-        expected_seconds={str(k): float(v) for k, v in base_file.mapping(
-            ("expected_seconds", scale), (base_file.data.get("expected_seconds") or {}).get(scale)).items()})
+        # the base's rates, or the recipe's own where its models differ (a pretrained policy's)
+        expected_seconds={str(k): float(v) for k, v in {
+            **base_file.mapping(("expected_seconds", scale), (base_file.data.get("expected_seconds") or {}).get(scale)),
+            **recipe_file.mapping(("expected_seconds", scale), (data.get("expected_seconds") or {}).get(scale)),
+        }.items()})
     recipe.claims = _read_claims(recipe_file, recipe)
     _check_arm_options(recipe_file, recipe)
     return recipe

@@ -72,14 +72,16 @@ def collect_results(recipe: Recipe, out: Path, base_dir: Path) -> dict:
             if all(v is not None for v in values):
                 arms[arm.name][metric] = across_runs([float(v) for v in values])
     claims = [judge_claim(c, per_run, arms, recipe.seeds) for c in recipe.claims]
-    baseline = None
+    baseline, references = None, {}
     if evaluation is not None:
         base_name = recipe.evaluate.get("baseline", "train-sft")
         baseline = {d: evaluation["scores"][base_name][d]["gold"] for d in evaluation["scores"][base_name]}
+        references = {name: {d: evaluation["scores"][name][d]["gold"] for d in evaluation["scores"][name]}
+                      for name in recipe.evaluate.get("references", []) if name in evaluation["scores"]}
     return {"recipe": str(recipe.path), "base": str(recipe.base_path), "scale": recipe.scale, "seeds": recipe.seeds,
             "run_dir": str(out), "base_run_dir": str(base_dir), "git_commit": rundir.git_commit(),
             "versions": rundir.library_versions(), "arms": arms, "per_run": per_run, "claims": claims,
-            "baseline_gold": baseline, "curves": {a: [[{k: r.get(k) for k in CURVE_KEYS if k in r} | {"step": r.get("step")}
+            "baseline_gold": baseline, "references_gold": references, "curves": {a: [[{k: r.get(k) for k in CURVE_KEYS if k in r} | {"step": r.get("step")}
                                                      for r in rows] for rows in runs] for a, runs in curves.items()}}
 
 
@@ -187,6 +189,10 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
         lines += ["SFT baseline's gold score: " + ", ".join(f"{d} {_cell(e)}" for d, e in
                                                             results["baseline_gold"].items()) +
                   " (mean over queries, bootstrap interval).", ""]
+    for name, by_decoding in results.get("references_gold", {}).items():
+        lines += [f"Reference `{name}` (evaluated once, as it comes): " + ", ".join(
+            f"{d} {_cell(e)}, gain over the baseline {_cell(e.get('gain_over_baseline'))}"
+            for d, e in by_decoding.items()) + ".", ""]
     if has_gains:
         lines += ["![gold gain](gains.png)", ""]
     if has_curves:

@@ -2,8 +2,7 @@
 
 `HFGenerator` wraps transformers' `generate` behind one interface (a faster backend such as vLLM would
 implement `generate` alike); `generate_responses` answers a list of prompts from a seeded generator.
-Every aligner writes `policy.json` beside its weights (its prompt condition); the SFT policy has none and
-is behaviour-conditioned, so it is asked for the most preferred behaviour too.
+Every policy stage writes `policy.json` beside its weights: its prompt condition and format (prompts.py).
 """
 
 from __future__ import annotations
@@ -61,11 +60,14 @@ class HFGenerator:
 
 
 def policy_meta(policy_dir: Path) -> dict:
-    """How a policy is prompted: its policy.json (an aligner's), else the SFT policy's most preferred."""
+    """How a policy is prompted: its policy.json. Without one: a run's SFT policy made before policy.json
+    recorded the format (plain, the only one then), or a model from outside the run (its chat template if
+    it has one), each asked for the most preferred behaviour."""
     path = Path(policy_dir) / "policy.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
-    return {"condition": "most_preferred"}
+    in_a_run = (Path(policy_dir).parent / "manifest.json").exists()
+    return {"condition": "most_preferred", "prompt_format": "plain" if in_a_run else "auto"}
 
 
 def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, greedy: bool, seed: int,

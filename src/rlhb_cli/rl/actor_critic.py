@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig, get_peft_model
 from torch import nn
 from trl.models.utils import prepare_deepspeed
 
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.load import load_causal_lm
+from rlhb_cli.models.lora import attach_lora
 from rlhb_cli.rl.config import EngineConfig
 
 
@@ -58,17 +58,6 @@ class PolicyAndValue(nn.Module):
         return body + list(self.value_head.parameters())
 
 
-def attach_lora(actor, config: EngineConfig):
-    """The actor as a peft model: LoRA adapters (trainable) over its frozen weights."""
-    targets = config.lora.target_modules
-    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
-    try:
-        return get_peft_model(actor, lora)
-    except ValueError as exc:
-        raise RlhbError(f"--lora-target-modules {targets!r}: {str(exc).splitlines()[0]}") from None
-
-
 def reference_logits(reference, actor, input_ids, attention_mask, position_ids, keep: int = 0) -> torch.Tensor:
     """Logits of the frozen starting policy: its own copy, or (LoRA) the actor with its adapters off; at the
     last `keep` positions only (0: all)."""
@@ -78,15 +67,6 @@ def reference_logits(reference, actor, input_ids, attention_mask, position_ids, 
     with actor.disable_adapter():
         return actor(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False, logits_to_keep=keep).logits
-
-
-def base_reference(base: Path, policy_dir: Path) -> str:
-    """Where a LoRA policy's base is: relative to the run dir when inside it (so the run dir can move)."""
-    run_dir = Path(policy_dir).resolve().parent.parent
-    try:
-        return str(Path(base).resolve().relative_to(run_dir))
-    except ValueError:
-        return str(Path(base).resolve())
 
 
 def starting_policy_copy(actor, policy_path: Path, zero3: bool):
@@ -105,7 +85,7 @@ def build_actor_critic(config: EngineConfig, policy_path: Path, accelerator: Acc
     if tokenizer.eos_token_id is None:
         raise RlhbError(f"{policy_path}: the tokenizer has no EOS token; a response could never end")
     if config.lora.r:  # one frozen base: the actor is it with adapters, the reference it without
-        actor = attach_lora(actor, config)
+        actor = attach_lora(actor, config.lora)
         reference = None
     else:
         reference = starting_policy_copy(actor, policy_path, zero3)  # the starting policy, frozen

@@ -183,7 +183,7 @@ def build_engine(config: EngineConfig, stage: rundir.StageRun, make_source: Call
     fingerprint = hashlib.sha256(json.dumps([config_to_dict(config), stage.manifest["upstream"],
                                              stage.manifest["inputs"]], sort_keys=True).encode()).hexdigest()
     policy_meta = {"stage": stage.stage, "aligner": label, "condition": config.condition, "behavior_text": target,
-                   "init_from": config.init_from}
+                   "prompt_format": engine.prompt_format.kind, "init_from": config.init_from}
     return engine, fingerprint, policy_meta
 
 

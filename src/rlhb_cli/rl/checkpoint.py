@@ -19,7 +19,7 @@ from accelerate.utils import gather_object
 
 from rlhb_cli import distributed, rundir, storage
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.rl.actor_critic import base_reference
+from rlhb_cli.models.lora import base_reference
 from rlhb_cli.rl.sources import LearningRewardSource
 
 if TYPE_CHECKING:  # (for the annotations only: the engine imports this module)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rlhb_cli.config import field, group
+from rlhb_cli.models.lora import LoRASettings
 
 
 @dataclass
@@ -69,20 +70,6 @@ class RewardShaping:
 
 
 @dataclass
-class LoRASettings:
-    """LoRA adapters instead of full weights (r = 0: full weights)."""
-
-    r: int = field(0, flat="lora_r", help="Train LoRA adapters of this rank instead of every weight (0: full "
-                                          "weights). The reference is the base with the adapters off, the critic a "
-                                          "value head on it: one copy of the policy's weights instead of three.")
-    alpha: float = field(32.0, flat="lora_alpha",
-                         help="LoRA scaling numerator (the adapter's update is scaled by alpha / r).")
-    target_modules: str = field("all-linear", flat="lora_target_modules",
-                                help="LoRA: the modules given adapters (peft's target_modules; comma-separated "
-                                     "names, or all-linear).")
-
-
-@dataclass
 class ProbeSettings:
     """Greedy answers to held-out validation queries, scored every few iterations: keep the best, stop early."""
 
@@ -114,7 +101,10 @@ class EngineConfig:
     ppo: PPOSettings = group(PPOSettings, help="The PPO update.")
     kl: KLSettings = group(KLSettings, help="The KL penalty.")
     shaping: RewardShaping = group(RewardShaping, help="Reward shaping.")
-    lora: LoRASettings = group(LoRASettings, help="LoRA adapters.")
+    lora: LoRASettings = group(LoRASettings, help="LoRA adapters.", help_overrides={
+        "lora_r": "Train LoRA adapters of this rank instead of every weight (0: full weights). The reference is the "
+                  "base with the adapters off, the critic a value head on it: one copy of the policy's weights "
+                  "instead of three."})
     gradient_checkpointing: bool = field(False, help="Recompute the activations of actor and critic in the backward "
                                                      "pass: far less memory in the PPO update, for more time.")
     gather_for_generation: bool = field(True, help="Under DeepSpeed ZeRO-3: gather the actor's sharded weights whole on "
@@ -131,7 +121,6 @@ class EngineConfig:
             ppo.critic = "shared" if self.lora.r else "separate"
         checks = [
             (self.iterations >= 1, "iterations must be at least 1"),
-            (self.lora.r >= 0, "lora_r must be >= 0"),
             (not (self.lora.r and ppo.critic == "separate"), "with --lora-r the critic is a value head on the shared "
                                                              "base: use --critic shared (its default with LoRA)"),
             (self.prompts_per_iteration >= 1 and self.rollouts >= 1, "prompts_per_iteration and rollouts must be >= 1"),

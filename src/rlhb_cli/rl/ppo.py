@@ -31,8 +31,8 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from rlhb_cli import distributed, rundir
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.models.generation import HFGenerator
-from rlhb_cli.prompts import generator_prompt
+from rlhb_cli.models.generation import HFGenerator, policy_meta
+from rlhb_cli.prompts import PromptFormat
 from rlhb_cli.rl import checkpoint, display
 from rlhb_cli.rl.actor_critic import PolicyAndValue, build_actor_critic, reference_logits
 from rlhb_cli.rl.config import EngineConfig
@@ -95,6 +95,7 @@ class PPOEngine:
         self.model, self.optimizer, self.reference, self.tokenizer = build_actor_critic(
             config, self.policy_path, self.accelerator, self.zero3, self.local_minibatch, notes)
         self.generator = HFGenerator(self.tokenizer, config.max_new_tokens, config.temperature)
+        self.prompt_format = PromptFormat.of_policy(policy_meta(self.policy_path), self.tokenizer, self.policy_path)
         self.kl = KLController(config.kl.coef, config.kl.target or None, config.kl.horizon)
         self.iteration = 0
         self.best_probe = -math.inf
@@ -249,7 +250,7 @@ class PPOEngine:
     def rollout(self, queries: list[str], repeats: int, greedy: bool = False) -> Rollout:
         queries = [q for q in queries for _ in range(repeats)]
         behaviors = [self.behavior_of(q) for q in queries]
-        prompts = [generator_prompt(q, b) for q, b in zip(queries, behaviors)]
+        prompts = [self.prompt_format.prompt(q, b) for q, b in zip(queries, behaviors)]
         encoded = self.tokenizer(prompts, padding=True, return_tensors="pt").to(self.accelerator.device)
         # under ZeRO-3 every layer would gather its weights at every token: gather them once for the generation
         with (distributed.gathered_weights(self.model, self.unwrapped.actor) if self.config.gather_for_generation

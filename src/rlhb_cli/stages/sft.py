@@ -1,7 +1,9 @@
 """`rlhb train-sft`: behaviour-conditioned supervised fine-tuning, the paper's starting policy.
 
-Prompt = query + the row's own behaviour text (prompts.generator_prompt), completion = the logged
-response; loss on the completion only (trl SFTTrainer, prompt-completion data). With `--model tiny`
+Prompt = query + the row's own behaviour text (prompts.PromptFormat: plain, or the model's chat template),
+completion = the logged response; loss on the completion only (trl SFTTrainer, prompt-completion data);
+full weights or LoRA adapters (`--lora-r`). The policy's policy.json records its prompt format (and a LoRA
+policy's base), which every later stage reads. With `--model tiny`
 a byte-level BPE tokenizer is trained on the run's texts and a small Llama is built from a config,
 saved with save_pretrained and reloaded from disk, as any other model would be.
 """
@@ -16,13 +18,14 @@ import numpy as np
 
 from rlhb_cli import distributed, rundir, storage
 from rlhb_cli.behaviors.prepare import load_prepared
-from rlhb_cli.config import field
+from rlhb_cli.config import field, group
 from rlhb_cli.distributed import param_count, seed_everything
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.load import TinyModelSpec, load_causal_lm, local_folder, tiny_llama_config
+from rlhb_cli.models.lora import LoRASettings, attach_lora, base_reference
 from rlhb_cli.models.pretrained import gguf_source
 from rlhb_cli.models.tokenizer import train_tokenizer
-from rlhb_cli.prompts import generator_prompt
+from rlhb_cli.prompts import PromptFormat
 from rlhb_cli.rundir import MetricsLog
 from rlhb_cli.stages.common import (corpus_of, evaluate_before_training, mean_train_loss, progress_bar,
                                    stop_if_unfinished, trainer_resume_point, trl_config)
@@ -51,6 +54,12 @@ class SFTStageConfig:
     max_val_rows: int = field(0, help="Score at most this many validation rows (0: all): a pretrained model's "
                                       "evaluation is slow on a CPU (SmolLM2, 2 cores: 22.5 s per 64 rows of 128 "
                                       "tokens, docs/results.md).")
+    prompt_format: str = field("auto", help="How the policy is prompted: chat (the model's chat template, the "
+                                            "behaviour as the system turn), plain (Question / Users / Answer), or "
+                                            "auto: chat for a pretrained model that has a template, plain for tiny.")
+    lora: LoRASettings = group(LoRASettings, help="LoRA adapters.", help_overrides={
+        "lora_r": "Train LoRA adapters of this rank instead of every weight (0: full weights); the policy is the "
+                  "adapters and policy.json's lora_base, merged into it whenever a later stage loads it."})
     checkpoint_every: int = field(100, help="Optimizer steps between checkpoints.")
     seed: int = field(0, help="Seed of initialisation and data order.")
 
@@ -67,7 +76,7 @@ class SFTStageConfig:
                              intermediate_size=2 * self.tiny_hidden_size)
 
 
-def _rows(split, min_quantile: float = 0.0, limit: int = 0, spread: bool = False) -> list[dict]:
+def _rows(split, prompt: PromptFormat, min_quantile: float = 0.0, limit: int = 0, spread: bool = False) -> list[dict]:
     """Prompt / completion rows; `limit` keeps the first rows, or with `spread` rows evenly spaced over the
     split (a validation budget that still covers every part of it)."""
     queries, behaviors, responses = split["query"], split["behavior_text"], split["response"]
@@ -79,7 +88,8 @@ def _rows(split, min_quantile: float = 0.0, limit: int = 0, spread: bool = False
         keep = keep[np.linspace(0, len(keep) - 1, limit).round().astype(int)]
     elif limit:
         keep = keep[:limit]
-    return [{"prompt": generator_prompt(queries[i], behaviors[i]), "completion": " " + responses[i]} for i in keep]
+    return [{"prompt": prompt.prompt(queries[i], behaviors[i]), "completion": prompt.completion(responses[i])}
+            for i in keep]
 
 
 def trainer_callback(stage: rundir.StageRun, metrics: MetricsLog, name: str = STAGE):
@@ -194,9 +204,12 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
         model_path = local_folder(config.model, notes)
         stage.add_input("model", source or model_path)
     model, tokenizer = load_causal_lm(model_path, notes, config.trust_remote_code)
+    prompt = PromptFormat.resolve(config.prompt_format, tokenizer, config.model, built_here=config.model == "tiny")
+    if config.lora.r:
+        model = attach_lora(model, config.lora)
 
-    train_rows = _rows(data["train"], config.min_reward_quantile, config.max_train_rows)
-    val_rows = _rows(data["validation"], limit=config.max_val_rows, spread=True)
+    train_rows = _rows(data["train"], prompt, config.min_reward_quantile, config.max_train_rows)
+    val_rows = _rows(data["validation"], prompt, limit=config.max_val_rows, spread=True)
     if len(train_rows) < config.batch_size:
         raise RlhbError(f"only {len(train_rows)} training rows, fewer than --batch-size {config.batch_size}")
     per_pass, passes = distributed.accumulation(config.batch_size, config.micro_batch_size)
@@ -240,12 +253,16 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     # under ZeRO-3 Trainer would save a DeepSpeed checkpoint (unless its config asks it to gather on save),
     # which no later stage reads: the whole weights instead, gathered into the main process
     whole = distributed.whole_state_dict(trainer.model_wrapped) if sharded else None
+    meta = {"stage": STAGE, "condition": "most_preferred", "prompt_format": prompt.kind}
+    if config.lora.r:  # the adapters alone; loading the policy merges them into this base
+        meta["lora_base"] = base_reference(model_path, stage.dir / "policy")
     with storage.atomic_dir(stage.dir / "policy") as tmp:
         if not sharded:
             trainer.save_model(str(tmp))
         elif whole is not None:
             trainer.model.save_pretrained(str(tmp), state_dict=whole)
         tokenizer.save_pretrained(str(tmp))
+        storage.atomic_write_json(tmp / "policy.json", meta)
     return {
         "train_loss": mean_train_loss(trainer),
         "val_loss": round(final["eval_loss"], 4),
@@ -257,7 +274,9 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
         "val_rows": len(val_rows),
         "steps": trainer.state.global_step,
         "model": config.model,
+        "prompt_format": prompt.kind,
         "parameters": param_count(model),
+        "trainable_parameters": param_count(model, trainable_only=True),
         "notes": notes,
         **distributed.processes_summary(trainer.model.state_dict(), sharded=sharded),
         "seconds": round(time.perf_counter() - started, 1),
