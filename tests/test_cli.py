@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,23 @@ def test_help_lists_every_stage_with_its_purpose(cli):
 def test_python_dash_m_works():
     result = subprocess.run([sys.executable, "-m", "rlhb_cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "prepare-behaviors" in result.stdout
+
+
+def test_version_completion_and_status_as_json_for_scripts(cli, small_sim):
+    from importlib.metadata import version
+    assert cli("--version").output.strip() == f"rlhb {version('rlhb-cli')}"
+    rlhb = str(Path(sys.executable).parent / "rlhb")  # the installed command, as a shell completes it
+    script = subprocess.run([rlhb, "--show-completion", "bash"], capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0 and "_RLHB_COMPLETE=complete_bash" in script.stdout
+    words = subprocess.run([rlhb], capture_output=True, text=True, timeout=120, env=dict(
+        os.environ, _RLHB_COMPLETE="complete_bash", COMP_WORDS="rlhb train-r", COMP_CWORD="1"))
+    assert set(words.stdout.split()) == {"train-reward", "train-rlhf", "train-rlhbc", "train-rlhb"}
+    rows = json.loads(cli("status", "--run-dir", small_sim, "--json").output)
+    assert rows["run_dir"] == str(small_sim)
+    states = {row["stage"]: row["state"] for row in rows["stages"]}
+    assert states["simulate-logs"] == "done" and states["train-sft"] == "missing"
+    done = next(row for row in rows["stages"] if row["stage"] == "simulate-logs")
+    assert done["headline"]["impressions"] == 200_000 and done["finished_at"]
 
 
 def test_recipe_fills_config_and_flags_override(tmp_path):

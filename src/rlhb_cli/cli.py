@@ -32,7 +32,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from rlhb_cli import pipeline, registry, rundir, storage
+from rlhb_cli import __version__, pipeline, registry, rundir, storage
 from rlhb_cli.behaviors import importers, prepare
 from rlhb_cli.behaviors.prepare import PrepareConfig
 from rlhb_cli.config import FlatField, build_config, flat_fields, help_of
@@ -45,11 +45,18 @@ from rlhb_cli.simulator import simulate
 from rlhb_cli.simulator.simulate import SimulateConfig
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     help="RLHB: align language models with real online human behaviour (arXiv 2405.00578), and its baselines.\n\n"
          "Pipeline: simulate-logs or import -> prepare-behaviors -> ... ; every stage reads and writes a run directory.",
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"rlhb {__version__}")
+        raise typer.Exit()
+
+
 import_app = typer.Typer(no_args_is_help=True, help="Real public behaviour data into the log format.")
 app.add_typer(import_app, name="import", help="Import real behaviour data (Stack Exchange, OpenAssistant) as logs.")
 console = Console()
@@ -90,7 +97,9 @@ def _guard(fn: Callable[[], None]) -> None:
 
 
 @app.callback()
-def _global(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of errors.")] = False) -> None:
+def _global(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of errors.")] = False,
+            version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                  help="Print rlhb's version and exit.")] = False) -> None:
     """Global options."""
     if verbose:
         app.pretty_exceptions_enable = True
@@ -414,8 +423,13 @@ def experiment_plan(recipe_path: RecipeArg, scale: ScaleOpt = "small",
 @app.command("status")
 def status(run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory to describe.")],
            verify: Annotated[bool, typer.Option("--verify", help="Re-hash every output, not only the files whose "
-                                                "size or modification time changed.")] = False) -> None:
+                                                "size or modification time changed.")] = False,
+           as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON (for scripts) instead of a "
+                                                 "table.")] = False) -> None:
     """Each stage of a run directory: done / failed / stale / damaged / missing, with its headline figures."""
+    if as_json:
+        typer.echo(json.dumps({"run_dir": str(run_dir), "stages": rundir.status_rows(run_dir, verify)}, default=str))
+        return
     table = Table(title=f"run {run_dir}", title_justify="left")
     for column in ("stage", "state", "finished (UTC)", "headline / detail"):
         table.add_column(column, overflow="fold")
