@@ -324,7 +324,7 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli, monkeypatch):
     cli(*evaluate, "--force")
     summary = summary_of(run, "evaluate")
     assert summary["policies"] == ["train-sft", "train-oracle", "my-rlhf"]
-    assert summary["judges"] == ["gold", "reward_model", "classifier", "discriminator"]
+    assert summary["judges"] == ["gold", "annotators", "reward_model", "classifier", "discriminator"]
     detail = json.loads((run / "evaluate" / "summary_detail.json").read_text())
     for judge in summary["judges"]:
         entry = detail["scores"]["train-oracle"]["sampled"][judge]
@@ -335,7 +335,9 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli, monkeypatch):
     assert detail["health"]["train-sft"]["kl_to_baseline"] == pytest.approx(0.0, abs=1e-4)
     assert detail["health"]["train-oracle"]["perplexity_real_responses"] > 1
     trust = detail["health"]["train-oracle"]["judge_agreement_with_gold"]
-    assert set(trust) == {"reward_model", "classifier", "discriminator"}
+    assert set(trust) == {"annotators", "reward_model", "classifier", "discriminator"}
+    users, raters = (detail["scores"]["train-oracle"]["sampled"][j]["mean"] for j in ("gold", "annotators"))
+    assert users != raters  # two tastes read from the same answers
     assert all(0 <= t["pair_agreement"] <= 1 for t in trust.values() if t["pair_agreement"] is not None)
     bins = json.loads((run / "prepare-behaviors" / "bins.json").read_text())
     following = detail["health"]["train-sft"]["behavior_following"]
@@ -368,6 +370,7 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli, monkeypatch):
     result = cli("report", "--run-dir", run, "--run-dir", twin)
     report = (run / "report" / "report.md").read_text()
     assert "No train-rlhb policy was evaluated." in result.output and "report.md" in result.output
+    assert "## Two golds: the platform's users and the annotators" in report
     from rlhb_cli.stages.sft import convergence_note
     sft = summary_of(run, "train-sft")  # the fixture's toy SFT (2 epochs) stops short of convergence
     note = convergence_note(sft["val_perplexity_by_epoch"])

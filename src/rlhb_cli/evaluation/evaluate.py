@@ -1,9 +1,11 @@
 """`rlhb evaluate`: which policy do users like better? Held-out responses judged by every judge at hand.
 
 Each policy answers the held-out queries with the prompt it was trained for (policy.json: its condition,
-the most preferred behaviour by default, and its format), greedily and `samples` times sampled, from fixed seeds. Judges:
-the simulator's gold user model (ground truth of the testbed, when the logs came from simulate-logs),
-and the run's own reward model, behaviour classifier and discriminator. Every mean has a bootstrap
+the most preferred behaviour by default, and its format), greedily and `samples` times sampled, from fixed
+seeds. Judges: two golds when the logs came from simulate-logs, the platform's users (`gold`, the
+testbed's ground truth) and the annotators who labelled the preference pairs (`annotators`: another
+taste, the analog of the paper's GPT-4 and human raters), and the run's own reward model, behaviour
+classifier and discriminator. Every mean has a bootstrap
 interval over queries; Win-Tie-Loss compares each policy with the baseline query by query.
 """
 
@@ -117,6 +119,9 @@ class Judges:
             stage.add_upstream("simulate-logs")
             self.gold = GoldJudge.load(environment)
             self.scorers["gold"] = lambda q, r: self.gold.expected_behavior_batch(q, r)["shaped_reward"]
+            annotators = GoldJudge.load(environment, raters="annotators")  # the paper's raters' analog
+            annotators.queries = self.gold.queries  # one table of queries: --query-set every-held-out adds to it
+            self.scorers["annotators"] = lambda q, r: annotators.expected_behavior_batch(q, r)["shaped_reward"]
         if rundir.stage_state(run_dir / "train-reward")[0] == "done":
             stage.add_upstream("train-reward")
             reward_model = RewardModelSource(run_dir / "train-reward" / "model")

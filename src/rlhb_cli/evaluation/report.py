@@ -92,15 +92,16 @@ def collect(run_dirs: list[Path]) -> dict:
     return {"evaluations": evaluations, "curves": curves, "summaries": summaries, "samples": samples}
 
 
-def headline(evaluations: list[dict]) -> dict:
-    """policy -> decoding -> {mean, ci95, gain, wtl}, on the headline judge, aggregated over runs."""
-    judge = evaluations[0]["judge_of_headline"]
+def headline(evaluations: list[dict], judge: str | None = None) -> dict:
+    """policy -> decoding -> {mean, ci95, gain, wtl}, on the headline judge (or `judge`), aggregated over runs."""
+    judge = judge or evaluations[0]["judge_of_headline"]
     out: dict = {}
     for name in evaluations[0]["scores"]:
         present = [e for e in evaluations if name in e["scores"]]
         out[name] = {}
         for decoding in ("greedy", "sampled"):
-            entries = [e["scores"][name][decoding][judge] for e in present if decoding in e["scores"][name]]
+            entries = [e["scores"][name][decoding][judge] for e in present
+                       if judge in e["scores"][name].get(decoding, {})]
             if not entries:
                 continue
             cell = across_runs([x["mean"] for x in entries]) if len(entries) > 1 else dict(entries[0])
@@ -112,6 +113,23 @@ def headline(evaluations: list[dict]) -> dict:
                 cell["wtl"] = {k: float(np.mean([w[k] for w in wtl])) for k in ("win", "tie", "loss")}
             out[name][decoding] = cell
     return {"judge": judge, "table": out}
+
+
+def two_golds(evaluations: list[dict]) -> list[str]:
+    """The users' gold and the annotators' side by side: the paper judged with raters (GPT-4, people), whose
+    taste is not the users'; a policy may please one and not the other."""
+    if not any("annotators" in e["scores"].get(n, {}).get("sampled", {}) for e in evaluations for n in e["scores"]):
+        return []
+    users, raters = headline(evaluations, "gold")["table"], headline(evaluations, "annotators")["table"]
+    lines = ["", "## Two golds: the platform's users and the annotators", "",
+             "| policy | users' gain (sampled) | annotators' gain (sampled) | users' gain (greedy) | "
+             "annotators' gain (greedy) |", "|---|---|---|---|---|"]
+    for name in users:
+        cells = [(users if who == "u" else raters).get(name, {}).get(decoding, {}).get("gain")
+                 for decoding in ("sampled", "greedy") for who in ("u", "a")]
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    return lines
 
 
 def draw_curves(curves: dict, window: int, out: Path) -> bool:
@@ -250,6 +268,7 @@ def run(config: ReportConfig, stage: rundir.StageRun) -> dict:
         lines += ["", "Answers' draw: the standard error of a gain from the sampled answers alone, the queries held "
                   "fixed: about what evaluating again with another `--seed` moves it by (the interval holds it "
                   "too). Where it is a large part of the gain, more `--samples` pay."]
+    lines += two_golds(data["evaluations"])
     lines += ["", "## Training", ""]
     if has_curves:
         lines += ["![training curves](curves.png)", "", f"Thin lines: runs; thick: rolling mean over "

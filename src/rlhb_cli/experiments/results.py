@@ -48,6 +48,8 @@ def run_figures(run_dir: Path, name: str, evaluation: dict | None) -> tuple[dict
         sampled, greedy = gold.get("sampled", {}).get("gold", {}), gold.get("greedy", {}).get("gold", {})
         figures["gold_gain"] = sampled.get("gain_over_baseline", {}).get("mean")
         figures["gold_gain_greedy"] = greedy.get("gain_over_baseline", {}).get("mean")
+        raters = gold.get("sampled", {}).get("annotators", {})  # the annotators' taste: the paper's raters' analog
+        figures["annotator_gain"] = raters.get("gain_over_baseline", {}).get("mean")
         wtl = sampled.get("win_tie_loss")
         figures["win_minus_loss"] = wtl["win"] - wtl["loss"] if wtl else None
     return figures, rows

@@ -13,7 +13,8 @@ from rlhb_cli.evaluation.report import across_runs
 # Figures of one arm's run that a claim can be judged on; the gold ones need the evaluation.
 GOLD_METRICS = {"gold_gain": "gold gain over SFT, sampled answers",
                 "gold_gain_greedy": "gold gain over SFT, greedy answers",
-                "win_minus_loss": "win rate minus loss rate against SFT, sampled answers"}
+                "win_minus_loss": "win rate minus loss rate against SFT, sampled answers",
+                "annotator_gain": "the annotators' gold gain over SFT, sampled answers (the paper's raters' analog)"}
 TRAINING_METRICS = {"reward_final": "reward of its own source, mean of the last iterations",
                     "return_final": "mean return, last iterations",
                     "return_curve_sd": "standard deviation of the mean return around its 5-iteration rolling mean",

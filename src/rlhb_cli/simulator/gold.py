@@ -119,13 +119,16 @@ class GoldJudge:
         self.kept_for_evaluation = kept_for_evaluation  # the held-out queries simulate-logs kept
 
     @classmethod
-    def load(cls, environment_json: Path) -> "GoldJudge":
+    def load(cls, environment_json: Path, raters: str = "users") -> "GoldJudge":
+        """The platform's users' judge, or (`raters="annotators"`) the annotators' who labelled the preference
+        pairs: another taste read from the same attributes, the analog of the paper's GPT-4 and human raters."""
         data = json.loads(Path(environment_json).read_text(encoding="utf-8"))
         queries = {q["text"]: QueryKey(q["intent"], q["required"], q["rivals"]) for q in data["queries"]}
         lexicon = Lexicon(set(data["lexicon"]["words"]), set(data["lexicon"]["bigrams"]))
         train_items = frozenset(q["item"] for q in data["queries"] if q["split"] == "train")
         kept = frozenset(q["text"] for q in data["queries"] if q["split"] == "eval")
-        return cls(UserModel.from_json(data["user_model"]), queries, lexicon, train_items, kept)
+        model = data["user_model" if raters == "users" else "annotator_model"]
+        return cls(UserModel.from_json(model), queries, lexicon, train_items, kept)
 
     def every_held_out_query(self) -> list[str]:
         """Every held-out query of the simulated world about what the training queries cover, in the world's
