@@ -5,7 +5,6 @@ intervals are 95% t-intervals across seeds (`across_runs`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from rlhb_cli.evaluation.report import across_runs
@@ -25,10 +24,10 @@ TRAINING_METRICS = {"reward_final": "reward of its own source, mean of the last 
                     "seconds": "wall time of the run"}
 METRICS = {**GOLD_METRICS, **TRAINING_METRICS}
 CHECK_KINDS = {
-    "close_to": "ARM reaches at least SHARE of TO's mean and its interval lies above 0",
+    "close_to": "TO's gain has its interval above 0, and the per-seed ARM - SHARE x TO has its interval above 0",
     "better": "the per-seed difference ARM - THAN has its interval above 0",
     "decreasing": "the means fall along ARMS and the per-seed difference first - last has its interval above 0",
-    "similar": "the per-seed difference ARM - TO has its interval around 0 and |mean| <= WITHIN",
+    "similar": "the per-seed difference ARM - TO has its whole interval within +-WITHIN",
     "reaches": "ARM's mean reaches AT_LEAST while every other arm's stays below",
 }
 
@@ -72,18 +71,22 @@ def fmt(entry: dict | None) -> str:
 
 
 def close_to(check: dict, ev: Evidence) -> tuple[str, str]:
+    """ARM comes close to TO when it gains at least SHARE of what TO gains, seed by seed, beyond the seeds'
+    noise; against a TO that gains nothing measurable there is nothing to come close to."""
     arm, to, share = check["arm"], check["to"], float(check["share"])
-    a, b = ev.summary(arm), ev.summary(to)
-    if a is None or b is None:
+    a, b, va, vb = ev.summary(arm), ev.summary(to), ev.values(arm), ev.values(to)
+    if a is None or b is None or va is None or vb is None:
         return "not measured", f"{ev.metric} missing"
-    ratio = a["mean"] / b["mean"] if b["mean"] > 0 else float("nan")
-    evidence = (f"{arm} {fmt(a)} vs {to} {fmt(b)}: {ratio:.0%} of it (needs {share:.0%}, interval above 0)"
-                if math.isfinite(ratio) else f"{arm} {fmt(a)} vs {to} {fmt(b)} (no gain to compare with)")
-    if a["mean"] >= share * b["mean"] and above(a):
+    d = across_runs([x - share * y for x, y in zip(va, vb)])
+    ratio = f": {a['mean'] / b['mean']:.0%} of it" if b["mean"] > 0 else ""
+    evidence = (f"{arm} {fmt(a)} vs {to} {fmt(b)}{ratio}; {arm} - {share:g} x {to} per seed: {fmt(d)}")
+    if not above(b):
+        return "not measured", evidence + f" ({to} gains nothing measurable to come close to)"
+    if above(d):
         return "reproduced", evidence
-    if a["mean"] >= share * b["mean"] and a["mean"] > 0:
-        return "direction only", evidence
-    return "not reproduced", evidence
+    if below(d):
+        return "contradicted", evidence
+    return ("direction only" if d["mean"] > 0 else "not reproduced"), evidence
 
 
 def better(check: dict, ev: Evidence) -> tuple[str, str]:
@@ -114,13 +117,18 @@ def decreasing(check: dict, ev: Evidence) -> tuple[str, str]:
 
 
 def similar(check: dict, ev: Evidence) -> tuple[str, str]:
+    """Equivalence: the whole interval of the difference within +-WITHIN, so noise makes it harder to claim,
+    never easier (an interval that merely straddles 0 says nothing)."""
     arm, to, within = check["arm"], check["to"], float(check["within"])
     d = ev.diff(arm, to)
-    evidence = f"{arm} - {to} per seed: {fmt(d)} (similar: interval around 0 and |mean| <= {within})"
-    if d is None:
+    evidence = f"{arm} - {to} per seed: {fmt(d)} (similar: the whole interval within +-{within})"
+    if d is None or not d.get("ci95"):
         return "not measured", evidence
-    if not above(d) and not below(d) and abs(d["mean"]) <= within:
+    low, high = d["ci95"]
+    if -within <= low and high <= within:
         return "reproduced", evidence
+    if low > within or high < -within:
+        return "contradicted", evidence
     return "not reproduced", evidence
 
 
