@@ -213,3 +213,22 @@ def test_every_kind_of_claim_has_one_rule_and_a_missing_figure_is_not_measured()
                         ("similar", {"arm": "a", "to": "b", "within": 0.1}), ("reaches", {"arm": "a", "at_least": 0}),
                         ("decreasing", {"arms": ["a", "b"]})):
         assert judge_claim(_claim(kind, **check), per_run, arms, [0, 1])["verdict"] == "not measured", kind
+
+
+def test_steadiness_is_measured_with_the_sampling_noise_of_more_responses_taken_out(tmp_path):
+    """Batch 16's mean return wavers by 1/sqrt(2) of batch 8's from sampling alone: the matched spread
+    multiplies it back, so only training that is steadier beyond that arithmetic passes."""
+    from rlhb_cli.experiments.results import run_figures
+    returns = [0.1, 0.3, 0.2, 0.4, 0.1, 0.3, 0.2]
+    for name, prompts in (("batch-8-s0", 8), ("batch-16-s0", 16)):
+        stage = tmp_path / name
+        stage.mkdir()
+        (stage / "summary.json").write_text(json.dumps({"seconds": 1.0}))
+        (stage / "manifest.json").write_text(json.dumps({"config": {"prompts_per_iteration": prompts, "rollouts": 4}}))
+        (stage / "metrics.jsonl").write_text("".join(json.dumps({"objective/reward_mean": r, "objective/return_mean": r})
+                                                     + "\n" for r in returns))
+    eight, _ = run_figures(tmp_path, "batch-8-s0", None)
+    sixteen, _ = run_figures(tmp_path, "batch-16-s0", None)
+    assert eight["return_curve_sd"] == sixteen["return_curve_sd"] > 0
+    assert eight["return_curve_sd_matched"] == pytest.approx(eight["return_curve_sd"] * 32 ** 0.5)
+    assert sixteen["reward_curve_sd_matched"] == pytest.approx(eight["reward_curve_sd_matched"] * 2 ** 0.5)

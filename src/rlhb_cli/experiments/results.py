@@ -43,6 +43,13 @@ def run_figures(run_dir: Path, name: str, evaluation: dict | None) -> tuple[dict
                "disc_score_generated_final": _tail(rows, "disc/score_generated"),
                "disc_score_real_final": _tail(rows, "disc/score_real"), "kl_final": _tail(rows, "objective/kl"),
                "seconds": summary.get("seconds"), "disc_collapsed": summary.get("disc_collapsed")}
+    # the spread an iteration of one response would have: the mean of n responses' returns wavers by 1/sqrt(n)
+    # from sampling alone, so more responses per iteration must not pass for steadier training by arithmetic
+    config = rundir.read_json(run_dir / name / rundir.MANIFEST).get("config", {})
+    responses = (config.get("prompts_per_iteration") or 0) * (config.get("rollouts") or 0)
+    for key in ("return_curve_sd", "reward_curve_sd"):
+        figures[f"{key}_matched"] = figures[key] * math.sqrt(responses) if figures[key] is not None and responses \
+            else None
     if evaluation and name in evaluation["scores"]:
         gold = evaluation["scores"][name]
         sampled, greedy = gold.get("sampled", {}).get("gold", {}), gold.get("greedy", {}).get("gold", {})

@@ -18,6 +18,9 @@ TRAINING_METRICS = {"reward_final": "reward of its own source, mean of the last 
                     "return_final": "mean return, last iterations",
                     "return_curve_sd": "standard deviation of the mean return around its 5-iteration rolling mean",
                     "reward_curve_sd": "standard deviation of the reward around its 5-iteration rolling mean",
+                    "return_curve_sd_matched": "return_curve_sd x sqrt(responses per iteration): the spread with the "
+                                               "sampling noise of averaging more responses taken out",
+                    "reward_curve_sd_matched": "reward_curve_sd x sqrt(responses per iteration), likewise",
                     "disc_score_generated_final": "discriminator's P(real) on generated triplets, last iterations",
                     "disc_score_real_final": "discriminator's P(real) on logged triplets, last iterations",
                     "kl_final": "KL to the reference, last iterations",
