@@ -232,3 +232,18 @@ def test_steadiness_is_measured_with_the_sampling_noise_of_more_responses_taken_
     assert eight["return_curve_sd"] == sixteen["return_curve_sd"] > 0
     assert eight["return_curve_sd_matched"] == pytest.approx(eight["return_curve_sd"] * 32 ** 0.5)
     assert sixteen["reward_curve_sd_matched"] == pytest.approx(eight["reward_curve_sd_matched"] * 2 ** 0.5)
+
+
+def test_a_claim_against_an_incompetent_rlhf_is_not_measured():
+    """RLHF whose reward model orders SFT's answers below 65% as the annotators do is no baseline to beat
+    or come close to: those claims say "not measured"; the claims without RLHF keep their verdicts."""
+    from rlhb_cli.experiments.results import without_incompetent_rlhf
+    recipe = load_recipe(EXPERIMENTS / "paper-q1.yaml", "tiny")
+    against_rlhf, against_rlhbc = recipe.claims[0], next(c for c in recipe.claims if c.check.get("than") == "rlhbc")
+    verdict = {"verdict": "reproduced", "evidence": "e"}
+    assert without_incompetent_rlhf(verdict, against_rlhf, recipe, 0.45)["verdict"] == "not measured"
+    assert "orders the SFT policy's answers as the annotators do 45%" in \
+        without_incompetent_rlhf(verdict, against_rlhf, recipe, 0.45)["evidence"]
+    assert without_incompetent_rlhf(verdict, against_rlhf, recipe, None)["verdict"] == "not measured"
+    assert without_incompetent_rlhf(verdict, against_rlhf, recipe, 0.7) == verdict
+    assert without_incompetent_rlhf(verdict, against_rlhbc, recipe, 0.45) == verdict

@@ -336,6 +336,8 @@ def test_evaluate_judges_every_policy_with_intervals(run, cli, monkeypatch):
     assert detail["health"]["train-oracle"]["perplexity_real_responses"] > 1
     trust = detail["health"]["train-oracle"]["judge_agreement_with_gold"]
     assert set(trust) == {"annotators", "reward_model", "classifier", "discriminator"}
+    competence = detail["health"]["train-sft"]["reward_model_agreement_with_annotators"]
+    assert 0 <= competence["pair_agreement"] <= 1  # what a recipe asks of RLHF's reward model before its claims
     users, raters = (detail["scores"]["train-oracle"]["sampled"][j]["mean"] for j in ("gold", "annotators"))
     assert users != raters  # two tastes read from the same answers
     assert all(0 <= t["pair_agreement"] <= 1 for t in trust.values() if t["pair_agreement"] is not None)

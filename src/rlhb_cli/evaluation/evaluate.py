@@ -330,6 +330,10 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             sampled = [r for r in rows if r["policy"] == name and r["decoding"] == "sampled"]
             if sampled and others:
                 health[name]["judge_agreement_with_gold"] = agreement_with_gold(sampled, others)
+            if sampled and "reward_model" in others and "annotators" in others:
+                # a reward model learns the annotators' pairs: is it competent at their taste, on these answers?
+                health[name]["reward_model_agreement_with_annotators"] = agreement_with_gold(
+                    sampled, ["reward_model"], "annotators")["reward_model"]
     references = {}
     if judges.gold is not None:  # what was achievable on these queries: the environment's own candidates
         pools = {q["text"]: q for q in rundir.read_json(run_dir / "simulate-logs" / "environment.json")["queries"]}

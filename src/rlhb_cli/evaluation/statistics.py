@@ -43,13 +43,14 @@ def feature_rates(features: list[list[str]]) -> dict[str, float]:
     return {f: round(float(np.mean([f in present for present in features])), 4) for f in FEATURES}
 
 
-def agreement_with_gold(rows: list[dict], judges: list[str]) -> dict:
+def agreement_with_gold(rows: list[dict], judges: list[str], gold_judge: str = "gold") -> dict:
     """How far each judge can be trusted on one policy's sampled answers: Spearman with gold over all
     answers, and the share of same-query answer pairs it orders as gold does (0.5 is chance). A judge the
     policy has learned to fool agrees with gold on the policy's own answers less than on SFT's. With the
     gold users' attributes, also the share of same-query (correct, not correct) pairs in which it prefers
-    the correct answer: whether it pays for being right or only for how an answer is put."""
-    gold = np.array([r["scores"]["gold"] for r in rows], dtype=np.float64)
+    the correct answer: whether it pays for being right or only for how an answer is put. `gold_judge`:
+    which gold, the users' or the annotators' (whose taste a reward model on their pairs should learn)."""
+    gold = np.array([r["scores"][gold_judge] for r in rows], dtype=np.float64)
     correct = np.array(["correct" in r.get("gold_features", ()) for r in rows])
     by_query: dict[str, list[int]] = {}
     for i, r in enumerate(rows):

@@ -81,6 +81,12 @@ def collect_results(recipe: Recipe, out: Path, base_dir: Path) -> dict:
             if all(v is not None for v in values):
                 arms[arm.name][metric] = across_runs([float(v) for v in values])
     claims = [judge_claim(c, per_run, arms, recipe.seeds) for c in recipe.claims]
+    competence = None
+    if evaluation is not None:
+        base_name = recipe.evaluate.get("baseline", "train-sft")
+        competence = (evaluation.get("health", {}).get(base_name, {})
+                      .get("reward_model_agreement_with_annotators", {}).get("pair_agreement"))
+        claims = [without_incompetent_rlhf(c, claim, recipe, competence) for c, claim in zip(claims, recipe.claims)]
     baseline, references = None, {}
     if evaluation is not None:
         base_name = recipe.evaluate.get("baseline", "train-sft")
@@ -90,9 +96,27 @@ def collect_results(recipe: Recipe, out: Path, base_dir: Path) -> dict:
     return {"recipe": str(recipe.path), "base": str(recipe.base_path), "scale": recipe.scale, "seeds": recipe.seeds,
             "run_dir": str(out), "base_run_dir": str(base_dir), "git_commit": rundir.git_commit(),
             "versions": rundir.library_versions(), "arms": arms, "per_run": per_run, "claims": claims,
-            "baseline_gold": baseline, "references_gold": references, "curves": {a: [[{k: r.get(k) for k in CURVE_KEYS if k in r} | {"step": r.get("step")}
+            "baseline_gold": baseline, "rlhf_reward_model_competence": competence, "references_gold": references, "curves": {a: [[{k: r.get(k) for k in CURVE_KEYS if k in r} | {"step": r.get("step")}
                                                      for r in rows] for rows in runs] for a, runs in curves.items()}}
 
+
+
+# RLHF is a baseline worth beating only when its reward model knows the annotators' taste: it must order the
+# SFT policy's answers to a query as the annotators' gold does this often (0.5 is chance)
+RLHF_COMPETENCE = 0.65
+
+
+def without_incompetent_rlhf(result: dict, claim, recipe: Recipe, competence: float | None) -> dict:
+    """A claim against RLHF is "not measured" when RLHF's reward model is not competent: beating or nearing a
+    policy trained on a reward below chance says nothing about annotated preferences."""
+    rlhf = {a.name for a in recipe.arms if a.command == "train-rlhf"}
+    involved = {claim.check.get(k) for k in ("arm", "to", "than")} | set(claim.check.get("arms", []))
+    if not rlhf & involved or (competence is not None and competence >= RLHF_COMPETENCE):
+        return result
+    figure = "unmeasured" if competence is None else f"{competence:.0%}"
+    return result | {"verdict": "not measured", "evidence": result["evidence"] + (
+        f"; RLHF's reward model orders the SFT policy's answers as the annotators do {figure} of the time "
+        f"(needs {RLHF_COMPETENCE:.0%}): not a competent baseline")}
 
 
 CURVE_KEYS = ("objective/reward_mean", "objective/return_mean", "objective/kl", "disc/score_generated",
