@@ -24,6 +24,7 @@ import types
 import typing
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -32,7 +33,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from rlhb_cli import __version__, pipeline, registry, rundir, storage
+from rlhb_cli import pipeline, registry, rundir, storage
 from rlhb_cli.behaviors import importers, prepare
 from rlhb_cli.behaviors.prepare import PrepareConfig
 from rlhb_cli.config import FlatField, build_config, flat_fields, help_of
@@ -53,7 +54,7 @@ app = typer.Typer(
 
 def _print_version(asked: bool) -> None:
     if asked:
-        typer.echo(f"rlhb {__version__}")
+        typer.echo(f"rlhb {package_version('rlhb-cli')}")
         raise typer.Exit()
 
 
@@ -424,17 +425,14 @@ def experiment_plan(recipe_path: RecipeArg, scale: ScaleOpt = "small",
 def status(run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory to describe.")],
            verify: Annotated[bool, typer.Option("--verify", help="Re-hash every output, not only the files whose "
                                                 "size or modification time changed.")] = False,
-           as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON (for scripts) instead of a "
-                                                 "table.")] = False) -> None:
+           as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON, for scripts.")] = False) -> None:
     """Each stage of a run directory: done / failed / stale / damaged / missing, with its headline figures."""
-    if as_json:
-        typer.echo(json.dumps({"run_dir": str(run_dir), "stages": rundir.status_rows(run_dir, verify)}, default=str))
-        return
+    if as_json:  # for scripts: every row, nothing cut
+        return typer.echo(json.dumps({"run_dir": str(run_dir), "stages": rundir.status_rows(run_dir, verify)}, default=str))
     table = Table(title=f"run {run_dir}", title_justify="left")
     for column in ("stage", "state", "finished (UTC)", "headline / detail"):
         table.add_column(column, overflow="fold")
-    colours = {"done": "green", "failed": "red", "stale": "yellow", "interrupted": "red", "running": "cyan",
-               "damaged": "red"}
+    colours = {"done": "green", "failed": "red", "stale": "yellow", "interrupted": "red", "running": "cyan", "damaged": "red"}
     for row in rundir.status_rows(run_dir, verify):
         headline = "\n".join(f"{k}={v}" for k, v in list(row["headline"].items())[:6])
         detail = row["detail"] or headline
