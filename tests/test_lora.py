@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +78,27 @@ def test_lora_rlhb_checkpoints_adapters_only_resumes_and_evaluates(rl_run, cli):
     assert "train-rlhb" in summary_of(moved, "evaluate")["policies"]
     result = cli("train-rlhb", "--run-dir", moved, *args, "--critic", "separate", "--force", ok=False)
     assert result.exit_code == 2 and "use --critic shared" in result.output
+
+    # exported: adapters merged into a plain model that a Python without rlhb loads and prompts as trained
+    exported = run.parent / "exported"
+    cli("export", "--run-dir", moved, "--stage", "train-rlhb", "--out", exported)
+    assert (exported / "model.safetensors").exists() and not (exported / "adapter_config.json").exists()
+    card = (exported / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "base_model:" in card and "## How to prompt it" in card
+    prompt = json.loads((exported / "rlhb_prompt.json").read_text())
+    assert prompt["format"] == "plain" and prompt["prompt_example"].endswith("Answer:")
+    script = ("import json, sys; sys.modules['rlhb_cli'] = None  # rlhb cannot be imported\n"
+              "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+              "folder = sys.argv[1]; tokenizer = AutoTokenizer.from_pretrained(folder)\n"
+              "model = AutoModelForCausalLM.from_pretrained(folder)\n"
+              "ids = tokenizer(json.load(open(folder + '/rlhb_prompt.json'))['prompt_example'], return_tensors='pt')\n"
+              "out = model.generate(**ids, max_new_tokens=6, do_sample=False)\n"
+              "print(len(out[0]) > ids['input_ids'].shape[1])")
+    loaded = subprocess.run([sys.executable, "-c", script, str(exported)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "True", loaded.stderr[-2000:]
+    refused = cli("export", "--run-dir", moved, "--stage", "train-rlhb", "--out", exported, ok=False)
+    assert refused.exit_code != 0 and "exists and is not empty" in refused.output
 
 
 def test_the_discriminator_can_learn_through_adapters_of_its_own(rl_run, cli):

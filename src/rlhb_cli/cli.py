@@ -22,8 +22,6 @@ import sys
 import time
 import types
 import typing
-from contextlib import nullcontext as _nullcontext
-from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -41,6 +39,7 @@ from rlhb_cli.errors import RlhbError
 from rlhb_cli.evaluation import report as report_stage
 from rlhb_cli.experiments import plan as recipe_plan
 from rlhb_cli.experiments.recipe import load_recipe
+from rlhb_cli.models.export import export_policy
 from rlhb_cli.pipeline import run_stage
 from rlhb_cli.simulator import simulate
 from rlhb_cli.simulator.simulate import SimulateConfig
@@ -176,43 +175,9 @@ def prepare_behaviors(
 
 
 def _import(kind: str, source: Path, out: Path, pairs: Optional[Path]) -> None:
-    @dataclass
-    class ImportConfig:
-        source: str
-        out: str
-        pairs: Optional[str]
-
-    config = ImportConfig(str(source), str(out), str(pairs) if pairs else None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with rundir.open_stage(out.parent, f"import-{kind}", config, None, manifest_name=f"{out.name}.manifest.json") as stage:
-        tmp_out = out.with_name(f".{out.name}.tmp")
-        tmp_pairs = pairs.with_name(f".{pairs.name}.tmp") if pairs else None
-        ledger = importers.ImportLedger()
-        rejects = out.with_name(f"{out.name}.rejected.jsonl")
-        try:
-            with open(tmp_out, "w", encoding="utf-8") as handle, \
-                    (open(tmp_pairs, "w", encoding="utf-8") if tmp_pairs else _nullcontext()) as pairs_handle:
-                if kind == "stackexchange":
-                    counts = importers.import_stackexchange(source, handle, pairs_handle, ledger)
-                    for name in ("Posts.xml", "Votes.xml", "Comments.xml"):
-                        if (source / name).exists():
-                            stage.add_input(name, source / name)
-                else:
-                    counts = importers.import_oasst(source, handle, pairs_handle, ledger)
-                    stage.add_input("trees", source)
-            storage.atomic_write_text(rejects, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ledger.rows))
-            tmp_out.replace(out)
-            if tmp_pairs:
-                tmp_pairs.replace(pairs)
-        finally:  # a failed import leaves nothing behind but its failed manifest
-            for tmp in (tmp_out, tmp_pairs):
-                if tmp is not None:
-                    tmp.unlink(missing_ok=True)
-        stage.outputs = (out.name, rejects.name) + (
-            (pairs.name,) if pairs and pairs.resolve().parent == out.resolve().parent else ())
-        stage.set_summary(counts)
+    counts, rejects, rejected = importers.import_logs(kind, source, out, pairs)
     _print_summary(f"import {kind} -> {out}", counts | ({"pairs_file": str(pairs)} if pairs else {})
-                   | ({"rejects_file": str(rejects)} if ledger.rows else {}))
+                   | ({"rejects_file": str(rejects)} if rejected else {}))
 
 
 @import_app.command("stackexchange")
@@ -418,6 +383,22 @@ def experiment_plan(recipe_path: RecipeArg, scale: ScaleOpt = "small",
                           "" if done else f"{step.expected_seconds / 60:.1f} min")
         console.print(table)
         console.print(f"expected about {left / 60:.1f} min for what is left (rates measured on a 2-core CPU)")
+    _guard(body)
+
+
+@app.command("export")
+def export(out: Annotated[Path, typer.Option("--out", help="New folder for the model (Hugging Face layout).")],
+           run_dir: RunDirOpt = None,
+           stage: Annotated[str, typer.Option("--stage", help="The stage whose policy/ to export.")] = "train-rlhb",
+           policy: Annotated[Optional[Path], typer.Option("--policy", help="A policy folder instead of "
+                                                          "RUN_DIR/STAGE/policy.")] = None) -> None:
+    """A policy as a self-contained model directory (LoRA merged, tokenizer, generation config, model card)
+    that `from_pretrained` loads without rlhb, ready for push_to_hub or a serving engine."""
+    def body():
+        if policy is None and run_dir is None:
+            raise RlhbError("give --run-dir (with --stage) or --policy")
+        source = policy or rundir.require_stage(run_dir, stage) / "policy"
+        _print_summary(f"export -> {out}", export_policy(source, out))
     _guard(body)
 
 

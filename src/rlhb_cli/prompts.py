@@ -17,6 +17,7 @@ different tokenizer from the policy.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,17 @@ class PromptFormat:
     def completion(self, response: str) -> str:
         """The text that follows the prompt for `response` (before the EOS the trainer or scorer adds)."""
         return (" " + response) if self.kind == "plain" else response
+
+
+def policy_meta(policy_dir: Path) -> dict:
+    """How a policy is prompted: its policy.json. Without one: a run's SFT policy made before policy.json
+    recorded the format (plain, the only one then), or a model from outside the run (its chat template if
+    it has one), each asked for the most preferred behaviour."""
+    path = Path(policy_dir) / "policy.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    in_a_run = (Path(policy_dir).parent / "manifest.json").exists()
+    return {"condition": "most_preferred", "prompt_format": "plain" if in_a_run else "auto"}
 
 
 def judge_text(query: str, response: str, behavior_text: str | None = None) -> str:

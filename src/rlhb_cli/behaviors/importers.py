@@ -18,10 +18,13 @@ import sqlite3
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
+from rlhb_cli import rundir, storage
 from rlhb_cli.errors import RlhbError
 
 _BLOCK_TAGS = {"p", "br", "li", "pre", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "div", "hr", "ul", "ol"}
@@ -294,3 +297,47 @@ def import_oasst(path: Path, out, pairs_out=None, ledger: ImportLedger | None = 
                 counts["pairs"] += len(pairs)
     counts["rejected"] = ledger.count("rejected")
     return counts
+
+
+@dataclass
+class ImportConfig:
+    """What an import read and wrote (its manifest's config)."""
+
+    source: str
+    out: str
+    pairs: Optional[str]
+
+
+def import_logs(kind: str, source: Path, out: Path, pairs: Path | None) -> tuple[dict, Path, int]:
+    """`rlhb import KIND`: the dump at `source` into the log file `out` (and preference `pairs`), with its
+    manifest and rejects ledger beside it, written whole or not at all; (counts, ledger path, rows rejected)."""
+    config = ImportConfig(str(source), str(out), str(pairs) if pairs else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with rundir.open_stage(out.parent, f"import-{kind}", config, None, manifest_name=f"{out.name}.manifest.json") as stage:
+        tmp_out = out.with_name(f".{out.name}.tmp")
+        tmp_pairs = pairs.with_name(f".{pairs.name}.tmp") if pairs else None
+        ledger = ImportLedger()
+        rejects = out.with_name(f"{out.name}.rejected.jsonl")
+        try:
+            with open(tmp_out, "w", encoding="utf-8") as handle, \
+                    (open(tmp_pairs, "w", encoding="utf-8") if tmp_pairs else nullcontext()) as pairs_handle:
+                if kind == "stackexchange":
+                    counts = import_stackexchange(source, handle, pairs_handle, ledger)
+                    for name in ("Posts.xml", "Votes.xml", "Comments.xml"):
+                        if (source / name).exists():
+                            stage.add_input(name, source / name)
+                else:
+                    counts = import_oasst(source, handle, pairs_handle, ledger)
+                    stage.add_input("trees", source)
+            storage.atomic_write_text(rejects, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ledger.rows))
+            tmp_out.replace(out)
+            if tmp_pairs:
+                tmp_pairs.replace(pairs)
+        finally:  # a failed import leaves nothing behind but its failed manifest
+            for tmp in (tmp_out, tmp_pairs):
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+        stage.outputs = (out.name, rejects.name) + (
+            (pairs.name,) if pairs and pairs.resolve().parent == out.resolve().parent else ())
+        stage.set_summary(counts)
+    return counts, rejects, len(ledger.rows)

@@ -34,10 +34,10 @@ from rlhb_cli.evaluation.statistics import (agreement_with_gold, answer_draw_se,
                                             feature_rates, spearman, win_tie_loss)
 from rlhb_cli.models.classifier import BehaviorClassifier
 from rlhb_cli.models.discriminator import Discriminator
-from rlhb_cli.models.generation import generate_responses, policy_meta
+from rlhb_cli.models.generation import generate_responses
 from rlhb_cli.models.load import load_causal_lm, local_folder
 from rlhb_cli.models.pretrained import gguf_source
-from rlhb_cli.prompts import PromptFormat
+from rlhb_cli.prompts import PromptFormat, policy_meta
 from rlhb_cli.registry import POLICY_STAGES
 from rlhb_cli.rl.sources import RewardModelSource
 from rlhb_cli.simulator.gold import GoldJudge

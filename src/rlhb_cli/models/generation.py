@@ -2,14 +2,13 @@
 
 `HFGenerator` wraps transformers' `generate` behind one interface (a faster backend such as vLLM would
 implement `generate` alike); `generate_responses` answers a list of prompts from a seeded generator.
-Every policy stage writes `policy.json` beside its weights: its prompt condition and format (prompts.py).
+Every policy stage writes `policy.json` beside its weights: its prompt condition and format (prompts.py,
+`policy_meta`).
 """
 
 from __future__ import annotations
 
-import json
 import warnings
-from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
@@ -57,17 +56,6 @@ class HFGenerator:
         responses, mask, lengths, ended = response_mask(raw, self.tokenizer.eos_token_id, pad)
         texts = self.tokenizer.batch_decode(responses * mask + pad * (1 - mask), skip_special_tokens=True)
         return responses, mask, lengths, ended, [t.strip() for t in texts]
-
-
-def policy_meta(policy_dir: Path) -> dict:
-    """How a policy is prompted: its policy.json. Without one: a run's SFT policy made before policy.json
-    recorded the format (plain, the only one then), or a model from outside the run (its chat template if
-    it has one), each asked for the most preferred behaviour."""
-    path = Path(policy_dir) / "policy.json"
-    if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
-    in_a_run = (Path(policy_dir).parent / "manifest.json").exists()
-    return {"condition": "most_preferred", "prompt_format": "plain" if in_a_run else "auto"}
 
 
 def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, greedy: bool, seed: int,

@@ -31,8 +31,8 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from rlhb_cli import distributed, rundir
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.models.generation import HFGenerator, policy_meta
-from rlhb_cli.prompts import PromptFormat
+from rlhb_cli.models.generation import HFGenerator
+from rlhb_cli.prompts import PromptFormat, policy_meta
 from rlhb_cli.rl import checkpoint, display
 from rlhb_cli.rl.actor_critic import PolicyAndValue, build_actor_critic, reference_logits
 from rlhb_cli.rl.config import EngineConfig
