@@ -135,7 +135,13 @@ def test_a_chat_model_is_fine_tuned_with_lora_aligned_and_evaluated_through_its_
 
     cli("train-oracle", "--run-dir", sim_run, "--iterations", 1, *RL)
     aligned = json.loads((sim_run / "train-oracle" / "policy" / "policy.json").read_text())
-    assert aligned["prompt_format"] == "chat"
+    assert aligned["prompt_format"] == "chat" and meta["behavior_text"] == aligned["behavior_text"]
+    # no SFT at all: an aligner starts from the GGUF as it comes, prompted through its chat template
+    cli("train-oracle", "--run-dir", sim_run, "--init-from", tmp_path / "tiny.gguf", "--stage-name", "oracle-raw",
+        "--iterations", 1, *RL)
+    assert json.loads((sim_run / "oracle-raw" / "policy" / "policy.json").read_text())["prompt_format"] == "chat"
+    assert json.loads((sim_run / "oracle-raw" / "manifest.json").read_text())["inputs"]["starting policy"][
+        "path"].endswith("tiny.gguf")
     cli("evaluate", "--run-dir", sim_run, "--policies", "train-sft", "--policies", "train-oracle", "--policies",
         tmp_path / "tiny.gguf",
         "--samples", 1, "--max-new-tokens", 8, "--following-queries", 0, "--bootstrap-samples", 50,

@@ -1,4 +1,4 @@
-"""Small statistics shared by stages: AUC, bootstrap intervals."""
+"""Small statistics shared by stages: AUC, ranks, an evenly spread subset."""
 
 from __future__ import annotations
 
@@ -25,3 +25,11 @@ def auc(positive_scores, negative_scores) -> float:
         return float("nan")
     ranks = average_ranks(np.concatenate([pos, neg]))
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def evenly_spaced(n: int, limit: int) -> np.ndarray:
+    """Indices of `limit` of `n` rows spread evenly from the first to the last (all when limit is 0 or
+    not below n): a budget that still covers every part of a split."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.linspace(0, n - 1, limit).round().astype(int)

@@ -35,12 +35,12 @@ from rlhb_cli.evaluation.statistics import (agreement_with_gold, answer_draw_se,
 from rlhb_cli.models.classifier import BehaviorClassifier
 from rlhb_cli.models.discriminator import Discriminator
 from rlhb_cli.models.generation import generate_responses
-from rlhb_cli.models.load import load_causal_lm, local_folder
-from rlhb_cli.models.pretrained import gguf_source
+from rlhb_cli.models.load import load_causal_lm, policy_source
 from rlhb_cli.prompts import PromptFormat, policy_meta
 from rlhb_cli.registry import POLICY_STAGES
 from rlhb_cli.rl.sources import RewardModelSource
 from rlhb_cli.simulator.gold import GoldJudge
+from rlhb_cli.stats import evenly_spaced
 
 STAGE = "evaluate"
 QUERY_SETS = ("auto", "test", "environment", "all", "every-held-out", "train")
@@ -119,8 +119,7 @@ class Judges:
             stage.add_upstream("simulate-logs")
             self.gold = GoldJudge.load(environment)
             self.scorers["gold"] = lambda q, r: self.gold.expected_behavior_batch(q, r)["shaped_reward"]
-            annotators = GoldJudge.load(environment, raters="annotators")  # the paper's raters' analog
-            annotators.queries = self.gold.queries  # one table of queries: --query-set every-held-out adds to it
+            annotators = self.gold.judged_by_annotators()  # the paper's raters' analog
             self.scorers["annotators"] = lambda q, r: annotators.expected_behavior_batch(q, r)["shaped_reward"]
         if rundir.stage_state(run_dir / "train-reward")[0] == "done":
             stage.add_upstream("train-reward")
@@ -225,18 +224,6 @@ def _sequence_logprobs(model, tokenizer, prompt: PromptFormat, prompts: list[str
     return torch.cat(out).numpy()
 
 
-def _policy_path(name: str, run_dir: Path, stage: rundir.StageRun, what: str = "policy") -> Path:
-    """A stage of the run dir, a model folder, or a GGUF / named model (`smollm2`: a pretrained model as it
-    comes, the reference row of a run that fine-tunes it), converted once, its file recorded as the input."""
-    source = gguf_source(name)
-    if source is None:
-        return rundir.stage_or_path(name, run_dir, stage, "policy", what)
-    if not source.is_file():
-        raise RlhbError(f"{source}: no such GGUF file (give a stage of {run_dir}, a model folder or a GGUF file)")
-    stage.add_input(what, source)
-    return local_folder(name, [])
-
-
 def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     started = time.perf_counter()
     seed_everything(config.seed)
@@ -251,7 +238,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
         raise RlhbError(f"{run_dir}: no policy to evaluate; run `rlhb train-sft --run-dir {run_dir}` first")
     if config.baseline not in names:
         names = [config.baseline] + names
-    reference_path = _policy_path(config.baseline, run_dir, stage, "baseline policy")
+    reference_path = policy_source(config.baseline, run_dir, stage, "baseline policy")
     reference, reference_tokenizer = load_causal_lm(reference_path, [])
     reference.eval()
     reference_format = PromptFormat.of_policy(policy_meta(reference_path), reference_tokenizer, reference_path)
@@ -266,11 +253,9 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     draw_variances: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # the same: variance of that mean
     health: dict[str, dict] = {}
     test = data["test"]
-    real_rows = range(len(test["query"]))  # the logged responses each policy's perplexity is measured on
-    if config.perplexity_rows and config.perplexity_rows < len(real_rows):
-        real_rows = np.linspace(0, len(real_rows) - 1, config.perplexity_rows).round().astype(int).tolist()
+    real_rows = evenly_spaced(len(test["query"]), config.perplexity_rows).tolist()  # perplexity's logged answers
     for name in names:
-        path = _policy_path(name, run_dir, stage)
+        path = policy_source(name, run_dir, stage, "policy")
         meta = policy_meta(path)
         condition = meta.get("behavior_text", best) if meta.get("condition") != "none" else None
         if path == reference_path:  # the baseline is loaded already

@@ -96,7 +96,8 @@ def collect_results(recipe: Recipe, out: Path, base_dir: Path) -> dict:
     return {"recipe": str(recipe.path), "base": str(recipe.base_path), "scale": recipe.scale, "seeds": recipe.seeds,
             "run_dir": str(out), "base_run_dir": str(base_dir), "git_commit": rundir.git_commit(),
             "versions": rundir.library_versions(), "arms": arms, "per_run": per_run, "claims": claims,
-            "baseline_gold": baseline, "rlhf_reward_model_competence": competence, "references_gold": references, "curves": {a: [[{k: r.get(k) for k in CURVE_KEYS if k in r} | {"step": r.get("step")}
+            "baseline_gold": baseline, "rlhf_reward_model_competence": competence, "references_gold": references,
+            "curves": {a: [[{k: r.get(k) for k in CURVE_KEYS if k in r} | {"step": r.get("step")}
                                                      for r in rows] for rows in runs] for a, runs in curves.items()}}
 
 

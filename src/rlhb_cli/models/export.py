@@ -65,8 +65,9 @@ def export_policy(source: Path, out: Path) -> dict:
     prompt = PromptFormat.of_policy(meta, tokenizer, source)
     stage_dir = source.parent
     condition = None if meta.get("condition") == "none" else meta.get("behavior_text")
-    behavior = stage_dir.parent / "prepare-behaviors" / "behavior.json"  # the SFT policy's: the most preferred
+    behavior = stage_dir.parent / "prepare-behaviors" / "behavior.json"
     if meta.get("condition") == "most_preferred" and condition is None and behavior.exists():
+        # an SFT policy made before its policy.json named the text it is asked for
         condition = rundir.read_json(behavior)["most_preferred_text"]
     meta = meta | {"behavior_text": condition}
     manifest = rundir.read_json(stage_dir / rundir.MANIFEST) if (stage_dir / rundir.MANIFEST).exists() else {}

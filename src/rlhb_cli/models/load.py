@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhb_cli import distributed
+from rlhb_cli import distributed, rundir
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.models.pretrained import local_model_dir
+from rlhb_cli.models.pretrained import gguf_source, local_model_dir
 from rlhb_cli.models.tokenizer import ensure_pad_token
 
 
@@ -50,6 +50,18 @@ def local_folder(model: str | Path, notes: list[str]) -> Path:
     process, while the others wait)."""
     with distributed.main_process_first():
         return local_model_dir(model, notes)
+
+
+def policy_source(value: str, run_dir: Path, stage, what: str) -> Path:
+    """Where a policy is: a stage of the run dir (its policy/), a model folder, or a GGUF file / named model
+    (`smollm2`: a pretrained model as it comes), converted once, its file recorded as the stage's input."""
+    source = gguf_source(value)
+    if source is None:
+        return rundir.stage_or_path(value, run_dir, stage, "policy", what)
+    if not source.is_file():
+        raise RlhbError(f"{source}: no such GGUF file (give a stage of {run_dir}, a model folder or a GGUF file)")
+    stage.add_input(what, source)
+    return local_folder(value, [])
 
 
 def _check_model_dir(path: Path) -> None:

@@ -27,7 +27,7 @@ from rlhb_cli.distributed import param_count, seed_everything
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.discriminator import Discriminator
 from rlhb_cli.models.judge import BODY_LEARNING_KEYS, Judge, JudgeMeta, attach_judge_lora
-from rlhb_cli.models.load import load_sequence_classifier
+from rlhb_cli.models.load import load_sequence_classifier, policy_source
 from rlhb_cli.rl.config import EngineConfig, RewardShaping
 from rlhb_cli.rl.discriminator_source import AdversarialSettings, DiscriminatorSource
 from rlhb_cli.rl.ppo import PPOEngine
@@ -169,7 +169,7 @@ def build_engine(config: EngineConfig, stage: rundir.StageRun, make_source: Call
     seed_everything(config.seed)
     run_dir = stage.dir.parent
     data, spec, template = load_prepared(run_dir, stage)
-    policy_path = rundir.stage_or_path(config.init_from, run_dir, stage, "policy", "starting policy")
+    policy_path = policy_source(config.init_from, run_dir, stage, "starting policy")
     target = None  # --condition none
     if config.condition == "most_preferred":
         target = template.most_preferred(spec)

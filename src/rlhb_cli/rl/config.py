@@ -86,7 +86,8 @@ class EngineConfig:
     flag of each setting, groups opened (rlhb_cli.config.flat_fields)."""
 
     init_from: str = field("train-sft", help="Starting policy: a stage of this run dir that left a policy/ "
-                                             "(train-sft, train-rlhf, ...) or the path of a causal LM.")
+                                             "(train-sft, train-rlhf, ...), a model folder, a GGUF file or "
+                                             "smollm2 (a pretrained model as it comes).")
     condition: str = field("most_preferred", help="Prompt condition: most_preferred (the best level of every "
                                                   "metric, as RLHB asks at inference), best_logged (the logged "
                                                   "behaviour with the highest mean shaped reward) or none (no "

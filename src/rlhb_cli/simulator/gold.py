@@ -117,18 +117,26 @@ class GoldJudge:
         self.lexicon = lexicon
         self.train_items = train_items  # what the training queries are about
         self.kept_for_evaluation = kept_for_evaluation  # the held-out queries simulate-logs kept
+        self.annotator_model: UserModel | None = None  # the annotators' taste, when the environment holds it
 
     @classmethod
-    def load(cls, environment_json: Path, raters: str = "users") -> "GoldJudge":
-        """The platform's users' judge, or (`raters="annotators"`) the annotators' who labelled the preference
-        pairs: another taste read from the same attributes, the analog of the paper's GPT-4 and human raters."""
+    def load(cls, environment_json: Path) -> "GoldJudge":
         data = json.loads(Path(environment_json).read_text(encoding="utf-8"))
         queries = {q["text"]: QueryKey(q["intent"], q["required"], q["rivals"]) for q in data["queries"]}
         lexicon = Lexicon(set(data["lexicon"]["words"]), set(data["lexicon"]["bigrams"]))
         train_items = frozenset(q["item"] for q in data["queries"] if q["split"] == "train")
         kept = frozenset(q["text"] for q in data["queries"] if q["split"] == "eval")
-        model = data["user_model" if raters == "users" else "annotator_model"]
-        return cls(UserModel.from_json(model), queries, lexicon, train_items, kept)
+        judge = cls(UserModel.from_json(data["user_model"]), queries, lexicon, train_items, kept)
+        judge.annotator_model = UserModel.from_json(data["annotator_model"]) if "annotator_model" in data else None
+        return judge
+
+    def judged_by_annotators(self) -> "GoldJudge":
+        """The same world judged by the annotators who labelled the preference pairs: another taste read from
+        the same attributes, the analog of the paper's GPT-4 and human raters. It shares this judge's queries,
+        so the ones `every_held_out_query` adds are known to both."""
+        if self.annotator_model is None:
+            raise ValueError("this environment.json holds no annotator_model")
+        return GoldJudge(self.annotator_model, self.queries, self.lexicon, self.train_items, self.kept_for_evaluation)
 
     def every_held_out_query(self) -> list[str]:
         """Every held-out query of the simulated world about what the training queries cover, in the world's

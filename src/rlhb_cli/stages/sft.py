@@ -27,6 +27,7 @@ from rlhb_cli.models.pretrained import gguf_source
 from rlhb_cli.models.tokenizer import train_tokenizer
 from rlhb_cli.prompts import PromptFormat
 from rlhb_cli.rundir import MetricsLog
+from rlhb_cli.stats import evenly_spaced
 from rlhb_cli.stages.common import (corpus_of, evaluate_before_training, mean_train_loss, progress_bar,
                                    stop_if_unfinished, trainer_resume_point, trl_config)
 
@@ -85,7 +86,7 @@ def _rows(split, prompt: PromptFormat, min_quantile: float = 0.0, limit: int = 0
         reward = np.asarray(split["shaped_reward"])
         keep = keep[reward > np.quantile(reward, min_quantile)]
     if limit and spread and limit < len(keep):
-        keep = keep[np.linspace(0, len(keep) - 1, limit).round().astype(int)]
+        keep = keep[evenly_spaced(len(keep), limit)]
     elif limit:
         keep = keep[:limit]
     return [{"prompt": prompt.prompt(queries[i], behaviors[i]), "completion": prompt.completion(responses[i])}
@@ -187,7 +188,7 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     started = time.perf_counter()
     seed_everything(config.seed)
     run_dir = stage.dir.parent
-    data, _, _ = load_prepared(run_dir, stage)
+    data, spec, template = load_prepared(run_dir, stage)
     notes: list[str] = []
     if config.model == "tiny":
         init = stage.dir / "init"
@@ -253,7 +254,8 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
     # under ZeRO-3 Trainer would save a DeepSpeed checkpoint (unless its config asks it to gather on save),
     # which no later stage reads: the whole weights instead, gathered into the main process
     whole = distributed.whole_state_dict(trainer.model_wrapped) if sharded else None
-    meta = {"stage": STAGE, "condition": "most_preferred", "prompt_format": prompt.kind}
+    meta = {"stage": STAGE, "condition": "most_preferred", "behavior_text": template.most_preferred(spec),
+            "prompt_format": prompt.kind}
     if config.lora.r:  # the adapters alone; loading the policy merges them into this base
         meta["lora_base"] = base_reference(model_path, stage.dir / "policy")
     with storage.atomic_dir(stage.dir / "policy") as tmp:
