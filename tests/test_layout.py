@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "rlhb_cli"
 # unit (a subpackage, or a module of the top package) -> its layer; units of one layer do not import each other
 LAYERS = {
     "errors": 0, "registry": 0, "stats": 0,
-    "config": 1, "distributed": 1, "plots": 1, "prompts": 1,
+    "config": 1, "distributed": 1, "plots": 1, "prompts": 1, "trackers": 1,
     "storage": 2,
     "rundir": 3,
     "behaviors": 4,

@@ -84,7 +84,8 @@ def test_lora_rlhb_checkpoints_adapters_only_resumes_and_evaluates(rl_run, cli):
     cli("export", "--run-dir", moved, "--stage", "train-rlhb", "--out", exported)
     assert (exported / "model.safetensors").exists() and not (exported / "adapter_config.json").exists()
     card = (exported / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers") and "base_model:" in card and "## How to prompt it" in card
+    assert card.startswith("---\nlibrary_name: transformers") and "## How to prompt it" in card
+    assert "| gold | simulator's gold |" in card  # the run's evaluation of this policy
     prompt = json.loads((exported / "rlhb_prompt.json").read_text())
     assert prompt["format"] == "plain" and prompt["prompt_example"].endswith("Answer:")
     script = ("import json, sys; sys.modules['rlhb_cli'] = None  # rlhb cannot be imported\n"

@@ -12,18 +12,22 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from rlhb_cli import registry, rundir, storage
+from rlhb_cli import distributed, registry, rundir, storage
 from rlhb_cli.config import build_config, same_config
 from rlhb_cli.errors import RlhbError
+from rlhb_cli.models.card import write_stage_cards
+from rlhb_cli.models.load import load_tokenizer
 
 console = Console()
 
 
 def run_stage(stage: str, stage_dir: Path, config: Any, body: Callable, seed: int | None = None,
               upstream: tuple[str, ...] = (), force: bool = False, resume: bool = False,
-              stop_after_steps: int | None = None, command: str | None = None) -> dict:
+              stop_after_steps: int | None = None, command: str | None = None,
+              report_to: tuple[str, ...] = ()) -> dict:
     """Skip when already done with this config and fresh inputs; else run `body(config, stage_run)`.
-    The stage's lock is held from the check to the end, so two writers never interleave."""
+    The stage's lock is held from the check to the end, so two writers never interleave. `report_to` (experiment
+    trackers) is not part of the config: where a run's figures are also shown does not change them."""
     with storage.stage_lock(stage_dir, what=f"{stage} in {stage_dir.parent}"):
         state, manifest, _ = rundir.stage_state(stage_dir)
         if state == "done" and not force and manifest and same_config(manifest.get("config"), config):
@@ -33,12 +37,15 @@ def run_stage(stage: str, stage_dir: Path, config: Any, body: Callable, seed: in
         with rundir.open_stage(stage_dir, stage, config, seed, command=command) as stage_run:
             stage_run.resume = resume
             stage_run.stop_after_steps = stop_after_steps
+            stage_run.report_to = tuple(report_to)
             if not resume:
                 rundir.discard_resume_points(stage_dir)
             for name in upstream:
                 stage_run.add_upstream(name)
             summary = body(config, stage_run)
             stage_run.set_summary(summary)
+            if distributed.is_main_process():
+                write_stage_cards(stage_dir, lambda folder: load_tokenizer(folder, []))
     return summary
 
 
@@ -70,7 +77,7 @@ def default_inputs(command: str, config: Any, run_dir: Path, check: bool = True)
 
 def run_step(run_dir: Path, command: str, options: dict[str, Any], stage_name: str | None = None,
              force: bool = False, resume: bool = False, stop_after_steps: int | None = None,
-             config: Any = None) -> tuple[str, dict]:
+             config: Any = None, report_to: tuple[str, ...] = ()) -> tuple[str, dict]:
     """Run stage `command` with `options` (or a built `config`) into RUN_DIR/STAGE_NAME (default: the
     folder the config picks)."""
     if config is None:
@@ -84,7 +91,7 @@ def run_step(run_dir: Path, command: str, options: dict[str, Any], stage_name: s
     spec = registry.STAGES[command]
     try:
         summary = run_stage(name, Path(run_dir) / name, config, registry.runner(command), getattr(config, "seed", None),
-                            upstream, force or spec.always_rerun, resume, stop_after_steps, command)
+                            upstream, force or spec.always_rerun, resume, stop_after_steps, command, report_to)
     except ValueError as exc:
         raise RlhbError(str(exc)) from None
     return name, summary

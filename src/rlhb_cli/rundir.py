@@ -33,6 +33,7 @@ from rlhb_cli.distributed import is_main_process
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.registry import STAGES, rerun_hint
 from rlhb_cli.storage import atomic_write_json, atomic_write_text, sha256_of
+from rlhb_cli.trackers import Trackers
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
@@ -230,6 +231,15 @@ class StageRun:
     resume: bool = False  # continue from the stage's checkpoint, if it has one
     stop_after_steps: int | None = None  # stop (resumably) after this many optimizer steps in all
     outputs: tuple[str, ...] = ()  # a single-file stage's files (a stage folder's outputs are all its files)
+    report_to: tuple[str, ...] = ()  # experiment trackers that see every metrics row (trackers.py)
+    _trackers: Trackers | None = None
+
+    @property
+    def trackers(self) -> Trackers:
+        if self._trackers is None:
+            self._trackers = Trackers(self.report_to if is_main_process() else (), self.dir.parent, self.stage,
+                                      self.manifest["config"])
+        return self._trackers
 
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.dir / name
@@ -306,6 +316,8 @@ def open_stage(stage_dir: Path, stage: str, config: Any, seed: int | None, manif
         except BaseException as exc:
             run._finish("failed", str(exc) or type(exc).__name__)
             raise
+        finally:
+            run.trackers.finish()
         manifest["torch_threads"] = torch_threads()
         if is_main_process():
             manifest["outputs"] = (storage.record_outputs(stage_dir, {manifest_name}) if manifest_name == MANIFEST
@@ -372,10 +384,12 @@ def status_rows(run_dir: Path, verify: bool = False) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object a line, appended as training goes; truncated to a step on resume."""
+    """metrics.jsonl: one JSON object a line, appended as training goes; truncated to a step on resume. Each
+    row also goes to the stage's experiment trackers, if any (after a resume they see the resumed steps again)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, trackers: Trackers | None = None):
         self.path = path
+        self.trackers = trackers
         self.writes = is_main_process()  # one process writes; the others' rows are the same, gathered
 
     def keep_until(self, step: int) -> None:
@@ -396,6 +410,8 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def rows(self) -> list[dict]:
         if not self.path.exists():

@@ -127,9 +127,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+CARD = "README.md"  # a model card: a description, rewritten as figures arrive (models/card.py), not an output
+
+
 def _output_files(folder: Path, leave_out: set[str]) -> list[Path]:
-    """Every file of a stage's folder but its manifest, the lock and hidden temporaries."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in leave_out
+    """Every file of a stage's folder but its manifest, the lock, model cards and hidden temporaries."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in leave_out and p.name != CARD
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
@@ -149,6 +152,8 @@ def check_outputs(folder: Path, recorded: dict[str, dict[str, Any]], rehash: boo
     """"" when every recorded output is as written, else what is wrong with the first one that is not.
     The fast path trusts a file whose size and modification time are unchanged; `rehash` reads it all."""
     for name, info in recorded.items():
+        if Path(name).name == CARD:  # a card recorded by a run made before cards were descriptions
+            continue
         path = folder / name
         try:
             stat = path.stat()

@@ -116,7 +116,7 @@ def link_base(base_dir: Path, out: Path, stages: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------- running
 def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False,
-               say: Callable[[str], None] = print) -> dict:
+               say: Callable[[str], None] = print, report_to: tuple[str, ...] = ()) -> dict:
     """Run whatever of the recipe is not done yet, then write results.md / results.json / plots into OUT."""
     out = Path(out or default_out(recipe))
     base_dir, steps = plan(recipe, out)
@@ -133,7 +133,7 @@ def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False,
             f"{(time.perf_counter() - started) / 60:.1f} min so far")
         step_started = time.perf_counter()
         pipeline.run_step(step.run_dir, step.command, step.options, step.stage_name,
-                          force=force and not registry.STAGES[step.command].always_rerun)
+                          force=force and not registry.STAGES[step.command].always_rerun, report_to=report_to)
         expected -= step.expected_seconds
         say(f"    done in {time.perf_counter() - step_started:.0f} s; about {max(expected, 0) / 60:.1f} min left")
     results = collect_results(recipe, out, base_dir)

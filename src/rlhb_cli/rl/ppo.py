@@ -101,7 +101,7 @@ class PPOEngine:
         self.best_probe = -math.inf
         self.probes_since_best = 0
         self.fingerprint = ""
-        self.metrics = rundir.MetricsLog(stage.dir / "metrics.jsonl")
+        self.metrics = rundir.MetricsLog(stage.dir / "metrics.jsonl", stage.trackers)
         self.probe_source = self.learning_source.frozen_copy() if self.learning_source and config.probe.every \
             else reward_source
 

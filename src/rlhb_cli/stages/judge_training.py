@@ -130,7 +130,7 @@ def train_judge(judge: Judge, texts: list[str], targets: torch.Tensor,
     warmup = settings.warmup_fraction if abs(settings.warmup_fraction * total - 1) > 1e-9 else 0.5 / total
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.learning_rate, total_steps=total,
                                                     pct_start=warmup, anneal_strategy="cos")
-    metrics = MetricsLog(stage.dir / "metrics.jsonl")
+    metrics = MetricsLog(stage.dir / "metrics.jsonl", stage.trackers)
     checkpoint = stage.dir / CHECKPOINT
     start = 0
     if stage.resume and checkpoint.exists():

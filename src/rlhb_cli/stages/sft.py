@@ -223,7 +223,7 @@ def run(config: SFTStageConfig, stage: rundir.StageRun) -> dict:
         save_total_limit=1, seed=config.seed, data_seed=config.seed, max_length=config.max_length,
         completion_only_loss=True, packing=False, dataset_num_proc=None,
     )
-    metrics = MetricsLog(stage.dir / "metrics.jsonl")
+    metrics = MetricsLog(stage.dir / "metrics.jsonl", stage.trackers)
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                          train_dataset=datasets.Dataset.from_list(train_rows),
                          eval_dataset=datasets.Dataset.from_list(val_rows),
