@@ -29,6 +29,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rlhb_cli import pipeline, registry, rundir, storage
@@ -43,6 +44,7 @@ from rlhb_cli.models.export import export_policy
 from rlhb_cli.pipeline import run_stage
 from rlhb_cli.simulator import simulate
 from rlhb_cli.simulator.simulate import SimulateConfig
+from rlhb_cli.trackers import parse_report_to
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -65,6 +67,8 @@ err_console = Console(stderr=True)
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory; the stage writes RUN_DIR/<stage>/.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML recipe filling the stage's config; flags override it.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run again even if this stage is done with the same config.")]
+ReportToOpt = Annotated[Optional[str], typer.Option("--report-to", help="Also show the training stages' metrics in "
+                        "tensorboard, wandb and/or trackio (comma-separated; default none).")]
 
 
 def _opt(config_cls: type, name: str, *flags: str) -> Any:
@@ -72,7 +76,7 @@ def _opt(config_cls: type, name: str, *flags: str) -> Any:
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # [..] is text
     raise typer.Exit(2)
 
 
@@ -174,20 +178,24 @@ def prepare_behaviors(
     _guard(body)
 
 
-def _import(kind: str, source: Path, out: Path, pairs: Optional[Path]) -> None:
-    counts, rejects, rejected = importers.import_logs(kind, source, out, pairs)
+def _import(kind: str, source, out: Path, pairs: Optional[Path], min_views: int = 0, since: str | None = None) -> None:
+    counts, rejects, rejected = importers.import_logs(kind, source, out, pairs, min_views, since)
     _print_summary(f"import {kind} -> {out}", counts | ({"pairs_file": str(pairs)} if pairs else {})
                    | ({"rejects_file": str(rejects)} if rejected else {}))
 
 
 @import_app.command("stackexchange")
 def import_stackexchange(
-    dump: Annotated[Path, typer.Argument(help="Folder of a Stack Exchange dump (Posts.xml, Votes.xml, Comments.xml).")],
+    dumps: Annotated[list[Path], typer.Argument(help="Folders of Stack Exchange dumps (Posts.xml, Votes.xml, "
+                                                "Comments.xml), one site each; a row's `site` says which.")],
     out: Annotated[Path, typer.Option("--out", help="Log file to write (JSONL), one row per answer.")],
     pairs: Annotated[Optional[Path], typer.Option("--pairs", help="Also write preference pairs: answers of one question by score.")] = None,
+    min_views: Annotated[int, typer.Option("--min-views", help="Leave out answers to questions seen fewer times (counted).")] = 0,
+    since: Annotated[Optional[str], typer.Option("--since", help="Leave out answers written before this date, "
+                                                 "YYYY-MM-DD (counted).")] = None,
 ) -> None:
-    """Stack Exchange dump -> behaviour logs: views, upvotes, downvotes, comments per answer."""
-    _guard(lambda: _import("stackexchange", dump, out, pairs))
+    """Stack Exchange dumps -> behaviour logs: views, upvotes, downvotes, comments per answer."""
+    _guard(lambda: _import("stackexchange", dumps, out, pairs, min_views, since))
 
 
 @import_app.command("oasst")
@@ -229,6 +237,7 @@ def stage_command(name: str) -> None:
         inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=ForceOpt),
         inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
             bool, typer.Option("--resume", help="Continue from this stage's last checkpoint.")]),
+        inspect.Parameter("report_to", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ReportToOpt),
         inspect.Parameter("stop_after_steps", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
             Optional[int], typer.Option("--stop-after-steps", help="Stop after this many optimizer steps in all, "
                                         "with a checkpoint; continue later with --resume.")]),
@@ -246,6 +255,7 @@ def stage_command(name: str) -> None:
         def body() -> None:
             run_dir = values["run_dir"]
             config = build_config(config_cls, values["config_file"], {f.name: values[f.name] for f in fields})
+            report_to = parse_report_to(values["report_to"])
             stage_name = values.get("stage_name") or spec.folder_for(config)
             if values["resume"] and rundir.stage_state(run_dir / stage_name)[0] == "done":
                 console.print(f"{stage_name}: already done; nothing to resume")
@@ -253,7 +263,7 @@ def stage_command(name: str) -> None:
             try:
                 _, summary = pipeline.run_step(run_dir, name, {}, stage_name, force=values["force"] or values["resume"],
                                                resume=values["resume"], stop_after_steps=values["stop_after_steps"],
-                                               config=config)
+                                               config=config, report_to=report_to)
             except rundir.StageStopped as exc:
                 console.print(f"{stage_name}: {exc}; continue with the same command and --resume")
                 return
@@ -272,12 +282,12 @@ for _name in registry.commands():
         stage_command(_name)
 
 
-def _run_all(run_dir: Path, plan: dict[str, dict], force: bool) -> None:
+def _run_all(run_dir: Path, plan: dict[str, dict], force: bool, report_to: tuple[str, ...]) -> None:
     """Each stage of `plan` in order, in this one process (one import of torch and friends, not one a stage)."""
     started = time.perf_counter()
     for command, options in plan.items():
         try:
-            name, summary = pipeline.run_step(run_dir, command, options or {}, force=force)
+            name, summary = pipeline.run_step(run_dir, command, options or {}, force=force, report_to=report_to)
         except RlhbError as exc:
             raise RlhbError(f"run-all: {exc}") from None
         headline = registry.STAGES[command].headline if command in registry.STAGES else ()
@@ -295,9 +305,11 @@ def run_all(
     plan_file: Annotated[Optional[Path], typer.Option("--config", help="YAML: stage name -> its options, in the order "
                                                       "to run (default: the whole pipeline at its defaults).")] = None,
     force: ForceOpt = False,
+    report_to: ReportToOpt = None,
 ) -> None:
     """Run the pipeline (or a YAML plan of stages with their options) in one process; done stages are skipped."""
     def body() -> None:
+        trackers = parse_report_to(report_to)
         plan: dict[str, dict] = {name: {} for name in registry.DEFAULT_PLAN}
         if plan_file is not None:
             try:
@@ -310,7 +322,7 @@ def run_all(
                 raise RlhbError(f"{plan_file}: a plan maps stage names to mappings of their options")
             plan = loaded
         try:
-            _run_all(run_dir, plan, force)
+            _run_all(run_dir, plan, force, trackers)
         except ValueError as exc:
             raise RlhbError(str(exc)) from None
     _guard(body)
@@ -352,11 +364,13 @@ def experiment_run(
                                                 "experiments/runs/[SCALE/]NAME beside the recipe); its base "
                                                 "stages go to OUT/../base.")]= None,
     force: ForceOpt = False,
+    report_to: ReportToOpt = None,
 ) -> None:
     """Run what is not done yet of a recipe, then write results.md: each claim with the rule that judged it."""
     def body() -> None:
         recipe = load_recipe(recipe_path, scale)
-        results = recipe_plan.run_recipe(recipe, out, force, say=lambda m: console.print(m, highlight=False))
+        results = recipe_plan.run_recipe(recipe, out, force, say=lambda m: console.print(m, highlight=False),
+                                         report_to=parse_report_to(report_to))
         for claim in results["claims"]:
             console.print(f"[bold]{claim['verdict']}[/]: {claim['claim']} ({claim['evidence']})", highlight=False)
         console.print(f"results: {Path(results['run_dir']) / 'results.md'}", soft_wrap=True, highlight=False)

@@ -27,11 +27,12 @@ from rlhb_cli.behaviors.text import SHIPPED, BehaviorTemplate
 from rlhb_cli.behaviors.validate import validate
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.rundir import StageRun, read_json, require_stage
+from rlhb_cli.rundir import StageRun, read_json, require_stage, stage_state
 from rlhb_cli.storage import atomic_dir, atomic_write_bytes, atomic_write_json
 
 STAGE = "prepare-behaviors"
 SPLITS = ("train", "validation", "test")
+SEALED = "test"  # queries no training stage reads: the gold-free evaluation's ground
 MIN_PREFERRED_SHARE = 0.05
 
 
@@ -221,6 +222,8 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
         "rows_out": table.num_rows,
         "reject_reasons": dict(reasons.most_common()),
         "splits": {s: {"rows": int((row_split == s).sum()), "queries": int((split_names == s).sum())} for s in SPLITS},
+        "sealed": {"split": SEALED, "queries_sha256": queries_digest(q for q, s in split_of.items() if s == SEALED),
+                   "read_by": "evaluate only: every training stage is refused it (load_prepared)"},
         "behavior_basis": spec.basis,
         "levels": {m: spec.levels(m) for m in binning.METRICS},
         "most_preferred_text": most_preferred_text,
@@ -252,12 +255,44 @@ def _histogram_data(counts: dict[str, np.ndarray], reward: np.ndarray, spec: bin
     return {"panels": panels}
 
 
-def load_prepared(run_dir: Path, stage: StageRun, min_validation: int = 1):
-    """(DatasetDict, BinSpec, template) of the run's prepare-behaviors, recorded as this stage's upstream."""
+def queries_digest(queries) -> str:
+    """sha256 of a set of queries (sorted, NUL-separated): what a manifest records of the sealed split."""
+    return hashlib.sha256("\0".join(sorted(queries)).encode()).hexdigest()
+
+
+class TrainingSplits(dict):
+    """A training stage's view of the data: the train and validation splits; the sealed split is refused."""
+
+    def __init__(self, data, where: Path):
+        super().__init__({name: data[name] for name in data if name != SEALED})
+        self.where = where
+
+    def __missing__(self, name: str):
+        if name == SEALED:
+            raise RlhbError(f"{self.where}: the {SEALED} split is sealed: no training stage reads it (only evaluate)")
+        raise KeyError(name)
+
+
+def sealed_queries(run_dir: Path) -> set[str]:
+    """The sealed split's query texts (nothing else of it), for a stage with data of its own (preference pairs)
+    to leave them out; empty when the run has no prepare-behaviors done."""
+    prepared = Path(run_dir) / STAGE
+    if stage_state(prepared)[0] != "done":
+        return set()
+    return set(datasets.load_from_disk(str(prepared / "dataset" / SEALED)).unique("query"))
+
+
+def load_prepared(run_dir: Path, stage: StageRun, min_validation: int = 1, sealed: bool = False):
+    """(splits, BinSpec, template) of the run's prepare-behaviors, recorded as this stage's upstream. Without
+    `sealed` (every training stage) the test split is left out and refused; evaluate asks for it. The splits
+    read are written in the stage's manifest, so evaluate can show that no training stage read the sealed one."""
     datasets.disable_progress_bars()
     prepared = require_stage(run_dir, STAGE)
     stage.add_upstream(STAGE)
     data = datasets.load_from_disk(str(prepared / "dataset"))
+    if not sealed:
+        data = TrainingSplits(data, prepared / "dataset")
+    stage.manifest["splits_read"] = sorted(data)
     if len(data["train"]) == 0:
         raise RlhbError(f"{prepared}: the training split is empty; prepare-behaviors needs more queries")
     if len(data["validation"]) < min_validation:

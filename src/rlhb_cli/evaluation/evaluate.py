@@ -23,19 +23,22 @@ from rich.console import Console
 from rich.table import Table
 from trl.trainer.utils import selective_log_softmax
 
-from rlhb_cli import rundir, storage
+from rlhb_cli import distributed, rundir, storage
 from rlhb_cli.behaviors.binning import most_preferred_levels
-from rlhb_cli.behaviors.prepare import load_prepared
+from rlhb_cli.behaviors.prepare import SEALED, load_prepared
 from rlhb_cli.config import field
 from rlhb_cli.distributed import seed_everything
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.evaluation.chat_judge import ChatJudge
+from rlhb_cli.evaluation.ordering import TARGETS, judge_ordering, sealed_rows, sealed_status
+from rlhb_cli.evaluation.referee import cross_fitted_referee
 from rlhb_cli.evaluation.statistics import (agreement_with_gold, answer_draw_se, bootstrap_interval, distinct_2,
                                             feature_rates, spearman, win_tie_loss)
 from rlhb_cli.models.classifier import BehaviorClassifier
 from rlhb_cli.models.discriminator import Discriminator
 from rlhb_cli.models.generation import generate_responses
-from rlhb_cli.models.load import load_causal_lm, policy_source
+from rlhb_cli.models.card import GOLD_JUDGES, write_stage_cards
+from rlhb_cli.models.load import load_causal_lm, load_tokenizer, policy_source
 from rlhb_cli.prompts import PromptFormat, policy_meta
 from rlhb_cli.registry import POLICY_STAGES
 from rlhb_cli.rl.sources import RewardModelSource
@@ -77,10 +80,14 @@ class EvaluateConfig:
     judge_model: str = field("gpt-4o", help="Model name sent to --judge-url.")
     judge_key_env: str = field("RLHB_JUDGE_API_KEY", help="Environment variable holding the endpoint's API key.")
     judge_requests_per_minute: float = field(60.0, help="Rate limit of calls to --judge-url.")
+    sealed_rows: int = field(4000, help="Logged answers of the sealed split (whole queries, a seeded draw; 0: all) "
+                                        "that each judge orders against their users' behaviour (gold-free trust).")
+    referee: bool = field(True, help="Score the policies' answers to sealed queries with a referee trained on the "
+                                     "sealed logs alone (cross-fitted; evaluation/referee.py).")
 
     def __post_init__(self):
-        if self.max_queries < 0 or self.perplexity_rows < 0:
-            raise ValueError("max_queries and perplexity_rows must be >= 0")
+        if self.max_queries < 0 or self.perplexity_rows < 0 or self.sealed_rows < 0:
+            raise ValueError("max_queries, perplexity_rows and sealed_rows must be >= 0")
         if self.query_set not in QUERY_SETS:
             raise ValueError(f"query_set must be one of {', '.join(QUERY_SETS)}, got {self.query_set!r}")
         if self.samples < 0 or self.max_new_tokens < 1 or self.temperature <= 0:
@@ -228,7 +235,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     started = time.perf_counter()
     seed_everything(config.seed)
     run_dir = stage.dir.parent
-    data, spec, template = load_prepared(run_dir, stage)
+    data, spec, template = load_prepared(run_dir, stage, sealed=True)
     best = template.most_preferred(spec)
     judges = Judges(run_dir, stage, best, config)
     query_sets = _queries(config, run_dir, data, judges.gold)
@@ -329,11 +336,32 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             low, high = bootstrap_interval(values, config.bootstrap_samples, config.seed)
             references[key] = {"mean": round(float(values.mean()), 4), "ci95": [round(low, 4), round(high, 4)]}
     summary = _summarise(config, scores, health, queries, query_sets, judges, names, references, draw_variances)
+    rows_of_sealed = sealed_rows(test["query"], config.sealed_rows, config.seed)  # gold-free: judges against behaviour
+    sealed = test.select(rows_of_sealed)
+    summary["judge_ordering"] = judge_ordering(
+        sealed["query"], sealed["response"], sealed["source_line"],
+        {t: sealed[t] for t in TARGETS}, {n: f for n, f in judges.scorers.items() if n not in judges.greedy_only},
+        config.bootstrap_samples, config.seed) | {"gold_judges": [j for j in GOLD_JUDGES if j in judges.scorers]}
+    summary["sealed"] = sealed_status(run_dir, SEALED, "evaluate")
+    if config.referee:
+        decoding = "sampled" if config.samples else "greedy"
+        answers: dict[str, tuple[list, list]] = {n: ([], []) for n in names}  # each policy's answers to sealed queries
+        for r in rows:
+            if r["decoding"] == decoding and r["query_set"] == "test":
+                answers[r["policy"]][0].append(r["query"])
+                answers[r["policy"]][1].append(r["response"])
+        summary["referee"] = cross_fitted_referee({k: sealed[k] for k in ("query", "response", "shaped_reward")}, answers,
+                                                  config.baseline, config.bootstrap_samples, config.seed) | {"decoding": decoding}
     stage.write_json("summary_detail.json", summary)
+    for name in names:  # the run's evaluated policies carry their figures in their model cards
+        if (run_dir / name / "policy").is_dir() and distributed.is_main_process():
+            write_stage_cards(run_dir / name, lambda folder: load_tokenizer(folder, []),
+                              summary["scores"][name].get("sampled") or summary["scores"][name].get("greedy"))
     storage.atomic_write_text(stage.dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     _print_table(Console(), summary, names)
     return {"headline": summary["headline"], "queries": len(queries),
             "query_sets": {s: list(query_sets.values()).count(s) for s in set(query_sets.values())},
+            "sealed_split_unseen": summary["sealed"]["unseen"],
             "policies": names, "skipped_policies": skipped, "perplexity_rows": len(real_rows), "judges": list(judges.scorers),
             **({"chat_judge": {"endpoint": judges.chat.endpoint, "model": config.judge_model, "calls": judges.chat.calls,
                                "cache_hits": judges.chat.cache_hits, "unparsed_replies": judges.chat.unparsed}}

@@ -132,6 +132,40 @@ def two_golds(evaluations: list[dict]) -> list[str]:
     return lines
 
 
+def gold_free_trust(evaluation: dict) -> list[str]:
+    """The judges against their users' behaviour on the sealed split: the figures a run without gold has."""
+    ordering, sealed = evaluation.get("judge_ordering"), evaluation.get("sealed")
+    if not ordering:
+        return []
+    unseen = ("no training stage read it" if sealed["unseen"] and not sealed["unrecorded"] else
+              f"read by training stages: {', '.join(sealed['read_by_training'])}" if sealed["read_by_training"] else
+              f"stages made before reads were recorded: {', '.join(sealed['unrecorded'])}")
+    lines = ["", "## Gold-free: do the judges order real answers as their users did? (first run dir)", "",
+             f"Sealed split ({unseen}): {ordering['answers']} logged answers, {ordering['queries_with_pairs']} "
+             "queries with two or more. Share of same-query pairs a judge orders as the behaviour does (0.5: "
+             "chance), and Spearman within query; mean [95% CI] over queries. Length and position are trivial "
+             "judges: a trained judge is worth trusting only as far as it beats them. Gold judges (the simulator's) "
+             "are a reference, not gold-free.", "",
+             "| judge | kind | pairs right, shaped reward | pairs right, likes | Spearman, shaped reward |",
+             "|---|---|---|---|---|"]
+    for name, entry in ordering["judges"].items():
+        kind = ("gold (simulator)" if name in ordering.get("gold_judges", []) else
+                "trivial baseline" if name in ordering["baselines"] else "gold-free")
+        cells = [_fmt(entry["shaped_reward"].get("pairwise_accuracy")), _fmt(entry["likes"].get("pairwise_accuracy")),
+                 _fmt(entry["shaped_reward"].get("spearman"))]
+        lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
+    referee = evaluation.get("referee") or {}
+    if referee.get("policies"):
+        lines += ["", f"Referee ({referee['method']}; trained on the sealed logs alone, never in training): it orders "
+                  f"held-out logged answers as their users did in {_fmt(referee['agreement'].get('pairwise_accuracy'))} "
+                  f"of same-query pairs (0.5: chance); its scores of each policy's {referee['decoding']} answers to "
+                  f"sealed queries are worth that much.", "", "| policy | referee score | gain over the baseline |",
+                  "|---|---|---|"]
+        for name, entry in referee["policies"].items():
+            lines.append(f"| {name} | {_fmt(entry)} | {_fmt(entry.get('gain_over_baseline'))} |")
+    return lines
+
+
 def draw_curves(curves: dict, window: int, out: Path) -> bool:
     # deferred: matplotlib loads only when a plot is drawn
     import matplotlib
@@ -269,6 +303,7 @@ def run(config: ReportConfig, stage: rundir.StageRun) -> dict:
                   "fixed: about what evaluating again with another `--seed` moves it by (the interval holds it "
                   "too). Where it is a large part of the gain, more `--samples` pay."]
     lines += two_golds(data["evaluations"])
+    lines += gold_free_trust(data["evaluations"][0])
     lines += ["", "## Training", ""]
     if has_curves:
         lines += ["![training curves](curves.png)", "", f"Thin lines: runs; thick: rolling mean over "

@@ -50,6 +50,8 @@ def run_figures(run_dir: Path, name: str, evaluation: dict | None) -> tuple[dict
     for key in ("return_curve_sd", "reward_curve_sd"):
         figures[f"{key}_matched"] = figures[key] * math.sqrt(responses) if figures[key] is not None and responses \
             else None
+    referee = (evaluation or {}).get("referee", {}).get("policies", {}).get(name, {})
+    figures["referee_gain"] = referee.get("gain_over_baseline", {}).get("mean")
     if evaluation and name in evaluation["scores"]:
         gold = evaluation["scores"][name]
         sampled, greedy = gold.get("sampled", {}).get("gold", {}), gold.get("greedy", {}).get("gold", {})
@@ -81,22 +83,30 @@ def collect_results(recipe: Recipe, out: Path, base_dir: Path) -> dict:
             if all(v is not None for v in values):
                 arms[arm.name][metric] = across_runs([float(v) for v in values])
     claims = [judge_claim(c, per_run, arms, recipe.seeds) for c in recipe.claims]
-    competence = None
+    competence, measured_on = None, "the annotators' order of the SFT policy's answers"
     if evaluation is not None:
         base_name = recipe.evaluate.get("baseline", "train-sft")
         competence = (evaluation.get("health", {}).get(base_name, {})
                       .get("reward_model_agreement_with_annotators", {}).get("pair_agreement"))
-        claims = [without_incompetent_rlhf(c, claim, recipe, competence) for c, claim in zip(claims, recipe.claims)]
+        reward_summary = base_dir / "train-reward" / rundir.SUMMARY
+        if competence is None and reward_summary.exists():  # real logs: no annotators' gold, only held-out pairs
+            competence = rundir.read_json(reward_summary).get("val_pairwise_accuracy")
+            measured_on = "its held-out preference pairs"  # e.g. vote-ranked answers
+        claims = [without_incompetent_rlhf(c, claim, recipe, competence, measured_on)
+                  for c, claim in zip(claims, recipe.claims)]
     baseline, references = None, {}
     if evaluation is not None:
         base_name = recipe.evaluate.get("baseline", "train-sft")
-        baseline = {d: evaluation["scores"][base_name][d]["gold"] for d in evaluation["scores"][base_name]}
-        references = {name: {d: evaluation["scores"][name][d]["gold"] for d in evaluation["scores"][name]}
+        baseline = {d: evaluation["scores"][base_name][d]["gold"] for d in evaluation["scores"][base_name]
+                    if "gold" in evaluation["scores"][base_name][d]} or None  # None: real logs, no gold
+        references = {name: {d: evaluation["scores"][name][d]["gold"] for d in evaluation["scores"][name]
+                             if "gold" in evaluation["scores"][name][d]}
                       for name in recipe.evaluate.get("references", []) if name in evaluation["scores"]}
     return {"recipe": str(recipe.path), "base": str(recipe.base_path), "scale": recipe.scale, "seeds": recipe.seeds,
             "run_dir": str(out), "base_run_dir": str(base_dir), "git_commit": rundir.git_commit(),
             "versions": rundir.library_versions(), "arms": arms, "per_run": per_run, "claims": claims,
             "baseline_gold": baseline, "rlhf_reward_model_competence": competence, "references_gold": references,
+            "referee_agreement": (evaluation or {}).get("referee", {}).get("agreement"),
             "curves": {a: [[{k: r.get(k) for k in CURVE_KEYS if k in r} | {"step": r.get("step")}
                                                      for r in rows] for rows in runs] for a, runs in curves.items()}}
 
@@ -107,7 +117,8 @@ def collect_results(recipe: Recipe, out: Path, base_dir: Path) -> dict:
 RLHF_COMPETENCE = 0.65
 
 
-def without_incompetent_rlhf(result: dict, claim, recipe: Recipe, competence: float | None) -> dict:
+def without_incompetent_rlhf(result: dict, claim, recipe: Recipe, competence: float | None,
+                             measured_on: str = "the annotators' order of the SFT policy's answers") -> dict:
     """A claim against RLHF is "not measured" when RLHF's reward model is not competent: beating or nearing a
     policy trained on a reward below chance says nothing about annotated preferences."""
     rlhf = {a.name for a in recipe.arms if a.command == "train-rlhf"}
@@ -116,7 +127,7 @@ def without_incompetent_rlhf(result: dict, claim, recipe: Recipe, competence: fl
         return result
     figure = "unmeasured" if competence is None else f"{competence:.0%}"
     return result | {"verdict": "not measured", "evidence": result["evidence"] + (
-        f"; RLHF's reward model orders the SFT policy's answers as the annotators do {figure} of the time "
+        f"; RLHF's reward model agrees with {measured_on} {figure} of the time "
         f"(needs {RLHF_COMPETENCE:.0%}): not a competent baseline")}
 
 
@@ -202,15 +213,15 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
               f"{', '.join(map(str, recipe.seeds))}; git commit {results['git_commit'] or 'unknown'}. "
               f"Reproduce: `rlhb experiment run {recipe.path} --scale {recipe.scale}`.", "",
               "Every figure is the mean over seeds with a 95% t-interval across seeds (the RL stage's seed; the "
-              "base, i.e. the simulated logs, SFT policy and judges, is trained once).", ""]
+              "base, i.e. the logs, SFT policy and judges, is trained once).", ""]
     if recipe.notes:
         lines += [recipe.notes, ""]
     lines += ["## Claims", "", "| claim | the paper | our rule | ours | verdict |", "|---|---|---|---|---|"]
     for c in results["claims"]:
         lines.append(f"| {c['claim']} | {c['paper']} | {c['rule']} ({c['metric']}) | {c['evidence']} | "
                      f"**{c['verdict']}** |")
-    shown = [m for m in ("gold_gain", "gold_gain_greedy", "win_minus_loss", "reward_final", "return_curve_sd",
-                         "disc_score_generated_final", "kl_final", "seconds")
+    shown = [m for m in ("gold_gain", "gold_gain_greedy", "referee_gain", "win_minus_loss", "reward_final",
+                         "return_curve_sd", "disc_score_generated_final", "kl_final", "seconds")
              if any(m in a for a in results["arms"].values())]
     lines += ["", "## Arms", "", "| arm | stage | options | " + " | ".join(shown) + " |",
               "|---|---|---|" + "---|" * len(shown)]
@@ -219,6 +230,10 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
         lines.append(f"| {name} | {arm['stage']} | {options} | " + " | ".join(
             _seconds(arm.get(m)) if m == "seconds" else _cell(arm.get(m)) for m in shown) + " |")
     lines += ["", "What the columns are: " + "; ".join(f"{m}: {METRICS[m]}" for m in shown) + ".", ""]
+    if results.get("referee_agreement"):
+        lines += ["Referee (gold-free): it orders held-out logged answers to sealed queries as their users did in "
+                  f"{_cell(results['referee_agreement'].get('pairwise_accuracy'))} of same-query pairs (0.5: chance); "
+                  "referee_gain is worth that much.", ""]
     if results.get("baseline_gold"):
         lines += ["SFT baseline's gold score: " + ", ".join(f"{d} {_cell(e)}" for d, e in
                                                             results["baseline_gold"].items()) +

@@ -13,7 +13,9 @@ from rlhb_cli.evaluation.report import across_runs
 GOLD_METRICS = {"gold_gain": "gold gain over SFT, sampled answers",
                 "gold_gain_greedy": "gold gain over SFT, greedy answers",
                 "win_minus_loss": "win rate minus loss rate against SFT, sampled answers",
-                "annotator_gain": "the annotators' gold gain over SFT, sampled answers (the paper's raters' analog)"}
+                "annotator_gain": "the annotators' gold gain over SFT, sampled answers (the paper's raters' analog)",
+                "referee_gain": "gold-free: the referee's gain over SFT on sealed queries, sampled answers (a judge "
+                                "learned on the sealed logs alone; its agreement with behaviour is in the results)"}
 TRAINING_METRICS = {"reward_final": "reward of its own source, mean of the last iterations",
                     "return_final": "mean return, last iterations",
                     "return_curve_sd": "standard deviation of the mean return around its 5-iteration rolling mean",

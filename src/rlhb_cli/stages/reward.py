@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 from rlhb_cli import distributed, rundir, storage
-from rlhb_cli.behaviors.prepare import split_queries
+from rlhb_cli.behaviors.prepare import sealed_queries, split_queries
 from rlhb_cli.config import field
 from rlhb_cli.distributed import param_count, seed_everything
 from rlhb_cli.errors import RlhbError
@@ -76,7 +76,7 @@ def read_pairs(path: Path) -> tuple[list[dict], list[dict], int]:
         if problem:
             rejected.append({"line": number, "field": None, "reason": problem})
             continue
-        good.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+        good.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"], "line": number})
     return good, rejected, seen
 
 
@@ -106,7 +106,15 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
         pairs_path = simulated / "preferences.jsonl"
     stage.add_input("pairs", pairs_path)
     pairs, rejected, seen = read_pairs(pairs_path)
-    storage.atomic_write_text(stage.dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
+    sealed = sealed_queries(run_dir)  # pairs about the sealed split's queries would let RLHF see them
+    stage.manifest["splits_read"] = []  # none of the logs' splits: its own pairs, less those of sealed queries
+    if sealed:
+        stage.add_upstream("prepare-behaviors")
+    left_out = [p for p in pairs if p["prompt"] in sealed]
+    pairs = [p for p in pairs if p["prompt"] not in sealed]
+    ledger = rejected + [{"line": p["line"], "field": "prompt", "reason": "a sealed test query (left out, so that "
+                          "evaluation on it stays unseen)"} for p in left_out]
+    storage.atomic_write_text(stage.dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in ledger))
     if seen == 0:
         raise RlhbError(f"{pairs_path}: empty file, no pairs")
     if len(rejected) / seen > config.max_reject_ratio:
@@ -140,10 +148,20 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
         save_total_limit=1, seed=config.seed, data_seed=config.seed, max_length=config.max_length,
         center_rewards_coefficient=None,
     )
-    metrics = MetricsLog(stage.dir / "metrics.jsonl")
-    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
-                            train_dataset=datasets.Dataset.from_dict(as_texts(train)),
-                            eval_dataset=datasets.Dataset.from_dict(as_texts(validation)),
+    truncated = [0]
+
+    def as_ids(rows) -> "datasets.Dataset":
+        """Token ids cut to max_length with their closing token kept: trl would drop a longer pair unsaid."""
+        out = {}
+        for side, texts in as_texts(rows).items():
+            ids = tokenizer([t + tokenizer.eos_token for t in texts])["input_ids"]
+            truncated[0] += sum(len(i) > config.max_length for i in ids)
+            out[f"{side}_ids"] = [i if len(i) <= config.max_length else i[:config.max_length - 1] + i[-1:] for i in ids]
+        return datasets.Dataset.from_dict(out)
+
+    metrics = MetricsLog(stage.dir / "metrics.jsonl", stage.trackers)
+    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=as_ids(train),
+                            eval_dataset=as_ids(validation),
                             callbacks=[trainer_callback(stage, metrics, STAGE)])
     trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=trainer_resume_point(stage, metrics))
@@ -167,6 +185,8 @@ def run(config: RewardConfig, stage: rundir.StageRun) -> dict:
         "train_loss": mean_train_loss(trainer),
         "pairs_in": seen,
         "pairs_rejected": len(rejected),
+        "pairs_sealed": len(left_out),
+        "answers_truncated": truncated[0],  # answers (with their query) cut to --max-length tokens, not dropped
         "pairs_train": len(train),
         "pairs_validation": len(validation),
         "backbone": config.backbone,
