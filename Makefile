@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 # CPU build on this machine; on a GPU machine: make setup TORCH_SPEC="torch==<version>" (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-deepspeed smollm2 pretrained demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch sharper-logs minilm-judge half-the-oracle
+.PHONY: setup test test-deepspeed smollm2 pretrained real-stackexchange demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch sharper-logs minilm-judge half-the-oracle
 
 setup: $(STAMP)
 
@@ -60,11 +60,20 @@ paper: $(PAPER)
 pretrained: smollm2
 	$(BIN)/rlhb experiment run experiments/$@.yaml --scale $(SCALE)
 
+# Real behaviour logs end to end, judged without gold (issue 26): the cardano Stack Exchange dump in ../shared/data
+# imported (again: the same dump gives the same bytes, so nothing downstream reruns), then the recipe.
+REAL_DATA = experiments/runs/data
+real-stackexchange: $(if $(filter small,$(SCALE)),smollm2,setup)
+	$(BIN)/rlhb import stackexchange ../shared/data/stackexchange-cardano --out $(REAL_DATA)/stackexchange-cardano.jsonl \
+		--pairs $(REAL_DATA)/stackexchange-cardano.pairs.jsonl
+	$(BIN)/rlhb experiment run experiments/$@.yaml --scale $(SCALE)
+
 bench: setup
 	$(BIN)/python benchmarks/bench_prepare.py
 	$(BIN)/python benchmarks/bench_rl.py
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_smollm2.py
+	$(BIN)/python benchmarks/bench_import.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SHARED_DATA
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.experiments.plan import plan
 from rlhb_cli.experiments.recipe import Claim, load_recipe
@@ -17,6 +17,7 @@ from rlhb_cli.experiments.verdicts import judge_claim
 EXPERIMENTS = ROOT / "experiments"
 RECIPES = ("paper-q1", "paper-q2", "ablation-bootstrap", "ablation-rollouts", "ablation-batch", "sharper-logs",
            "minilm-judge", "half-the-oracle", "pretrained")
+REAL_RECIPES = ("real-stackexchange",)  # on imported logs: `make real-stackexchange` imports them first
 VERDICTS = {"reproduced", "not reproduced", "direction only", "contradicted", "not measured"}
 
 
@@ -27,7 +28,7 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", RECIPES + REAL_RECIPES)
 def test_every_recipe_is_valid_at_both_scales(name):
     for scale in ("small", "tiny"):
         recipe = load_recipe(EXPERIMENTS / f"{name}.yaml", scale)
@@ -242,8 +243,33 @@ def test_a_claim_against_an_incompetent_rlhf_is_not_measured():
     against_rlhf, against_rlhbc = recipe.claims[0], next(c for c in recipe.claims if c.check.get("than") == "rlhbc")
     verdict = {"verdict": "reproduced", "evidence": "e"}
     assert without_incompetent_rlhf(verdict, against_rlhf, recipe, 0.45)["verdict"] == "not measured"
-    assert "orders the SFT policy's answers as the annotators do 45%" in \
+    assert "agrees with the annotators' order of the SFT policy's answers 45%" in \
         without_incompetent_rlhf(verdict, against_rlhf, recipe, 0.45)["evidence"]
     assert without_incompetent_rlhf(verdict, against_rlhf, recipe, None)["verdict"] == "not measured"
     assert without_incompetent_rlhf(verdict, against_rlhf, recipe, 0.7) == verdict
     assert without_incompetent_rlhf(verdict, against_rlhbc, recipe, 0.45) == verdict
+
+
+def test_the_real_data_recipe_runs_gold_free_at_tiny_scale(cli, tmp_path):
+    """Stack Exchange votes end to end without a simulator: imported, prepared with a sealed split, RLHF on
+    vote-ranked pairs, RLHBC, RLHB; claims judged on the referee's gain, its agreement printed beside them."""
+    data = tmp_path / "data"
+    cli("import", "stackexchange", SHARED_DATA / "stackexchange-cardano", "--out", data / "se.jsonl",
+        "--pairs", data / "se.pairs.jsonl")
+    base = (EXPERIMENTS / "base-real-stackexchange.yaml").read_text()
+    base = base.replace("experiments/runs/data/stackexchange-cardano.jsonl", str(data / "se.jsonl"))
+    (tmp_path / "base-real-stackexchange.yaml").write_text(
+        base.replace("experiments/runs/data/stackexchange-cardano.pairs.jsonl", str(data / "se.pairs.jsonl")))
+    recipe = tmp_path / "real-stackexchange.yaml"
+    recipe.write_text((EXPERIMENTS / "real-stackexchange.yaml").read_text())
+    out = tmp_path / "runs" / "real"
+    cli("experiment", "run", recipe, "--scale", "tiny", "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    assert [c["verdict"] in VERDICTS for c in results["claims"]] == [True, True]
+    assert results["baseline_gold"] is None and "pairwise_accuracy" in results["referee_agreement"]
+    for arm in ("rlhf", "rlhbc", "rlhb"):
+        assert all(results["per_run"][arm][s]["referee_gain"] is not None for s in ("0", "1"))
+    detail = json.loads((out / "evaluate" / "summary_detail.json").read_text())
+    assert "gold" not in detail["judge_ordering"]["judges"] and detail["sealed"]["unseen"]
+    assert "referee_gain" in (out / "results.md").read_text()
+    assert "## Gold-free" in (out / "report" / "report.md").read_text()

@@ -95,11 +95,11 @@ def test_stackexchange_rows_it_cannot_use_are_counted_with_their_reason(cli, tmp
     summary = json.loads((tmp_path / "se.jsonl.manifest.json").read_text())["summary"]
     ledger = read_jsonl(tmp_path / "se.jsonl.rejected.jsonl")
     assert [(r["where"], r["reason"], r["kind"]) for r in ledger] == [
-        ("Votes.xml row 2", "a vote without PostId", "rejected"),
-        ("Posts.xml row 3 (Id 2)", "post Id 2 appears again (the first one is kept)", "duplicate"),
-        ("Posts.xml row 4 (Id 3)", "Score 'many' is not a whole number", "rejected"),
-        ("Posts.xml row 5 (Id 4)", "ViewCount 'lots' is not a whole number", "rejected"),
-        ("Posts.xml row 6", "Id '' is not a post id", "rejected"),
+        ("dump/Votes.xml row 2", "a vote without PostId", "rejected"),
+        ("dump/Posts.xml row 3 (Id 2)", "post Id 2 appears again (the first one is kept)", "duplicate"),
+        ("dump/Posts.xml row 4 (Id 3)", "Score 'many' is not a whole number", "rejected"),
+        ("dump/Posts.xml row 5 (Id 4)", "ViewCount 'lots' is not a whole number", "rejected"),
+        ("dump/Posts.xml row 6", "Id '' is not a post id", "rejected"),
     ]
     # every post is a question, an answer written out, or in the ledger: in = kept + rejected + duplicate
     assert summary["posts_in"] == summary["questions"] + summary["answers"] + 4 == 6
@@ -144,3 +144,35 @@ def test_oasst_trees_that_cannot_be_read_whole_are_counted_with_their_reason(cli
     ]
     summary = json.loads((tmp_path / "o.jsonl.manifest.json").read_text())["summary"]
     assert summary["trees"] == 2 and summary["rejected"] == 3 and len(read_jsonl(tmp_path / "o.jsonl")) == 2
+
+
+def test_several_dumps_make_one_log_with_their_sites_and_filters_are_counted(cli, tmp_path):
+    other = tmp_path / "stackexchange-other"
+    other.symlink_to(SE, target_is_directory=True)  # a second site (the same files, another name)
+    out = tmp_path / "both.jsonl"
+    cli("import", "stackexchange", SE, other, "--out", out, "--pairs", tmp_path / "pairs.jsonl")
+    rows = read_jsonl(out)
+    summary = json.loads((tmp_path / "both.jsonl.manifest.json").read_text())["summary"]
+    assert summary["sites"] == ["cardano", "other"] and summary["answers"] == len(rows) == 2 * 1496
+    assert sorted({r["site"] for r in rows}) == ["cardano", "other"]
+    assert all(r["user_id"].startswith(r["site"] + ":") for r in rows if "user_id" in r)
+    assert summary["pairs"] == len(read_jsonl(tmp_path / "pairs.jsonl")) > 600  # each site its own pairs
+    manifest = json.loads((tmp_path / "both.jsonl.manifest.json").read_text())
+    assert {"cardano/Posts.xml", "other/Votes.xml"} <= set(manifest["inputs"])
+
+    views = sorted(r["pv"] for r in rows if r["site"] == "cardano")
+    created = {r.attrib["Id"]: r.attrib["CreationDate"] for r in ET.parse(SE / "Posts.xml").getroot()}
+    filtered = tmp_path / "filtered.jsonl"
+    cli("import", "stackexchange", SE, "--out", filtered, "--min-views", 114, "--since", "2021-10-01")
+    kept = read_jsonl(filtered)
+    summary = json.loads((tmp_path / "filtered.jsonl.manifest.json").read_text())["summary"]
+    assert all(r["pv"] >= 114 and created[r["answer_id"]] >= "2021-10-01" for r in kept)
+    assert summary["filtered_min_views"] == sum(v < 114 for v in views) > 0
+    assert len(kept) + summary["filtered_min_views"] + summary["filtered_since"] == 1496
+    assert summary["filtered_since"] == sum(1 for r in rows if r["site"] == "cardano" and r["pv"] >= 114
+                                            and created[r["answer_id"]] < "2021-10-01") > 0
+
+    bad = cli("import", "stackexchange", SE, "--out", tmp_path / "x.jsonl", "--since", "last week", ok=False)
+    assert bad.exit_code == 2 and "--since 'last week': give a date as YYYY-MM-DD" in bad.output
+    twice = cli("import", "stackexchange", SE, SE, "--out", tmp_path / "y.jsonl", ok=False)
+    assert twice.exit_code == 2 and "two dumps of one site" in twice.output

@@ -14,12 +14,14 @@ such signal). Both can write the preference pairs they imply.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterator, Optional
@@ -104,95 +106,164 @@ def _whole(row: dict, name: str) -> int:
     return int(value)
 
 
-def import_stackexchange(dump: Path, out, pairs_out=None, ledger: ImportLedger | None = None) -> dict:
-    """Write one log row per answer to `out` (a text stream); return counts. Rows that cannot be used
-    (a vote without a post, a count that is no number, a post id seen before) go to `ledger`."""
-    dump = Path(dump)
+def site_of(dump: Path) -> str:
+    """A dump's site name: its folder's name less a leading "stackexchange-" (cardano for stackexchange-cardano)."""
+    name = Path(os.path.abspath(dump)).name  # not resolved: a linked folder is named by its link
+    return name[len("stackexchange-"):] if name.startswith("stackexchange-") else name
+
+
+def parse_since(value: str | None) -> str | None:
+    """--since YYYY-MM-DD (or a full ISO time) -> the ISO prefix dumps' CreationDate compares with as text."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value).isoformat(timespec="milliseconds")
+    except ValueError:
+        raise RlhbError(f"--since {value!r}: give a date as YYYY-MM-DD (or YYYY-MM-DDTHH:MM:SS)") from None
+
+
+def _counts_table(db: sqlite3.Connection, table: str, rows: Iterator[tuple[int, dict]], where_file: str,
+                  ledger: ImportLedger, column_of) -> int:
+    """Count per post, into SQLite (memory stays bounded), the rows for which `column_of(row)` names a column
+    (up / down for votes, n for comments); returns the rows read."""
+    db.execute(f"CREATE TABLE {table} (post INTEGER PRIMARY KEY, up INTEGER DEFAULT 0, down INTEGER DEFAULT 0, "
+               f"n INTEGER DEFAULT 0)")
+    batches: dict[str, list[tuple[int]]] = defaultdict(list)
+
+    def flush(column: str) -> None:
+        db.executemany(f"INSERT INTO {table} (post, {column}) VALUES (?, 1) ON CONFLICT(post) DO UPDATE SET "
+                       f"{column} = {column} + 1", batches.pop(column, []))
+
+    read = 0
+    for number, row in rows:
+        read += 1
+        column = column_of(row)
+        if column is None:
+            continue
+        post = (row.get("PostId") or "").strip()
+        if not post.isdigit():
+            what = "vote" if table == "votes" else "comment"
+            ledger.reject(f"{where_file} row {number}", f"a {what} without PostId" if not post
+                          else f"a {what} whose PostId {post[:40]!r} is not a post id")
+            continue
+        batches[column].append((int(post),))
+        if len(batches[column]) >= 50_000:
+            flush(column)
+    for column in list(batches):
+        flush(column)
+    return read
+
+
+def import_stackexchange(dumps, out, pairs_out=None, ledger: ImportLedger | None = None, min_views: int = 0,
+                         since: str | None = None) -> dict:
+    """Write one log row per answer of each dump to `out` (a text stream), each with its `site`; return
+    counts. Rows that cannot be used (a vote without a post, a count that is no number, a post id seen
+    before) go to `ledger`; answers under --min-views or older than --since are counted as filtered. Votes,
+    comments and posts are held in a temporary SQLite file, so memory stays bounded whatever the dumps' size."""
+    dumps = [Path(d) for d in ([dumps] if isinstance(dumps, (str, Path)) else dumps)]
     ledger = ledger if ledger is not None else ImportLedger()
-    if not dump.is_dir():
-        raise RlhbError(f"{dump}: not a folder (a Stack Exchange dump folder holds Posts.xml, Votes.xml, Comments.xml)")
-    up, down, comments = defaultdict(int), defaultdict(int), defaultdict(int)
-    votes = 0
-    for number, row in _rows(dump / "Votes.xml"):
-        votes += 1
-        kind, post = row.get("VoteTypeId"), row.get("PostId")
-        if kind in ("2", "3") and not post:
-            ledger.reject(f"Votes.xml row {number}", "a vote without PostId")
-        elif kind == "2":
-            up[post] += 1
-        elif kind == "3":
-            down[post] += 1
-    comments_path = dump / "Comments.xml"
-    if comments_path.exists():
-        for number, row in _rows(comments_path):
-            if row.get("PostId"):
-                comments[row["PostId"]] += 1
-            else:
-                ledger.reject(f"Comments.xml row {number}", "a comment without PostId")
-    counts = {"questions": 0, "answers": 0, "answers_without_question": 0, "pairs": 0, "score_mismatches": 0,
-              "posts_in": 0}
-    with tempfile.TemporaryDirectory() as tmp:
-        db = sqlite3.connect(Path(tmp) / "posts.sqlite")
-        db.execute("CREATE TABLE q (id TEXT PRIMARY KEY, query TEXT, views INTEGER, accepted TEXT)")
-        db.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, parent TEXT, body TEXT, score INTEGER, owner TEXT)")
-        seen: set[str] = set()
-        for number, row in _rows(dump / "Posts.xml"):
-            counts["posts_in"] += 1
-            where = f"Posts.xml row {number}" + (f" (Id {row['Id'][:20]})" if row.get("Id") else "")
-            kind, post_id = row.get("PostTypeId"), (row.get("Id") or "").strip()
-            if kind not in ("1", "2"):
-                continue  # wiki, tag excerpts and the like: not questions or answers (counted in posts_in)
-            if not post_id.isdigit():
-                ledger.reject(where, f"Id {post_id[:40]!r} is not a post id")
-                continue
-            if post_id in seen:
-                ledger.reject(where, f"post Id {post_id} appears again (the first one is kept)", "duplicate")
-                continue
-            try:
-                if kind == "1":
-                    query = (row.get("Title", "").strip() + "\n\n" + html_to_text(row.get("Body", ""))).strip()
-                    db.execute("INSERT INTO q VALUES (?, ?, ?, ?)",
-                               (post_id, query, _whole(row, "ViewCount"), row.get("AcceptedAnswerId")))
-                    counts["questions"] += 1
-                else:
-                    db.execute("INSERT INTO a VALUES (?, ?, ?, ?, ?)", (int(post_id), row.get("ParentId"),
-                               html_to_text(row.get("Body", "")), _whole(row, "Score"), row.get("OwnerUserId")))
-            except ValueError as exc:
-                ledger.reject(where, str(exc))
-                continue
-            seen.add(post_id)
-        db.commit()
-        counts["answers_without_question"] = db.execute(
-            "SELECT COUNT(*) FROM a LEFT JOIN q ON a.parent = q.id WHERE q.id IS NULL").fetchone()[0]
-        by_question: dict[str, list[tuple[int, str]]] = defaultdict(list)
-        cursor = db.execute("SELECT a.id, a.parent, a.body, a.score, a.owner, q.query, q.views, q.accepted "
-                            "FROM a JOIN q ON a.parent = q.id ORDER BY a.id")
-        for answer_id, parent, body, score, owner, query, views, accepted in cursor:
-            likes, dislikes = up[str(answer_id)], down[str(answer_id)]
-            counts["score_mismatches"] += int(likes - dislikes != score)
-            record = {"query": query, "response": body, "pv": views, "clicks": comments[str(answer_id)],
-                      "likes": likes, "dislikes": dislikes, "accepted": int(accepted == str(answer_id)),
-                      "score": score, "question_id": parent, "answer_id": str(answer_id)}
-            if owner is not None:
-                record["user_id"] = owner
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            counts["answers"] += 1
-            if pairs_out is not None:
-                by_question[parent].append((score, body, query))
-        db.close()
-    if pairs_out is not None:
-        for answers in by_question.values():
-            for i, (score_i, body_i, query) in enumerate(answers):
-                for score_j, body_j, _ in answers[i + 1:]:
-                    if score_i == score_j:
-                        continue
-                    chosen, rejected = (body_i, body_j) if score_i > score_j else (body_j, body_i)
-                    pairs_out.write(json.dumps({"prompt": query, "chosen": chosen, "rejected": rejected,
-                                                "margin": abs(score_i - score_j)}, ensure_ascii=False) + "\n")
-                    counts["pairs"] += 1
-    counts["votes_in"] = votes
+    counts = {"sites": [], "questions": 0, "answers": 0, "answers_without_question": 0, "pairs": 0,
+              "score_mismatches": 0, "posts_in": 0, "votes_in": 0, "filtered_min_views": 0, "filtered_since": 0}
+    for dump in dumps:
+        if not dump.is_dir():
+            raise RlhbError(f"{dump}: not a folder (a Stack Exchange dump folder holds Posts.xml, Votes.xml, "
+                            f"Comments.xml)")
+    sites = [site_of(d) for d in dumps]
+    if len(set(sites)) < len(sites):
+        raise RlhbError(f"{', '.join(map(str, dumps))}: two dumps of one site ({sites}); give each site once")
+    for dump, site in zip(dumps, sites):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = sqlite3.connect(Path(tmp) / "posts.sqlite")
+            _import_site(db, dump, site, out, pairs_out, ledger, counts, min_views, since)
+            db.close()
+        counts["sites"].append(site)
     counts["rejected"], counts["duplicate"] = ledger.count("rejected"), ledger.count("duplicate")
     return counts
+
+
+def _import_site(db, dump: Path, site: str, out, pairs_out, ledger: ImportLedger, counts: dict, min_views: int,
+                 since: str | None) -> None:
+    prefix = f"{dump.name}/"
+    counts["votes_in"] += _counts_table(db, "votes", _rows(dump / "Votes.xml"), prefix + "Votes.xml", ledger,
+                                        lambda row: {"2": "up", "3": "down"}.get(row.get("VoteTypeId")))
+    comments_path = dump / "Comments.xml"
+    _counts_table(db, "comments", _rows(comments_path) if comments_path.exists() else iter(()),
+                  prefix + "Comments.xml", ledger, lambda row: "n")
+    db.execute("CREATE TABLE ids (id INTEGER PRIMARY KEY)")  # every post id seen: a second one is a duplicate
+    db.execute("CREATE TABLE q (id TEXT PRIMARY KEY, query TEXT, views INTEGER, accepted TEXT)")
+    db.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, parent TEXT, body TEXT, score INTEGER, owner TEXT, "
+               "created TEXT)")
+    for number, row in _rows(dump / "Posts.xml"):
+        counts["posts_in"] += 1
+        where = f"{prefix}Posts.xml row {number}" + (f" (Id {row['Id'][:20]})" if row.get("Id") else "")
+        kind, post_id = row.get("PostTypeId"), (row.get("Id") or "").strip()
+        if kind not in ("1", "2"):
+            continue  # wiki, tag excerpts and the like: not questions or answers (counted in posts_in)
+        if not post_id.isdigit():
+            ledger.reject(where, f"Id {post_id[:40]!r} is not a post id")
+            continue
+        if db.execute("SELECT 1 FROM ids WHERE id = ?", (int(post_id),)).fetchone():
+            ledger.reject(where, f"post Id {post_id} appears again (the first one is kept)", "duplicate")
+            continue
+        try:
+            if kind == "1":
+                query = (row.get("Title", "").strip() + "\n\n" + html_to_text(row.get("Body", ""))).strip()
+                db.execute("INSERT INTO q VALUES (?, ?, ?, ?)",
+                           (post_id, query, _whole(row, "ViewCount"), row.get("AcceptedAnswerId")))
+                counts["questions"] += 1
+            else:
+                db.execute("INSERT INTO a VALUES (?, ?, ?, ?, ?, ?)", (int(post_id), row.get("ParentId"),
+                           html_to_text(row.get("Body", "")), _whole(row, "Score"), row.get("OwnerUserId"),
+                           row.get("CreationDate") or ""))
+        except ValueError as exc:
+            ledger.reject(where, str(exc))
+            continue
+        db.execute("INSERT INTO ids VALUES (?)", (int(post_id),))
+    db.commit()
+    counts["answers_without_question"] += db.execute(
+        "SELECT COUNT(*) FROM a LEFT JOIN q ON a.parent = q.id WHERE q.id IS NULL").fetchone()[0]
+    cursor = db.execute(
+        "SELECT a.id, a.parent, a.body, a.score, a.owner, a.created, q.query, q.views, q.accepted, "
+        "COALESCE(v.up, 0), COALESCE(v.down, 0), COALESCE(c.n, 0) FROM a JOIN q ON a.parent = q.id "
+        "LEFT JOIN votes v ON v.post = a.id LEFT JOIN comments c ON c.post = a.id ORDER BY a.parent, a.id")
+    group: list[tuple[int, str, str]] = []  # one question's answers, for its pairs: the cursor is by question
+    parent_of_group = None
+    for answer_id, parent, body, score, owner, created, query, views, accepted, likes, dislikes, n_comments in cursor:
+        if views < min_views:
+            counts["filtered_min_views"] += 1
+            continue
+        if since is not None and created[:len(since)] < since:
+            counts["filtered_since"] += 1
+            continue
+        counts["score_mismatches"] += int(likes - dislikes != score)
+        record = {"query": query, "response": body, "pv": views, "clicks": n_comments, "likes": likes,
+                  "dislikes": dislikes, "accepted": int(accepted == str(answer_id)), "score": score,
+                  "site": site, "question_id": parent, "answer_id": str(answer_id)}
+        if owner is not None:
+            record["user_id"] = f"{site}:{owner}"  # an account is one site's: the same number elsewhere is another person
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        counts["answers"] += 1
+        if pairs_out is not None:
+            if parent != parent_of_group:
+                counts["pairs"] += _write_pairs(group, pairs_out)
+                group, parent_of_group = [], parent
+            group.append((score, body, query))
+    if pairs_out is not None:
+        counts["pairs"] += _write_pairs(group, pairs_out)
+
+
+def _write_pairs(answers: list[tuple[int, str, str]], pairs_out) -> int:
+    """Every two answers of one question with different scores, the higher chosen; returns how many."""
+    written = 0
+    for i, (score_i, body_i, query) in enumerate(answers):
+        for score_j, body_j, _ in answers[i + 1:]:
+            if score_i == score_j:
+                continue
+            chosen, rejected = (body_i, body_j) if score_i > score_j else (body_j, body_i)
+            pairs_out.write(json.dumps({"prompt": query, "chosen": chosen, "rejected": rejected,
+                                        "margin": abs(score_i - score_j)}, ensure_ascii=False) + "\n")
+            written += 1
+    return written
 
 
 def _conversation(turns: list[tuple[str, str]]) -> str:
@@ -303,15 +374,22 @@ def import_oasst(path: Path, out, pairs_out=None, ledger: ImportLedger | None = 
 class ImportConfig:
     """What an import read and wrote (its manifest's config)."""
 
-    source: str
+    source: list[str]
     out: str
     pairs: Optional[str]
+    min_views: int = 0
+    since: Optional[str] = None
 
 
-def import_logs(kind: str, source: Path, out: Path, pairs: Path | None) -> tuple[dict, Path, int]:
-    """`rlhb import KIND`: the dump at `source` into the log file `out` (and preference `pairs`), with its
+def import_logs(kind: str, sources, out: Path, pairs: Path | None, min_views: int = 0,
+                since: str | None = None) -> tuple[dict, Path, int]:
+    """`rlhb import KIND`: the dump(s) at `sources` into the log file `out` (and preference `pairs`), with its
     manifest and rejects ledger beside it, written whole or not at all; (counts, ledger path, rows rejected)."""
-    config = ImportConfig(str(source), str(out), str(pairs) if pairs else None)
+    sources = [Path(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)]
+    if kind != "stackexchange" and (len(sources) != 1 or min_views or since):
+        raise RlhbError(f"import {kind}: one file at a time, without --min-views or --since (Stack Exchange's)")
+    since_iso = parse_since(since)
+    config = ImportConfig([str(p) for p in sources], str(out), str(pairs) if pairs else None, min_views, since)
     out.parent.mkdir(parents=True, exist_ok=True)
     with rundir.open_stage(out.parent, f"import-{kind}", config, None, manifest_name=f"{out.name}.manifest.json") as stage:
         tmp_out = out.with_name(f".{out.name}.tmp")
@@ -322,13 +400,15 @@ def import_logs(kind: str, source: Path, out: Path, pairs: Path | None) -> tuple
             with open(tmp_out, "w", encoding="utf-8") as handle, \
                     (open(tmp_pairs, "w", encoding="utf-8") if tmp_pairs else nullcontext()) as pairs_handle:
                 if kind == "stackexchange":
-                    counts = import_stackexchange(source, handle, pairs_handle, ledger)
-                    for name in ("Posts.xml", "Votes.xml", "Comments.xml"):
-                        if (source / name).exists():
-                            stage.add_input(name, source / name)
+                    counts = import_stackexchange(sources, handle, pairs_handle, ledger, min_views, since_iso)
+                    for source in sources:
+                        for name in ("Posts.xml", "Votes.xml", "Comments.xml"):
+                            if (source / name).exists():
+                                stage.add_input(name if len(sources) == 1 else f"{site_of(source)}/{name}",
+                                                source / name)
                 else:
-                    counts = import_oasst(source, handle, pairs_handle, ledger)
-                    stage.add_input("trees", source)
+                    counts = import_oasst(sources[0], handle, pairs_handle, ledger)
+                    stage.add_input("trees", sources[0])
             storage.atomic_write_text(rejects, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ledger.rows))
             tmp_out.replace(out)
             if tmp_pairs:
