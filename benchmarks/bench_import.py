@@ -52,10 +52,13 @@ def child(phase: str, dump: Path, out: Path) -> None:
     started = time.perf_counter()
     if phase == "read":
         import xml.etree.ElementTree as ET
-        for name in FILES:
-            for _, element in ET.iterparse(dump / name, events=("end",)):
-                if element.tag == "row":
-                    element.clear()
+        for name in FILES:  # the import's own streaming, doing nothing with the rows
+            root = None
+            for event, element in ET.iterparse(dump / name, events=("start", "end")):
+                if root is None:
+                    root = element
+                elif event == "end" and element.tag == "row":
+                    root.clear()
         result = {}
     else:
         from rlhb_cli.behaviors.importers import import_logs

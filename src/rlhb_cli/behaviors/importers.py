@@ -69,18 +69,21 @@ def html_to_text(html: str) -> str:
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """Stream the <row .../> elements of a Stack Exchange XML file (with their ordinal), freeing each once read."""
+    """Stream the <row .../> elements of a Stack Exchange XML file (with their ordinal), each dropped from the tree
+    once read: the root is emptied as it goes, so memory does not grow with the file."""
     if not path.exists():
         raise RlhbError(f"{path}: no such file (a Stack Exchange dump folder holds Posts.xml, Votes.xml, Comments.xml)")
     if path.is_dir():
         raise RlhbError(f"{path}: is a directory, not a Stack Exchange XML file")
-    number = 0
+    number, root = 0, None
     try:
-        for _, element in ET.iterparse(path, events=("end",)):
-            if element.tag == "row":
+        for event, element in ET.iterparse(path, events=("start", "end")):
+            if root is None:
+                root = element
+            elif event == "end" and element.tag == "row":
                 number += 1
-                yield number, element.attrib
-                element.clear()
+                yield number, dict(element.attrib)
+                root.clear()  # the rows read so far, cleared or not, would otherwise stay the root's children
     except ET.ParseError as exc:
         raise RlhbError(f"{path}:{exc.position[0]}: not well-formed XML ({exc})") from None
 
