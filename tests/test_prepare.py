@@ -169,6 +169,49 @@ def test_hostile_json_lines_are_rejected_with_their_reason(cli, tmp_path, line, 
     assert [(r["line"], r["reason"]) for r in rejected if r["kind"] == "rejected"] == [(13, reason)]
 
 
+def _depth_by_every_byte(data: bytes, limit: int) -> bool:
+    """The reader's earlier nesting check, kept as the reference: a running count over every byte."""
+    depth = 0
+    for byte in data:
+        depth += (byte in b"[{") - (byte in b"]}")
+        if depth > limit:
+            return True
+    return False
+
+
+def test_the_nesting_check_agrees_with_a_count_over_every_byte():
+    import random
+
+    from rlhb_cli.behaviors.read import _may_nest_deeper
+    rng = random.Random(0)
+    for trial in range(300):
+        data = bytes(rng.choice(b'[]{}"ab\n') for _ in range(rng.randint(0, 400)))
+        limit = rng.randint(0, 12)
+        assert _may_nest_deeper(data, limit) == _depth_by_every_byte(data, limit), (trial, data, limit)
+
+
+def test_repeated_rows_are_found_as_the_exact_key_comparison_finds_them():
+    """The row hash only picks candidates: the first occurrence of every row equals the exact dictionary fold's
+    (the earlier implementation) over all usable rows, nulls and texts that differ by one character included."""
+    import numpy as np
+
+    from rlhb_cli.behaviors.validate import _first_by_codes, _first_occurrence
+    rng = np.random.default_rng(0)
+    n = 5000
+    query = pa.array([None if v == 0 else f"q{v}" for v in rng.integers(0, 40, n)], pa.string())
+    response = pa.array([f"answer {v}" if v % 7 else f"answer {v} " for v in rng.integers(0, 30, n)], pa.string())
+    window = pa.chunked_array([pa.array([None if v == 0 else str(v) for v in rng.integers(0, 3, n)], pa.string())])
+    usable = rng.random(n) > 0.2
+    got = _first_occurrence([query, response, window], usable)
+    rows = np.flatnonzero(usable)
+    want = np.arange(n)
+    want[rows] = rows[_first_by_codes([c.take(pa.array(rows)) for c in (query, response, window)])]
+    assert (got == want).all() and (got[usable] != np.flatnonzero(usable)).sum() > 500
+    assert (_first_occurrence([response], np.zeros(n, dtype=bool)) == np.arange(n)).all()
+    distinct = pa.array([f"row {i}" for i in range(n)], pa.string())
+    assert (_first_occurrence([distinct], np.ones(n, dtype=bool)) == np.arange(n)).all()
+
+
 def test_parquet_types_are_read_or_refused_per_row(cli, tmp_path):
     from decimal import Decimal
     import datetime

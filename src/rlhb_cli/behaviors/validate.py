@@ -205,10 +205,38 @@ def _blank(column: pa.Array) -> np.ndarray:
 def _first_occurrence(key_columns: list, usable: np.ndarray) -> np.ndarray:
     """For each row, the index of the first usable row with the same key (itself if it is the first).
 
-    Each key column is dictionary-encoded to integers and the codes folded into one integer key; a
-    stable sort then groups equal keys with the earliest row first. No Python loop over rows.
+    A 64-bit hash of each row's key (polars, multi-threaded) finds the few rows that may repeat another;
+    only those are compared exactly (`_first_by_codes`), so a log of distinct rows is never
+    dictionary-encoded whole. No Python loop over rows.
     """
+    # deferred: polars (0.2 s to import) is needed by prepare-behaviors only
+    import polars
+
     n = len(usable)
+    first = np.arange(n)
+    rows = np.flatnonzero(usable)
+    if len(rows) < 2:
+        return first
+    keys = polars.from_arrow(pa.table({str(i): column for i, column in enumerate(key_columns)}))
+    hashes = keys.hash_rows(seed=0).to_numpy()[rows]
+    order = np.argsort(hashes, kind="stable")
+    same = hashes[order[1:]] == hashes[order[:-1]]
+    if not same.any():
+        return first
+    maybe = np.zeros(len(rows), dtype=bool)
+    maybe[order[1:][same]] = True
+    maybe[order[:-1][same]] = True
+    candidates = rows[maybe]
+    picked = pa.array(candidates)
+    first[candidates] = candidates[_first_by_codes([column.take(picked) for column in key_columns])]
+    return first
+
+
+def _first_by_codes(key_columns: list) -> np.ndarray:
+    """For each row, the index of the first row with the same key, exactly: each key column is dictionary-
+    encoded to integers and the codes folded into one integer key; a stable sort then groups equal keys
+    with the earliest row first."""
+    n = len(key_columns[0])
     combined = np.zeros(n, dtype=np.int64)
     span = 1
     for column in key_columns:
@@ -220,13 +248,11 @@ def _first_occurrence(key_columns: list, usable: np.ndarray) -> np.ndarray:
             span = int(combined.max()) + 1
         combined = combined * size + codes
         span *= size
-    rows = np.flatnonzero(usable)
-    order = rows[np.argsort(combined[rows], kind="stable")]
+    order = np.argsort(combined, kind="stable")
     keys = combined[order]
-    starts = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(order) else np.zeros(0, dtype=bool)
-    group_first = order[starts][np.cumsum(starts) - 1]
-    first = np.arange(n)
-    first[order] = group_first
+    starts = np.concatenate([[True], keys[1:] != keys[:-1]])
+    first = np.empty(n, dtype=np.int64)
+    first[order] = order[starts][np.cumsum(starts) - 1]
     return first
 
 
