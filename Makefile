@@ -72,7 +72,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_prepare.py
 	$(BIN)/python benchmarks/bench_rl.py
 	$(BIN)/python benchmarks/bench_memory.py
-	$(BIN)/python benchmarks/bench_smollm2.py
+	$(BIN)/python benchmarks/bench_smollm2.py --scaling
 	$(BIN)/python benchmarks/bench_import.py
 
 clean:

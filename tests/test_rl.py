@@ -423,3 +423,35 @@ def test_group_baseline_pays_answers_against_their_siblings_and_leaves_the_probe
     for row in rows:  # each prompt's answers are paid their difference: the paid rewards sum to zero
         assert abs(row["objective/paid_mean"]) < 1e-6 and abs(row["objective/reward_mean"]) > 1e-4
         assert "probe/reward_mean" in row  # 7 greedy answers, one per query: nothing to group
+
+
+def test_packed_generation_multiplies_as_the_plain_layers_and_puts_them_back(run, cli):
+    """--packed-generation: every linear layer through oneDNN's packed product, equal to the plain one up to
+    float rounding, the model's own layers back afterwards (also on an error), refused off float32 weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhb_cli.errors import RlhbError
+    from rlhb_cli.models.generation import HFGenerator, check_packing, packed_linears
+    policy = run / "train-sft" / "policy"
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    ids = torch.randint(5, 300, (3, 7))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with packed_linears(model, 3):
+            assert all("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
+            packed = model(input_ids=ids).logits
+        with pytest.raises(KeyError), packed_linears(model, 3):
+            raise KeyError("inside")
+        again = model(input_ids=ids).logits
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
+    assert torch.equal(again, plain)
+    generator = HFGenerator(tokenizer, 6, 1.0, packed=True)
+    out = generator.generate(model, ids, torch.ones_like(ids), greedy=True)
+    assert out.shape[0] == 3 and 1 <= out.shape[1] <= 6
+    with pytest.raises(RlhbError, match="float32"):
+        check_packing(model.to(torch.bfloat16))
+    cli("train-rlhb", "--run-dir", run, "--iterations", 1, *RL, "--packed-generation")
+    assert read_jsonl(run / "train-rlhb" / "metrics.jsonl")[0]["gen/length"] > 0
+

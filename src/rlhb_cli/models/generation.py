@@ -8,6 +8,7 @@ Every policy stage writes `policy.json` beside its weights: its prompt condition
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -30,13 +31,48 @@ def response_mask(responses: torch.Tensor, eos_token_id: int, pad_token_id: int)
     return truncated, mask, lengths, ended
 
 
+def check_packing(model) -> None:
+    """Refuse `--packed-generation` where it cannot run: oneDNN's CPU kernels on float32 weights only."""
+    weight = next(model.parameters())
+    if not torch.backends.mkldnn.is_available() or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        raise RlhbError(f"--packed-generation runs on a CPU with oneDNN and float32 weights; here the weights are "
+                        f"{weight.dtype} on {weight.device} (oneDNN available: {torch.backends.mkldnn.is_available()})")
+
+
+@contextlib.contextmanager
+def packed_linears(model, rows: int):
+    """Every linear layer of `model` through oneDNN's matrix product on weights reordered once for `rows` rows,
+    for as long as the block runs. Decoding multiplies a few rows by every weight matrix at every token, where
+    the plain kernel reads the weights slowly (measured in benchmarks/bench_smollm2.py); the packed one gives
+    the same products up to float rounding. The weights must not change inside the block."""
+    patched = []
+    try:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_size=rows)
+                bias = None if module.bias is None else module.bias.detach()
+
+                def forward(x, packed=packed, bias=bias):
+                    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+                patched.append((module, module.__dict__.get("forward")))
+                module.forward = forward
+        yield
+    finally:
+        for module, own in patched:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+
 class HFGenerator:
     """Generation behind one interface (a faster backend such as vLLM would implement `generate` alike)."""
 
-    def __init__(self, tokenizer, max_new_tokens: int, temperature: float):
+    def __init__(self, tokenizer, max_new_tokens: int, temperature: float, packed: bool = False):
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
+        self.packed = packed
 
     @torch.no_grad()
     def generate(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool = False) -> torch.Tensor:
@@ -46,7 +82,8 @@ class HFGenerator:
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         was_training = model.training
         model.eval()
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        with packed_linears(model, len(prompt_ids)) if self.packed else contextlib.nullcontext():
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
         model.train(was_training)
         return out[:, prompt_ids.shape[1]:]
 
@@ -59,12 +96,14 @@ class HFGenerator:
 
 
 def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, greedy: bool, seed: int,
-                       temperature: float = 1.0, batch_size: int = 32) -> list[dict]:
+                       temperature: float = 1.0, batch_size: int = 32, packed: bool = False) -> list[dict]:
     """Responses to `prompts` (greedy, or sampled from a seeded generator): text, token count, ended with EOS."""
     if tokenizer.eos_token_id is None:
         raise RlhbError("the policy's tokenizer has no EOS token")
     tokenizer.padding_side = "left"
-    generator = HFGenerator(tokenizer, max_new_tokens, temperature)
+    if packed:
+        check_packing(model)
+    generator = HFGenerator(tokenizer, max_new_tokens, temperature, packed)
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     out = []
