@@ -53,7 +53,15 @@ def test_oasst_gives_one_row_per_assistant_reply(cli, tmp_path):
     assert len(rows) == expected == 687
     assert all(r["pv"] >= r["likes"] + r["dislikes"] for r in rows)
     assert any("Assistant: " in r["query"] for r in rows)  # multi-turn prompts carry the conversation
-    assert len(read_jsonl(pairs)) > 0
+
+    def messages(message):
+        return 1 + sum(messages(r) for r in message.get("replies", []))
+    summary = json.loads((tmp_path / "oa.jsonl.manifest.json").read_text())["summary"]
+    assert summary["messages"] == sum(messages(json.loads(line)["prompt"]) for line in OASST.read_text().splitlines())
+    assert summary["trees"] == 100
+    from rlhb_cli.stages.dpo import read_pairs
+    turns, broken = read_pairs(pairs)  # the pairs as conversations, as train-dpo reads them
+    assert turns and not broken and sum(len(p["messages"]) > 1 for p in turns) > 0
     run_dir = tmp_path / "run"
     cli("prepare-behaviors", out, "--run-dir", run_dir)
     summary = json.loads((run_dir / "prepare-behaviors" / "summary.json").read_text())
@@ -132,7 +140,7 @@ def test_oasst_trees_that_cannot_be_read_whole_are_counted_with_their_reason(cli
     level = '{"message_id": "m", "role": "prompter", "text": "x", "replies": ['
     deep = level * 3000 + '{"text": "leaf"}' + "]}" * 3000  # deeper than Python's JSON reader recurses
     lines = [json.dumps(OA_TREE), json.dumps(tree(emojis={"+1": "many"})), json.dumps(tree(replies="none")),
-             json.dumps({**OA_TREE, "message_id": "p2"}), deep]
+             json.dumps({**OA_TREE, "message_id": "p2"}), deep, json.dumps(tree(role=None))]
     path = tmp_path / "oa.jsonl"
     path.write_text("\n".join(lines) + "\n")
     cli("import", "oasst", path, "--out", tmp_path / "o.jsonl")
@@ -141,9 +149,10 @@ def test_oasst_trees_that_cannot_be_read_whole_are_counted_with_their_reason(cli
         ("line 2", "message a: reaction '+1' is 'many', not a count"),
         ("line 3", "message a: field 'replies' is not a list of messages"),
         ("line 5", "nested deeper than a JSON reader may go"),
+        ("line 6", "message a: field 'role' is None, neither prompter nor assistant"),
     ]
     summary = json.loads((tmp_path / "o.jsonl.manifest.json").read_text())["summary"]
-    assert summary["trees"] == 2 and summary["rejected"] == 3 and len(read_jsonl(tmp_path / "o.jsonl")) == 2
+    assert summary["trees"] == 2 and summary["rejected"] == 4 and len(read_jsonl(tmp_path / "o.jsonl")) == 2
 
 
 def test_several_dumps_make_one_log_with_their_sites_and_filters_are_counted(cli, tmp_path):

@@ -455,3 +455,47 @@ def test_packed_generation_multiplies_as_the_plain_layers_and_puts_them_back(run
     cli("train-rlhb", "--run-dir", run, "--iterations", 1, *RL, "--packed-generation")
     assert read_jsonl(run / "train-rlhb" / "metrics.jsonl")[0]["gen/length"] > 0
 
+
+def test_dpo_on_the_preference_tree_widens_the_margin_and_rejects_broken_pairs(run, cli):
+    """ALOE's stage on the tiny policy: the DPO loss falls and the validation pairs' chosen-over-rejected
+    margin rises; a pairs file with broken rows has each one written down with its line and reason."""
+    cli("simulate-conversations", "--run-dir", run, "--personas", 200, "--eval-personas", 20, "--conversations", 150,
+        "--turns", 3)
+    cli("train-dpo", "--run-dir", run, "--epochs", 2, "--batch-size", 16)
+    summary = summary_of(run, "train-dpo")
+    losses = [r["loss/train"] for r in read_jsonl(run / "train-dpo" / "metrics.jsonl") if "loss/train" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    before, after = summary["validation_before"], summary["validation_after"]
+    assert after["rewards/margins"] > before["rewards/margins"] + 0.05
+    assert after["loss"] < before["loss"]
+    assert summary["pairs_rejected"] == 0 and summary["train_pairs"] + summary["validation_pairs"] == summary["pairs_read"]
+    meta = json.loads((run / "train-dpo" / "policy" / "policy.json").read_text())
+    assert meta["condition"] == "none" and meta["conversation"]
+
+    good = read_jsonl(run / "simulate-conversations" / "preference_tree.jsonl")[:40]
+    broken = [{"messages": [{"content": "hi"}], "chosen": "a", "rejected": "b"},
+              {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}], "chosen": "a",
+               "rejected": "b"},
+              {"messages": [{"role": "user", "content": "q"}], "chosen": "same", "rejected": "same"}]
+    pairs = run / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in good[:20] + broken + good[20:]) + "{not json\n")
+    result = cli("train-dpo", "--run-dir", run, "--pairs", pairs, "--epochs", 1, "--batch-size", 8, "--force")
+    rejected = read_jsonl(run / "train-dpo" / "rejected.jsonl")
+    assert [r["line"] for r in rejected] == [21, 22, 23, 44]
+    assert "turn 1 has no role" in rejected[0]["reason"] and "last turn is not the user's" in rejected[1]["reason"]
+    assert "the same reply" in rejected[2]["reason"] and "not JSON" in rejected[3]["reason"]
+    assert summary_of(run, "train-dpo")["pairs_rejected"] == 4, result.output
+    cli("evaluate-personalization", "--run-dir", run, "--instances", 12, "--turns", 3, "--policies", "train-sft",
+        "--policies", "train-dpo", "--bootstrap-samples", 200)
+    figures = json.loads((run / "evaluate-personalization" / "personalization.json").read_text())
+    assert list(figures) == ["average-user reply", "train-sft", "train-dpo"]
+    for row in figures.values():
+        assert len(row["AL"]) == 3 and all(0 <= a <= 100 for a in row["AL"])
+        assert row["IR_interval"][0] <= row["IR"] <= row["IR_interval"][1]
+    assert (run / "evaluate-personalization" / "al_curves.png").stat().st_size > 0
+    talks = read_jsonl(run / "evaluate-personalization" / "conversations.jsonl")
+    by_policy = {name: [t for t in talks if t["policy"] == name] for name in figures}
+    openings = {name: [(t["persona"], t["turns"][0]["user"]) for t in rows] for name, rows in by_policy.items()}
+    assert openings["train-sft"] == openings["train-dpo"] == openings["average-user reply"]  # the same instances
+    later = {name: [t["turns"][1]["user"] for t in rows] for name, rows in by_policy.items()}
+    assert later["average-user reply"] != later["train-sft"]  # the user answered to what each policy said

@@ -1,4 +1,4 @@
-"""The one place that turns (query, behaviour text) into model inputs.
+"""The one place that turns (query, behaviour text), or a conversation so far, into model inputs.
 
 The generator learns `PromptFormat.prompt(query, behaviour)` in SFT and is asked the same way in RL and
 evaluation, with the most preferred behaviour as the condition (every aligner by default, so they differ
@@ -80,6 +80,22 @@ class PromptFormat:
         if self.kind == "plain":
             return generator_prompt(query, behavior_text)
         return self.tokenizer.apply_chat_template(chat_messages(query, behavior_text), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def conversation_prompt(self, messages: list[dict], behavior_text: str | None = None) -> str:
+        """The prompt for the next reply of a conversation (its turns so far, the user's last): in the plain
+        format each earlier turn as Question / Answer lines, so that a one-message conversation is exactly
+        `prompt(query, behavior_text)`; in the chat format the template's own turns under the condition."""
+        if not messages or messages[-1]["role"] != "user":
+            raise RlhbError("a conversation's prompt ends with the user's message")
+        if self.kind == "plain":
+            earlier = [f"{'Question' if m['role'] == 'user' else 'Answer'}: "
+                       f"{_clip(m['content'], MAX_QUERY_CHARS if m['role'] == 'user' else MAX_RESPONSE_CHARS)}"
+                       for m in messages[:-1]]
+            return "\n".join(earlier + [generator_prompt(messages[-1]["content"], behavior_text)])
+        turns = chat_messages(messages[-1]["content"], behavior_text)
+        history = [{"role": m["role"], "content": _clip(m["content"], MAX_RESPONSE_CHARS)} for m in messages[:-1]]
+        return self.tokenizer.apply_chat_template(turns[:-1] + history + turns[-1:], tokenize=False,
                                                   add_generation_prompt=True)
 
     def completion(self, response: str) -> str:

@@ -54,6 +54,11 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               "rlhb_cli.simulator.simulate:SimulateConfig", "rlhb_cli.simulator.simulate:run",
               writes=("logs.jsonl", "preferences.jsonl", "environment.json"),
               headline=("rows", "impressions", "bayes_ceiling_auc", "most_preferred_share")),
+    StageSpec("simulate-conversations", "Simulate personas in multi-turn conversations: per-turn behaviour, implicit "
+              "remarks, and ALOE's preference tree.", "rlhb_cli.simulator.conversations:ConversationsConfig",
+              "rlhb_cli.simulator.conversations:run",
+              writes=("personas.jsonl", "conversations.jsonl", "preference_tree.jsonl"),
+              headline=("personas", "conversations", "pairs", "ties", "remarks", "seconds"), in_default_plan=False),
     StageSpec("prepare-behaviors", "Validate, anonymise, bin and describe behaviour logs; split by query; save the "
               "data set.", "rlhb_cli.behaviors.prepare:PrepareConfig", "rlhb_cli.behaviors.prepare:run",
               reads=("simulate-logs",), writes=("dataset/", "bins.json", "behavior.json", "rejected.jsonl"),
@@ -97,11 +102,21 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("train-ppo", "PPO on your own reward source (--reward-source package.module:callable).",
               "rlhb_cli.rl.aligners:CustomPPOConfig", f"{_RL}:run_custom", reads=("train-sft",), writes=_RL_WRITES,
               headline=_RL_HEADLINE, policy=True, aligner=True, renamable=True, in_default_plan=False),
+    StageSpec("train-dpo", "ALOE's stage: DPO on preferred and rejected replies at each turn of a conversation "
+              "(trl DPOTrainer).", "rlhb_cli.stages.dpo:DPOStageConfig", "rlhb_cli.stages.dpo:run",
+              reads=("simulate-conversations", "train-sft"), writes=("policy/", "metrics.jsonl", "rejected.jsonl"),
+              headline=("train_pairs", "pairs_rejected", "validation_before", "validation_after", "seconds"),
+              policy=True, renamable=True, in_default_plan=False),
     StageSpec("evaluate", "Which policy do users like better? Held-out responses of every policy, judged by gold "
               "(simulated logs) and the run's judges.", "rlhb_cli.evaluation.evaluate:EvaluateConfig",
               "rlhb_cli.evaluation.evaluate:run", reads=("prepare-behaviors",),
               writes=("summary.json", "summary_detail.json", "results.jsonl"),
               headline=("headline", "queries", "seconds"), renamable=True),
+    StageSpec("evaluate-personalization", "ALOE's benchmark: held-out personas talk with every policy over K turns; "
+              "AL(k), IR, N-IR and N-R2 of each.", "rlhb_cli.evaluation.personalization:PersonalizationConfig",
+              "rlhb_cli.evaluation.personalization:run", reads=("simulate-conversations",),
+              writes=("personalization.json", "conversations.jsonl", "al_curves.png"),
+              headline=("instances", "turns", "policies", "seconds"), in_default_plan=False),
     StageSpec("report", "A Markdown report with plots: did RLHB beat RLHF and RLHBC, and was training stable?",
               "rlhb_cli.evaluation.report:ReportConfig", "rlhb_cli.evaluation.report:run", reads=("evaluate",),
               writes=("report.md", "curves.png", "win_tie_loss.png"), headline=("report", "runs"), always_rerun=True),

@@ -288,21 +288,28 @@ def _reaction(emojis: dict, name: str, message_id) -> int:
 
 
 def import_oasst(path: Path, out, pairs_out=None, ledger: ImportLedger | None = None) -> dict:
-    """One log row per assistant reply of OpenAssistant trees (tree or nested-message JSONL). A tree that
-    cannot be read whole (replies that are no list, a reaction that is no count, nesting too deep) goes to
-    `ledger` with its line; a file that is not UTF-8 JSON lines is refused in one line."""
+    """One log row per assistant reply of OpenAssistant trees (tree or nested-message JSONL), every message
+    counted; pairs of ranked sibling replies with their conversation as text and as turns (`messages`, what
+    train-dpo reads). A tree that cannot be read whole (replies that are no list, a message without a role,
+    a reaction that is no count, nesting too deep) goes to `ledger` with its line; a file that is not UTF-8
+    JSON lines is refused in one line. (Nested trees cannot hold a missing parent or a cycle.)"""
     path = Path(path)
     ledger = ledger if ledger is not None else ImportLedger()
     if not path.exists():
         raise RlhbError(f"{path}: no such file")
     if path.is_dir():
         raise RlhbError(f"{path}: is a directory; give the trees' .jsonl file")
-    counts = {"trees": 0, "assistant_replies": 0, "pairs": 0}
+    counts = {"trees": 0, "messages": 0, "assistant_replies": 0, "pairs": 0}
 
-    def walk(message: dict, history: list[tuple[str, str]], rows: list[dict], pairs: list[dict]) -> None:
+    def walk(message: dict, history: list[tuple[str, str]], rows: list[dict], pairs: list[dict]) -> int:
+        """The messages of the tree below `message`, itself included, its rows and pairs appended."""
         if not isinstance(message.get("text", ""), str):
             raise _BadTree(f"message {message.get('message_id')}: field 'text' is not text")
-        turns = history + [(message.get("role", ""), message.get("text", ""))]
+        if message.get("role") not in ("prompter", "assistant"):
+            raise _BadTree(f"message {message.get('message_id')}: field 'role' is {message.get('role')!r}, neither "
+                           f"prompter nor assistant")
+        turns = history + [(message["role"], message.get("text", ""))]
+        seen = 1
         replies = message.get("replies") or []
         if not isinstance(replies, list) or not all(isinstance(r, dict) for r in replies):
             raise _BadTree(f"message {message.get('message_id')}: field 'replies' is not a list of messages")
@@ -325,12 +332,15 @@ def import_oasst(path: Path, out, pairs_out=None, ledger: ImportLedger | None = 
                 })
                 if isinstance(reply.get("rank"), (int, float)) and not isinstance(reply.get("rank"), bool):
                     ranked.append((reply["rank"], reply.get("text", "")))
-            walk(reply, turns, rows, pairs)
+            seen += walk(reply, turns, rows, pairs)
         ranked.sort(key=lambda r: r[0])
+        messages = [{"role": "user" if role == "prompter" else "assistant", "content": text} for role, text in turns]
         for i, (rank_i, text_i) in enumerate(ranked):
             for rank_j, text_j in ranked[i + 1:]:
-                if rank_i < rank_j:
-                    pairs.append({"prompt": _conversation(turns), "chosen": text_i, "rejected": text_j})
+                if rank_i < rank_j:  # the conversation as turns too: train-dpo reads `messages`
+                    pairs.append({"prompt": _conversation(turns), "messages": messages, "chosen": text_i,
+                                  "rejected": text_j})
+        return seen
 
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -354,7 +364,7 @@ def import_oasst(path: Path, out, pairs_out=None, ledger: ImportLedger | None = 
             rows: list[dict] = []
             pairs: list[dict] = []
             try:
-                walk(root, [], rows, pairs)
+                messages = walk(root, [], rows, pairs)
             except _BadTree as exc:
                 ledger.reject(f"line {number}", str(exc))
                 continue
@@ -362,6 +372,7 @@ def import_oasst(path: Path, out, pairs_out=None, ledger: ImportLedger | None = 
                 ledger.reject(f"line {number}", "a conversation nested deeper than can be walked")
                 continue
             counts["trees"] += 1
+            counts["messages"] += messages
             counts["assistant_replies"] += len(rows)
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")

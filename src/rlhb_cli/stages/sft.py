@@ -121,6 +121,10 @@ def trainer_callback(stage: rundir.StageRun, metrics: MetricsLog, name: str = ST
             if "eval_loss" in logs:
                 row["eval/loss"] = logs["eval_loss"]
                 row["eval/perplexity"] = math.exp(min(logs["eval_loss"], 50))
+            for key in ("rewards/margins", "rewards/accuracies"):  # a preference trainer's (train-dpo)
+                for prefix, name in (("", "dpo"), ("eval_", "eval/dpo")):
+                    if prefix + key in logs:
+                        row[f"{name}/{key.split('/')[1]}"] = logs[prefix + key]
             if len(row) > 2:
                 metrics.write(row)
             if self.task is not None and "loss" in logs:

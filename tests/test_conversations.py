@@ -1,0 +1,139 @@
+"""Personas and simulated multi-turn conversations (ALOE's data, issue 28): the diversity rule, reactions that
+follow the persona's gold utility, remarks that never name the persona, the preference tree's shape, and a
+conversation that answers to what the policy said."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+
+from rlhb_cli.simulator.attributes import FEATURES
+from rlhb_cli.simulator.conversations import REMARKS, World, converse, react, remark
+from rlhb_cli.simulator.personas import STYLE, describe, sample_personas, style_vector
+
+from conftest import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> tuple:
+    from typer.testing import CliRunner
+
+    from rlhb_cli.cli import app
+    run = tmp_path_factory.mktemp("conversations")
+    result = CliRunner().invoke(app, ["simulate-conversations", "--run-dir", str(run), "--personas", "1000",
+                                      "--eval-personas", "100", "--conversations", "200", "--turns", "5"])
+    assert result.exit_code == 0, result.output
+    folder = run / "simulate-conversations"
+    return (read_jsonl(folder / "personas.jsonl"), read_jsonl(folder / "conversations.jsonl"),
+            read_jsonl(folder / "preference_tree.jsonl"), json.loads((folder / "summary.json").read_text()))
+
+
+def test_a_thousand_personas_each_far_enough_from_every_other(simulated):
+    personas, conversations, _, summary = simulated
+    assert len(personas) == 1000 and sum(p["split"] == "eval" for p in personas) == 100
+    styles = np.array([style_vector(p["weights"]) for p in personas])
+    distances = np.sqrt(((styles[:, None] - styles[None]) ** 2).sum(-1))
+    assert distances[np.triu_indices(len(styles), 1)].min() >= 0.35
+    assert all(p["description"] == describe(p["weights"]) for p in personas)
+    held_out = {p["id"] for p in personas if p["split"] == "eval"}
+    assert not held_out & {c["user_id"] for c in conversations}  # held-out personas only meet the evaluation
+    assert summary["personas"] == 1000
+
+
+def test_the_rule_refuses_what_it_cannot_meet_and_a_seed_repeats_itself():
+    with pytest.raises(ValueError, match="lie 3.0 apart"):
+        sample_personas(np.random.default_rng(0), 200, 10, min_distance=3.0, max_draws=5)
+    first, second = (sample_personas(np.random.default_rng(7), 50, 5, 0.35) for _ in range(2))
+    assert [p.to_json() for p in first] == [p.to_json() for p in second]
+
+
+def test_no_text_the_policy_sees_holds_a_description_or_a_persona_name(simulated):
+    personas, conversations, tree, _ = simulated
+    descriptions = {p["description"] for p in personas}
+    phrases = {part.strip(" .") for d in descriptions for part in d.removeprefix("A user who ").split(" and ")
+               for part in part.split(", ")}
+    seen = [t[k] for c in conversations for t in c["turns"] for k in ("user", "reply")]
+    seen += [m["content"] for pair in tree for m in pair["messages"]] + [p[k] for p in tree for k in ("chosen", "rejected")]
+    for text in seen:
+        assert not any(d in text for d in descriptions)
+        assert not any(phrase in text for phrase in phrases if len(phrase) > 12), text
+        assert "persona" not in text.lower()
+    assert any(c["turns"][1]["user"] != c["turns"][1]["query"] for c in conversations)  # remarks were made
+
+
+def test_a_reply_the_persona_prefers_draws_more_likes_and_fewer_dislikes():
+    profile = sample_personas(np.random.default_rng(1), 5, 1, 0.35)[0]
+    persona = profile.user_model()
+    good = np.zeros(len(FEATURES))
+    good[FEATURES.index("correct")] = 1
+    bad = np.zeros(len(FEATURES))
+    bad[[FEATURES.index("wrong"), FEATURES.index("rude")]] = 1
+    rng = np.random.default_rng(0)
+    draws = {name: [react(rng, persona, features, "factual") for _ in range(3000)]
+             for name, features in (("good", good), ("bad", bad))}
+    share = {name: {k: np.mean([d[k] for d in rows]) for k in ("like", "dislike", "view")} for name, rows in draws.items()}
+    assert share["good"]["like"] > share["bad"]["like"] + 0.1
+    assert share["good"]["dislike"] < share["bad"]["dislike"]
+    assert all(d["like"] + d["dislike"] <= d["view"] for rows in draws.values() for d in rows)
+
+
+def test_remarks_follow_the_taste_without_naming_it():
+    rng = np.random.default_rng(0)
+    verbose = np.zeros(len(FEATURES))
+    verbose[[FEATURES.index("correct"), FEATURES.index("verbose")]] = 1
+    terse_lover = dict.fromkeys(FEATURES, 0.0) | {"verbose": -1.4}
+    detail_lover = dict.fromkeys(FEATURES, 0.0) | {"verbose": 0.9}
+    long_remarks = next(r[3] for r in REMARKS if r[0] == "verbose" and r[1])
+    assert remark(rng, terse_lover, verbose) in long_remarks
+    assert remark(rng, detail_lover, verbose) == ""
+    short = verbose.copy()
+    short[FEATURES.index("verbose")] = 0
+    assert remark(rng, detail_lover, short) in next(r[3] for r in REMARKS if r[0] == "verbose" and not r[1])
+
+
+def test_the_tree_continues_from_one_branch_and_keeps_the_other_as_rejected(simulated):
+    _, conversations, tree, summary = simulated
+    by_conversation = {c["conversation"]: c for c in conversations}
+    assert tree and summary["pairs"] == len(tree)
+    assert summary["pairs"] + summary["ties"] == summary["turns"]
+    for pair in tree:
+        assert pair["chosen"] != pair["rejected"] and pair["chosen_utility"] > pair["rejected_utility"]
+        turns = by_conversation[pair["conversation"]]["turns"]
+        shown = turns[pair["turn"] - 1]["reply"]
+        assert shown == pair[pair["continued"]]  # the branch taken is the reply the user reacted to
+        assert pair["messages"][-1] == {"role": "user", "content": turns[pair["turn"] - 1]["user"]}
+        for later in (p for p in tree if p["conversation"] == pair["conversation"] and p["turn"] > pair["turn"]):
+            # every later turn's history holds the branch taken at this turn, never the other
+            assert later["messages"][2 * (pair["turn"] - 1) + 1] == {"role": "assistant", "content": shown}
+    continued = {p["continued"] for p in tree}
+    assert continued == {"chosen", "rejected"}
+
+
+def test_the_user_answers_to_what_the_policy_said():
+    """Interactive: a wrong answer at turn 1 is asked again in other words at turn 2; a correct one moves on,
+    and the reactions differ."""
+    world = World(np.random.default_rng(0), 120, 6)
+    profile = sample_personas(np.random.default_rng(2), 5, 1, 0.35)[0]
+    factual = next(q for q in world.queries if q.intent == "factual" and len(world.by_item[q.item]) > 1)
+    world.queries = [factual]  # the conversation opens with this query
+
+    def policy(right: bool):
+        def reply(query, messages):
+            return query.answer_sentence if right else query.wrong_sentences[0]
+        return reply
+
+    turns = {right: converse(np.random.default_rng(3), world, profile, 2, 1.0, policy(right))[0]
+             for right in (True, False)}
+    assert turns[False][1]["asked_again"] and turns[False][1]["query"] != factual.text
+    assert world.by_item[factual.item] and any(q.text == turns[False][1]["query"] for q in world.by_item[factual.item])
+    assert not turns[True][1]["asked_again"]
+    assert turns[True][0]["utility"] > turns[False][0]["utility"]
+    assert turns[False][1]["user"] != turns[True][1]["user"]
+
+
+def test_style_is_what_personas_differ_on():
+    assert set(STYLE) <= set(FEATURES)
+    assert describe(dict.fromkeys(FEATURES, 0.0)).startswith("A user with no strong taste")
+    assert describe(dict.fromkeys(FEATURES, 0.0) | {"verbose": -1.0, "source": 1.0}) == (
+        "A user who wants short, to-the-point answers and wants to know where information comes from.")
