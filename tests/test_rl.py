@@ -471,6 +471,13 @@ def test_dpo_on_the_preference_tree_widens_the_margin_and_rejects_broken_pairs(r
     assert summary["pairs_rejected"] == 0 and summary["train_pairs"] + summary["validation_pairs"] == summary["pairs_read"]
     meta = json.loads((run / "train-dpo" / "policy" / "policy.json").read_text())
     assert meta["condition"] == "none" and meta["conversation"]
+    resumable = ["--stage-name", "dpo-resumed", "--epochs", 2, "--batch-size", 16, "--checkpoint-every", 5]
+    cli("train-dpo", "--run-dir", run, *resumable, "--stop-after-steps", 7)
+    assert json.loads((run / "dpo-resumed" / "manifest.json").read_text())["status"] == "stopped"
+    cli("train-dpo", "--run-dir", run, *resumable, "--resume")
+    resumed = summary_of(run, "dpo-resumed")
+    assert resumed["steps"] == summary["steps"]
+    assert resumed["validation_after"]["loss"] == pytest.approx(after["loss"], abs=1e-4)
 
     good = read_jsonl(run / "simulate-conversations" / "preference_tree.jsonl")[:40]
     broken = [{"messages": [{"content": "hi"}], "chosen": "a", "rejected": "b"},

@@ -105,8 +105,9 @@ def read_pairs(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def held_out(pair: dict, share: float, seed: int) -> bool:
-    """Whether a pair's conversation is in the validation share (by a hash, so a conversation stays whole)."""
-    key = f"{seed}:{pair.get('conversation', pair['line'])}".encode()
+    """Whether a pair's conversation is in the validation share, by a hash of its id or, without one (oasst's
+    pairs), of its opening message: a conversation's pairs stay on one side."""
+    key = f"{seed}:{pair.get('conversation') or pair['messages'][0]['content']}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2 ** 64 < share
 
 
