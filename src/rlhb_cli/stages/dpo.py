@@ -42,8 +42,9 @@ class DPOStageConfig:
                                              "or smollm2.")
     reference: str = field("", help="The reference policy of the DPO loss ('' : the starting policy, frozen).")
     beta: float = field(0.1, help="DPO's beta: how far the policy may move from the reference for a margin.")
-    sft_weight: float = field(0.0, help="Weight of the preferred reply's likelihood added to the DPO loss "
-                                        "(ALOE's SFT on preferred replies, in the same pass; 0: DPO alone).")
+    sft_weight: float = field(1.0, help="Weight of the preferred reply's likelihood added to the DPO loss "
+                                        "(ALOE's SFT on preferred replies, in the same pass; 0: DPO alone, whose "
+                                        "tiny policy collapsed here: docs/results.md).")
     learning_rate: float = field(5e-4, help="Peak learning rate (5e-4 suits the tiny model; ~5e-7 a real one).")
     epochs: float = field(1.0, help="Passes over the training pairs.")
     batch_size: int = field(16, help="Pairs per optimizer step.")
