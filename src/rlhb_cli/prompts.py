@@ -114,6 +114,12 @@ def policy_meta(policy_dir: Path) -> dict:
     return {"condition": "most_preferred", "prompt_format": "plain" if in_a_run else "auto"}
 
 
+def policy_condition(meta: dict, default: str | None = None) -> str | None:
+    """The behaviour a policy is asked for: its policy.json's (`default` when it names none), or None for a
+    policy trained without one (`--condition none`, a DPO policy)."""
+    return None if meta.get("condition") == "none" else meta.get("behavior_text", default)
+
+
 def judge_text(query: str, response: str, behavior_text: str | None = None) -> str:
     """What a judge reads: the behaviour first (never cut), then the question, then the answer."""
     lines = []

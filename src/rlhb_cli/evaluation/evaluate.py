@@ -39,7 +39,7 @@ from rlhb_cli.models.discriminator import Discriminator
 from rlhb_cli.models.generation import generate_responses
 from rlhb_cli.models.card import GOLD_JUDGES, write_stage_cards
 from rlhb_cli.models.load import load_causal_lm, load_tokenizer, policy_source
-from rlhb_cli.prompts import PromptFormat, policy_meta
+from rlhb_cli.prompts import PromptFormat, policy_condition, policy_meta
 from rlhb_cli.registry import POLICY_STAGES
 from rlhb_cli.rl.sources import RewardModelSource
 from rlhb_cli.simulator.gold import GoldJudge
@@ -267,7 +267,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     for name in names:
         path = policy_source(name, run_dir, stage, "policy")
         meta = policy_meta(path)
-        condition = meta.get("behavior_text", best) if meta.get("condition") != "none" else None
+        condition = policy_condition(meta, best)
         if path == reference_path:  # the baseline is loaded already
             model, tokenizer = reference, reference_tokenizer
         else:

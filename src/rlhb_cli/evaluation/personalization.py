@@ -31,7 +31,7 @@ from rlhb_cli.evaluation.evaluate import discover_policies
 from rlhb_cli.models.generation import generate_responses
 from rlhb_cli.models.load import load_causal_lm, policy_source
 from rlhb_cli.plots import save_figure
-from rlhb_cli.prompts import PromptFormat, policy_meta
+from rlhb_cli.prompts import PromptFormat, policy_condition, policy_meta
 from rlhb_cli.simulator.conversations import ConversationsConfig, Dialogue, World
 from rlhb_cli.simulator.personas import Profile, sample_personas
 
@@ -113,7 +113,7 @@ def policy_replier(path: Path, notes: list[str], seed: int):
     model.eval()
     meta = policy_meta(path)
     prompt = PromptFormat.of_policy(meta, tokenizer, path)
-    condition = meta.get("behavior_text") if meta.get("condition", "most_preferred") != "none" else None
+    condition = policy_condition(meta)
 
     def reply(conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
         prompts = [prompt.conversation_prompt(messages, condition) for messages in conversations]
@@ -150,8 +150,7 @@ def run(config: PersonalizationConfig, stage: rundir.StageRun) -> dict:
             "likes": [round(float(x), 3) for x in likes]}
         transcripts += [{"policy": name, "instance": i, "persona": instances[i][0].id, "turns": turns}
                         for i, turns in enumerate(conversations)]
-    storage.atomic_write_bytes(stage.dir / "conversations.jsonl", "".join(
-        json.dumps(t, ensure_ascii=False) + "\n" for t in transcripts).encode("utf-8"))
+    storage.atomic_write_jsonl(stage.dir / "conversations.jsonl", transcripts)
     storage.atomic_write_json(stage.dir / "personalization.json", results)
     draw_curves(results, stage.dir / "al_curves.png")
     return {"instances": config.instances, "turns": config.turns, "held_out_personas": len(held_out),

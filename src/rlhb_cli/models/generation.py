@@ -80,6 +80,8 @@ class HFGenerator:
             max_new_tokens=self.max_new_tokens, do_sample=not greedy, temperature=None if greedy else self.temperature,
             top_k=None if greedy else 0, top_p=None if greedy else 1.0, use_cache=True,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        if self.packed:
+            check_packing(model)
         was_training = model.training
         model.eval()
         with packed_linears(model, len(prompt_ids)) if self.packed else contextlib.nullcontext():
@@ -101,8 +103,6 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
     if tokenizer.eos_token_id is None:
         raise RlhbError("the policy's tokenizer has no EOS token")
     tokenizer.padding_side = "left"
-    if packed:
-        check_packing(model)
     generator = HFGenerator(tokenizer, max_new_tokens, temperature, packed)
     state = torch.get_rng_state()
     torch.manual_seed(seed)

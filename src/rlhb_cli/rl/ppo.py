@@ -31,7 +31,7 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from rlhb_cli import distributed, rundir
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.models.generation import HFGenerator, check_packing
+from rlhb_cli.models.generation import HFGenerator
 from rlhb_cli.prompts import PromptFormat, policy_meta
 from rlhb_cli.rl import checkpoint, display
 from rlhb_cli.rl.actor_critic import PolicyAndValue, build_actor_critic, reference_logits
@@ -94,8 +94,6 @@ class PPOEngine:
         self.policy_path = Path(policy_path)
         self.model, self.optimizer, self.reference, self.tokenizer = build_actor_critic(
             config, self.policy_path, self.accelerator, self.zero3, self.local_minibatch, notes)
-        if config.packed_generation:
-            check_packing(self.unwrapped.actor)
         self.generator = HFGenerator(self.tokenizer, config.max_new_tokens, config.temperature,
                                      config.packed_generation)
         self.prompt_format = PromptFormat.of_policy(policy_meta(self.policy_path), self.tokenizer, self.policy_path)

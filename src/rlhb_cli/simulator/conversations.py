@@ -19,7 +19,6 @@ rejected reply, which one was continued).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -32,7 +31,7 @@ from rlhb_cli.simulator.attributes import FEATURES, Lexicon, QueryKey, feature_m
 from rlhb_cli.simulator.gold import UserModel
 from rlhb_cli.simulator.personas import Profile, sample_personas
 from rlhb_cli.simulator.world import Query, all_queries, candidate_pool, choose_queries
-from rlhb_cli.storage import atomic_write_bytes
+from rlhb_cli.storage import atomic_write_jsonl
 
 STAGE = "simulate-conversations"
 # What a user says when a reply goes against its taste: (feature, present in the reply?, the sign of the
@@ -219,10 +218,6 @@ def converse(rng: np.random.Generator, world: World, profile: Profile, turns: in
     return dialogue.turns, pairs
 
 
-def _jsonl(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-
-
 def run(config: ConversationsConfig, stage: StageRun) -> dict:
     started = time.perf_counter()
     rng = np.random.default_rng(config.seed)
@@ -235,11 +230,11 @@ def run(config: ConversationsConfig, stage: StageRun) -> dict:
         turns, pairs = converse(rng, world, profile, config.turns, config.remark_rate)
         conversations.append({"conversation": f"conversation-{number:06d}", "user_id": profile.id, "turns": turns})
         tree += [{"conversation": f"conversation-{number:06d}"} | p for p in pairs]
-    atomic_write_bytes(stage.dir / "personas.jsonl", _jsonl([p.to_json() for p in profiles]))
+    atomic_write_jsonl(stage.dir / "personas.jsonl", [p.to_json() for p in profiles])
     hidden = ("utility", "score")  # the gold's own figures: real logs have no such thing
-    atomic_write_bytes(stage.dir / "conversations.jsonl", _jsonl(
-        [c | {"turns": [{k: v for k, v in t.items() if k not in hidden} for t in c["turns"]]} for c in conversations]))
-    atomic_write_bytes(stage.dir / "preference_tree.jsonl", _jsonl(tree))
+    atomic_write_jsonl(stage.dir / "conversations.jsonl", [
+        c | {"turns": [{k: v for k, v in t.items() if k not in hidden} for t in c["turns"]]} for c in conversations])
+    atomic_write_jsonl(stage.dir / "preference_tree.jsonl", tree)
     turns = [t for c in conversations for t in c["turns"]]
     return {
         "personas": len(profiles), "eval_personas": sum(p.split == "eval" for p in profiles),

@@ -135,8 +135,7 @@ def run(config: DPOStageConfig, stage: rundir.StageRun) -> dict:
     run_dir = stage.dir.parent
     path = pairs_file(config.pairs, run_dir, stage)
     pairs, rejects = read_pairs(path)
-    storage.atomic_write_bytes(stage.dir / "rejected.jsonl",
-                               "".join(json.dumps(r) + "\n" for r in rejects).encode("utf-8"))
+    storage.atomic_write_jsonl(stage.dir / "rejected.jsonl", rejects)
     notes: list[str] = []
     start = policy_source(config.init_from, run_dir, stage, "starting policy")
     model, tokenizer = load_causal_lm(start, notes)
