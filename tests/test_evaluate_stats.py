@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -53,6 +54,9 @@ def test_answer_draw_se_is_how_far_another_draw_of_answers_moves_the_gain():
 def test_spearman_distinct_rolling_and_across_runs():
     assert spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 30, 25])) == pytest.approx(0.8)
     assert math.isnan(spearman(np.array([1.0, 1, 1]), np.array([1.0, 2, 3])))
+    with warnings.catch_warnings():  # equal values whose float spread is not 0 (1.4e-17 here) are still all tied
+        warnings.simplefilter("error")
+        assert math.isnan(spearman(np.array([0.1, 0.1, 0.1]), np.array([1.0, 2, 3])))
     assert distinct_2(["a b a b"]) == pytest.approx(2 / 3)  # bigrams ab, ba, ab
     assert rolling_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     single = across_runs([0.2])

@@ -1,4 +1,4 @@
-"""Small statistics shared by stages: AUC, ranks, an evenly spread subset."""
+"""Small statistics shared by stages and evaluation: AUC, ranks, rank correlation, an evenly spread subset."""
 
 from __future__ import annotations
 
@@ -15,6 +15,17 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     mean_rank = first + (counts + 1) / 2.0
     ranks[order] = np.repeat(mean_rank, counts)
     return ranks
+
+
+def spearman(x, y) -> float:
+    """Rank correlation; NaN for fewer than three values or when either side's ranks are all tied (decided on
+    the ranks, not on a float spread that rounding can leave above zero)."""
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = average_ranks(np.asarray(x)), average_ranks(np.asarray(y))
+    if np.ptp(rx) == 0 or np.ptp(ry) == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def auc(positive_scores, negative_scores) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from rlhb_cli.simulator.attributes import FEATURES
-from rlhb_cli.stats import average_ranks
+from rlhb_cli.stats import spearman
 
 
 def bootstrap_interval(per_query: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
@@ -30,12 +30,6 @@ def win_tie_loss(policy: np.ndarray, baseline: np.ndarray, margin: float) -> dic
 def distinct_2(texts: list[str]) -> float:
     bigrams = [tuple(pair) for t in texts for pair in zip(t.split(), t.split()[1:])]
     return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(average_ranks(x), average_ranks(y))[0, 1])
 
 
 def feature_rates(features: list[list[str]]) -> dict[str, float]:

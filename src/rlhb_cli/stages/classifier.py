@@ -29,7 +29,7 @@ from rlhb_cli.models.judge import Judge, JudgeMeta, body_learning
 from rlhb_cli.prompts import judge_text
 from rlhb_cli.stages.common import judge_backbone
 from rlhb_cli.stages.judge_training import LoopSettings, train_judge
-from rlhb_cli.stats import average_ranks
+from rlhb_cli.stats import spearman
 
 STAGE = "train-classifier"
 
@@ -178,7 +178,8 @@ def run(config: ClassifierConfig, stage: rundir.StageRun) -> dict:
                             "confusion": confusion.tolist()}
     expected = classifier.expected_behavior(validation["query"], validation["response"])["shaped_reward"]
     actual = np.asarray(validation["shaped_reward"])
-    rank_corr = float(np.corrcoef(average_ranks(expected), average_ranks(actual))[0, 1]) if len(actual) > 2 else None
+    rank_corr = spearman(expected, actual) if len(actual) > 2 else None
+    rank_corr = None if rank_corr is not None and np.isnan(rank_corr) else rank_corr
     return {
         "heads": per_head,
         "all_heads_beat_majority": all(h["accuracy"] > h["majority_accuracy"] for h in per_head.values()),
