@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 # CPU build on this machine; on a GPU machine: make setup TORCH_SPEC="torch==<version>" (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-deepspeed smollm2 pretrained real-stackexchange demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch sharper-logs minilm-judge half-the-oracle
+.PHONY: setup test test-deepspeed smollm2 pretrained real-stackexchange real-oasst aloe demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch sharper-logs minilm-judge half-the-oracle
 
 setup: $(STAMP)
 
@@ -50,7 +50,9 @@ PAPER := paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch
 # The testbed's own questions (not the paper's): RLHB on ten times the traffic and RLHB with a
 # discriminator on the pretrained MiniLM encoder, each with a base of its own; RLHB against the oracle at
 # the demo's defaults on every held-out query (issue 4's acceptance test, about 50 min).
-$(PAPER) sharper-logs minilm-judge half-the-oracle: setup
+# ALOE (issue 28): SFT and DPO on a simulated preference tree, judged by held-out personas' conversations (about
+# 35 min on 2 CPU cores, experiments/README.md).
+$(PAPER) sharper-logs minilm-judge half-the-oracle aloe: setup
 	$(BIN)/rlhb experiment run experiments/$@.yaml --scale $(SCALE)
 
 paper: $(PAPER)
@@ -66,6 +68,12 @@ REAL_DATA = experiments/runs/data
 real-stackexchange: $(if $(filter small,$(SCALE)),smollm2,setup)
 	$(BIN)/rlhb import stackexchange ../shared/data/stackexchange-cardano --out $(REAL_DATA)/stackexchange-cardano.jsonl \
 		--pairs $(REAL_DATA)/stackexchange-cardano.pairs.jsonl
+	$(BIN)/rlhb experiment run experiments/$@.yaml --scale $(SCALE)
+
+# The same on OpenAssistant's 100 English trees in ../shared/data: +1 / -1 reactions per assistant reply.
+real-oasst: $(if $(filter small,$(SCALE)),smollm2,setup)
+	$(BIN)/rlhb import oasst ../shared/data/oasst1-en100/en_100_tree.jsonl --out $(REAL_DATA)/oasst.jsonl \
+		--pairs $(REAL_DATA)/oasst.pairs.jsonl
 	$(BIN)/rlhb experiment run experiments/$@.yaml --scale $(SCALE)
 
 bench: setup

@@ -17,7 +17,7 @@ from rlhb_cli.experiments.verdicts import judge_claim
 EXPERIMENTS = ROOT / "experiments"
 RECIPES = ("paper-q1", "paper-q2", "ablation-bootstrap", "ablation-rollouts", "ablation-batch", "sharper-logs",
            "minilm-judge", "half-the-oracle", "pretrained")
-REAL_RECIPES = ("real-stackexchange",)  # on imported logs: `make real-stackexchange` imports them first
+REAL_RECIPES = ("real-stackexchange", "real-oasst")  # on imported logs: their make targets import them first
 VERDICTS = {"reproduced", "not reproduced", "direction only", "contradicted", "not measured"}
 
 
@@ -28,7 +28,7 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", RECIPES + REAL_RECIPES)
+@pytest.mark.parametrize("name", RECIPES + REAL_RECIPES + ("aloe",))
 def test_every_recipe_is_valid_at_both_scales(name):
     for scale in ("small", "tiny"):
         recipe = load_recipe(EXPERIMENTS / f"{name}.yaml", scale)
@@ -52,6 +52,13 @@ def test_every_recipe_is_valid_at_both_scales(name):
      "claims.0.check.metric: unknown metric 'height'"),
     ("arms: {a: {stage: train-rlhb}}\nevaluate: null\nclaims:\n  - {claim: x, check: {kind: better, arm: a, than: a, "
      "metric: gold_gain}}\n", "gold_gain needs the evaluation"),
+    ("arms: {a: {stage: train-dpo}}\nevaluate: {suite: personalization}\nclaims:\n  - {claim: x, check: {kind: better, "
+     "arm: a, than: a, metric: gold_gain}}\n", "gold_gain needs the evaluation of answers to held-out queries"),
+    ("arms: {a: {stage: train-rlhb}}\nclaims:\n  - {claim: x, check: {kind: positive, arm: a, metric: al_gain}}\n",
+     "claims.0.check.metric: al_gain needs the personalisation suite"),
+    ("arms: {a: {stage: train-dpo}}\nevaluate: {suite: tarot}\n", "recipe.yaml:4: evaluate.suite: must be one of"),
+    ("arms: {a: {stage: train-dpo}}\nevaluate: {suite: personalization, turns: 40}\n",
+     "recipe.yaml:4: evaluate: PersonalizationConfig: instances must be >= 2 and turns between 2 and 10"),
     ("arms: {a: {stage: train-rlhb}}\nscales: {huge: {}}\n", "scales.huge: unknown scale"),
     ("arms: [\n", "not valid YAML"),
 ])
@@ -146,6 +153,10 @@ def _arms(per_run):
      "contradicted"),
     ({"a": [0.97, 0.95, 0.99], "b": [0.5, 0.6, 0.4]}, "reaches", {"arm": "a", "at_least": 0.9}, "reproduced"),
     ({"a": [0.97, 0.95, 0.99], "b": [0.92, 0.95, 0.9]}, "reaches", {"arm": "a", "at_least": 0.9}, "not reproduced"),
+    ({"a": [5.1, 6.0, 5.5]}, "positive", {"arm": "a"}, "reproduced"),
+    ({"a": [-5.1, -6.0, -5.5]}, "positive", {"arm": "a"}, "contradicted"),
+    ({"a": [5.0, -4.0, 2.0]}, "positive", {"arm": "a"}, "direction only"),  # mean +1, interval across 0
+    ({"a": [-5.0, 4.0, -2.0]}, "positive", {"arm": "a"}, "not reproduced"),
 ])
 def test_each_rule_gives_the_verdict_its_numbers_call_for(values, kind, check, verdict):
     per_run = {arm: {seed: {"gold_gain": v} for seed, v in enumerate(vs)} for arm, vs in values.items()}
@@ -212,6 +223,7 @@ def test_every_kind_of_claim_has_one_rule_and_a_missing_figure_is_not_measured()
     arms = {"a": {}, "b": {"gold_gain": {"mean": 0.015, "ci95": [0.0, 0.03]}}}
     for kind, check in (("better", {"arm": "a", "than": "b"}), ("close_to", {"arm": "a", "to": "b", "share": 0.5}),
                         ("similar", {"arm": "a", "to": "b", "within": 0.1}), ("reaches", {"arm": "a", "at_least": 0}),
+                        ("positive", {"arm": "a"}),
                         ("decreasing", {"arms": ["a", "b"]})):
         assert judge_claim(_claim(kind, **check), per_run, arms, [0, 1])["verdict"] == "not measured", kind
 
@@ -273,3 +285,31 @@ def test_the_real_data_recipe_runs_gold_free_at_tiny_scale(cli, tmp_path):
     assert "gold" not in detail["judge_ordering"]["judges"] and detail["sealed"]["unseen"]
     assert "referee_gain" in (out / "results.md").read_text()
     assert "## Gold-free" in (out / "report" / "report.md").read_text()
+
+
+def test_the_aloe_recipe_runs_its_arms_through_the_personalisation_suite(cli, tmp_path):
+    """ALOE's recipe: tree SFT and DPO arms (train-dpo) per seed, judged by held-out personas' conversations;
+    every arm's AL gains and IR per seed, the conversation table in results.md, no behaviour report; a second
+    run finds everything done."""
+    out = tmp_path / "aloe"
+    cli("experiment", "run", EXPERIMENTS / "aloe.yaml", "--scale", "tiny", "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    assert [c["verdict"] in VERDICTS for c in results["claims"]] == [True] * 4
+    for arm in ("tree-sft", "aloe"):
+        for seed in ("0", "1"):
+            figures = results["per_run"][arm][seed]
+            assert all(figures[m] is not None for m in ("al_gain", "al_first_gain", "al_last_gain", "ir", "n_ir"))
+    dpo = json.loads((out / "aloe-s1" / "manifest.json").read_text())["config"]
+    assert dpo["init_from"] == "tree-sft-s1" and dpo["seed"] == 1
+    tree = json.loads((out / "tree-sft-s0" / "policy" / "policy.json").read_text())
+    assert tree["aligner"] == "SFT on preferred replies"
+    conversations = results["conversations"]
+    assert {"average-user reply", "train-sft", "aloe-s0", "tree-sft-s1"} <= set(conversations)
+    sft, aloe = conversations["train-sft"], conversations["aloe-s0"]
+    assert results["per_run"]["aloe"]["0"]["al_gain"] == pytest.approx(
+        sum(aloe["AL"]) / len(aloe["AL"]) - sum(sft["AL"]) / len(sft["AL"]))
+    markdown = (out / "results.md").read_text()
+    assert "## Conversations" in markdown and "evaluate-personalization/al_curves.png" in markdown
+    assert not (out / "report").exists() and (out / "simulate-conversations").is_symlink()
+    again = cli("experiment", "run", EXPERIMENTS / "aloe.yaml", "--scale", "tiny", "--out", out).output
+    assert "already done" in again and "[1/" not in again

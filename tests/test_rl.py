@@ -506,3 +506,35 @@ def test_dpo_on_the_preference_tree_widens_the_margin_and_rejects_broken_pairs(r
     assert openings["train-sft"] == openings["train-dpo"] == openings["average-user reply"]  # the same instances
     later = {name: [t["turns"][1]["user"] for t in rows] for name, rows in by_policy.items()}
     assert later["average-user reply"] != later["train-sft"]  # the user answered to what each policy said
+
+
+def test_a_policy_told_the_persona_is_trained_and_asked_with_each_users_description(run, cli, tmp_path, monkeypatch):
+    """The personalisation suite's upper bound: SFT on the tree's preferred replies with the persona's
+    description in every prompt; a pair whose persona is unknown is rejected with its line; at evaluation the
+    told policy is asked with each user's description, any other policy never sees it."""
+    from rlhb_cli.evaluation import personalization
+    cli("simulate-conversations", "--run-dir", run, "--personas", 200, "--eval-personas", 20, "--conversations", 150,
+        "--turns", 3)
+    tree = run / "simulate-conversations"
+    (tmp_path / "personas.jsonl").write_text((tree / "personas.jsonl").read_text())
+    rows = read_jsonl(tree / "preference_tree.jsonl")[:60]
+    rows[4]["persona"] = "persona-99999"
+    (tmp_path / "tree.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli("train-dpo", "--run-dir", run, "--stage-name", "told", "--told-persona", "--dpo-weight", 0,
+        "--pairs", tmp_path / "tree.jsonl", "--epochs", 1, "--batch-size", 8)
+    assert read_jsonl(run / "told" / "rejected.jsonl") == [
+        {"line": 5, "reason": f"field 'persona': 'persona-99999' is not in {tmp_path / 'personas.jsonl'}"}]
+    meta = json.loads((run / "told" / "policy" / "policy.json").read_text())
+    assert meta["condition"] == "persona" and meta["aligner"] == "SFT on preferred replies"
+    assert "personas.jsonl" in (run / "told" / "manifest.json").read_text()
+    prompts = []
+    monkeypatch.setattr(personalization, "generate_responses",
+                        lambda model, tokenizer, batch, *a, **k: prompts.extend(batch) or [{"response": "ok"}] * len(batch))
+    talk = [[{"role": "user", "content": "What is the capital of Chile?"}]]
+    personalization.policy_replier(run / "told" / "policy", [], 0)(talk, ["A user who loves sources."], 8)
+    personalization.policy_replier(run / "train-sft" / "policy", [], 0)(talk, ["A user who loves sources."], 8)
+    assert "A user who loves sources." in prompts[0] and "A user who loves sources." not in prompts[1]
+    (tmp_path / "personas.jsonl").unlink()
+    refused = cli("train-dpo", "--run-dir", run, "--stage-name", "told-2", "--told-persona", "--pairs",
+                  tmp_path / "tree.jsonl", ok=False)
+    assert refused.exit_code != 0 and "--told-persona: no " in refused.output and "Traceback" not in refused.output

@@ -26,6 +26,7 @@ class StageSpec:
     headline: tuple[str, ...] = ()  # the figures `rlhb status` and run-all show
     policy: bool = False  # leaves a policy/ that evaluation answers with
     aligner: bool = False  # a PPO aligner: can be an experiment's arm, takes --stage-name
+    arm: bool = False  # an experiment's arm although no PPO aligner (train-dpo)
     renamable: bool = False  # takes --stage-name (several runs of it side by side)
     in_default_plan: bool = True  # run by `rlhb run-all` without a plan
     made_by: str = ""  # the command that makes this folder, when it is not its own (train-rlgaf)
@@ -106,7 +107,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               "(trl DPOTrainer).", "rlhb_cli.stages.dpo:DPOStageConfig", "rlhb_cli.stages.dpo:run",
               reads=("simulate-conversations", "train-sft"), writes=("policy/", "metrics.jsonl", "rejected.jsonl"),
               headline=("train_pairs", "pairs_rejected", "validation_before", "validation_after", "seconds"),
-              policy=True, renamable=True, in_default_plan=False),
+              policy=True, arm=True, renamable=True, in_default_plan=False),
     StageSpec("evaluate", "Which policy do users like better? Held-out responses of every policy, judged by gold "
               "(simulated logs) and the run's judges.", "rlhb_cli.evaluation.evaluate:EvaluateConfig",
               "rlhb_cli.evaluation.evaluate:run", reads=("prepare-behaviors",),
@@ -124,6 +125,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
 
 POLICY_STAGES = tuple(name for name, spec in STAGES.items() if spec.policy)
 ALIGNER_COMMANDS = tuple(name for name, spec in STAGES.items() if spec.aligner)
+ARM_COMMANDS = tuple(name for name, spec in STAGES.items() if spec.aligner or spec.arm)
 DEFAULT_PLAN = tuple(name for name, spec in STAGES.items() if spec.in_default_plan)
 
 

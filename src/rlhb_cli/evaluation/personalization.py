@@ -94,15 +94,17 @@ def curve_figures(scores: np.ndarray, resamples: int, seed: int) -> dict:
 
 def converse_with(policy, instances: list[tuple], turns: int, seed: int, remark_rate: float, world: World,
                   max_new_tokens: int) -> list[list[dict]]:
-    """Every instance's conversation with `policy` (a function from conversations so far to replies, or None
-    for the average-user reply), all instances advancing a turn together."""
+    """Every instance's conversation with `policy` (a function from conversations so far and the users'
+    persona descriptions to replies, or None for the average-user reply), all instances advancing a turn
+    together. Only a policy trained told the persona (train-dpo --told-persona) reads the descriptions."""
     dialogues = [Dialogue(np.random.default_rng([seed, number]), world, profile, remark_rate, opening)
                  for number, (profile, opening) in enumerate(instances)]
     for _ in range(turns):
         if policy is None:
             replies = [world.population_best[d.query.text] for d in dialogues]
         else:
-            replies = policy([d.so_far() for d in dialogues], max_new_tokens)
+            replies = policy([d.so_far() for d in dialogues], [d.profile.description for d in dialogues],
+                             max_new_tokens)
         for dialogue, reply in zip(dialogues, replies):
             dialogue.answer(reply)
     return [d.turns for d in dialogues]
@@ -113,10 +115,12 @@ def policy_replier(path: Path, notes: list[str], seed: int):
     model.eval()
     meta = policy_meta(path)
     prompt = PromptFormat.of_policy(meta, tokenizer, path)
-    condition = policy_condition(meta)
+    told = meta.get("condition") == "persona"  # the upper bound: told each user's persona outright
+    condition = None if told else policy_condition(meta)
 
-    def reply(conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
-        prompts = [prompt.conversation_prompt(messages, condition) for messages in conversations]
+    def reply(conversations: list[list[dict]], descriptions: list[str], max_new_tokens: int) -> list[str]:
+        prompts = [prompt.conversation_prompt(messages, description if told else condition)
+                   for messages, description in zip(conversations, descriptions)]
         return [r["response"] for r in generate_responses(model, tokenizer, prompts, max_new_tokens, greedy=True,
                                                           seed=seed)]
     return reply

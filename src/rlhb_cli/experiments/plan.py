@@ -12,7 +12,7 @@ from typing import Any, Callable
 from rlhb_cli import pipeline, registry, rundir
 from rlhb_cli.config import same_config
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.experiments.recipe import Recipe, arm_options, stage_name
+from rlhb_cli.experiments.recipe import SUITES, Recipe, arm_options, stage_name
 from rlhb_cli.experiments.results import collect_results, write_results
 
 
@@ -38,12 +38,14 @@ def default_out(recipe: Recipe) -> Path:
 def _expected(recipe: Recipe, command: str, options: dict, evaluated: int = 0) -> float:
     """Seconds a step is expected to take, from rates measured on a 2-core CPU (base.yaml)."""
     rates = recipe.expected_seconds
-    if command in registry.ALIGNER_COMMANDS:
+    if command in registry.ALIGNER_COMMANDS:  # a PPO run; train-dpo, an arm too, has its stage's rate
         config, _ = pipeline.build_step(command, options)
         learning_judge = getattr(config, "no_behavior", False) or (getattr(config, "disc_steps", 0) or 0) > 0
         return (rates.get("rl_per_response", 0.0) * config.iterations * config.prompts_per_iteration
                 * config.rollouts * (config.max_new_tokens / 48) * (rates.get("learning_judge_factor", 1.0)
                                                                     if learning_judge else 1.0))
+    if command == "evaluate-personalization":  # the rate is of one policy's conversations at the stage's defaults
+        return rates.get("evaluate_personalization_per_policy", 0.0) * evaluated
     if command == "evaluate":  # the rate is of make demo's evaluation: 130 queries, 4 sampled answers and 1 greedy
         config, _ = pipeline.build_step(command, options)
         queries = 246 / 130 if config.query_set == "every-held-out" else 1.0  # on the default logs
@@ -68,11 +70,15 @@ def plan(recipe: Recipe, out: Path) -> tuple[Path, list[Step]]:
     if recipe.evaluate is not None:
         baseline = recipe.evaluate.get("baseline", "train-sft")
         references = recipe.evaluate.get("references", [])  # models beside the arms, e.g. the base model as it comes
-        options = {k: v for k, v in recipe.evaluate.items() if k != "references"} | {
-            "baseline": baseline, "policies": [baseline, *references, *names]}
-        steps.append(Step(out, "evaluate", "evaluate", options,
-                          expected_seconds=_expected(recipe, "evaluate", options, len(names) + len(references) + 1)))
-        steps.append(Step(out, "report", "report", {"run_dirs": [out]}, expected_seconds=_expected(recipe, "report", {})))
+        options = {k: v for k, v in recipe.evaluate.items() if k not in ("references", "baseline")} | {
+            "policies": [baseline, *references, *names]}
+        if recipe.evaluation == "evaluate":
+            options["baseline"] = baseline
+        steps.append(Step(out, recipe.evaluation, recipe.evaluation, options, expected_seconds=_expected(
+            recipe, recipe.evaluation, options, len(names) + len(references) + 1)))
+        if recipe.evaluation == "evaluate":  # the report reads evaluate's figures; the other suite's are in results.md
+            steps.append(Step(out, "report", "report", {"run_dirs": [out]},
+                              expected_seconds=_expected(recipe, "report", {})))
     return base_dir, steps
 
 
@@ -92,8 +98,9 @@ def expected_pending(steps: list[Step], force: bool = False) -> list[Step]:
     (its inputs change, so it goes stale)."""
     pending: list[Step] = []
     for step in steps:
-        rerun_upstream = any(p.arm is None and p.command not in ("evaluate", "report") for p in pending) or \
-            (step.command in ("evaluate", "report") and pending)
+        judging = (*SUITES.values(), "report")
+        rerun_upstream = any(p.arm is None and p.command not in judging for p in pending) or \
+            (step.command in judging and pending)
         if force or rerun_upstream or not step_done(step):
             pending.append(step)
     return pending

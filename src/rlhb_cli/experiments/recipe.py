@@ -20,12 +20,14 @@ import yaml
 
 from rlhb_cli import pipeline, registry
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.experiments.verdicts import CHECK_KINDS, GOLD_METRICS, METRICS
+from rlhb_cli.experiments.verdicts import CHECK_KINDS, GOLD_METRICS, METRICS, PERSONALIZATION_METRICS
 
 TINY_SEEDS = 2  # seeds a recipe runs at scale tiny
 RECIPE_KEYS = {"title", "base", "seeds", "arms", "arm_defaults", "evaluate", "claims", "scales", "notes",
                "expected_seconds"}
 BASE_KEYS = {"stages", "scales", "expected_seconds", "notes"}
+# evaluate's `suite`: the stage that judges the arms (answers to held-out queries, or ALOE's conversations)
+SUITES = {"behaviour": "evaluate", "personalization": "evaluate-personalization"}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -111,6 +113,7 @@ class Recipe:
     base_name: str  # folder of the trained base beside the recipes' runs: shared unless the recipe changes it
     arm_defaults: dict[str, dict]  # command -> options every arm of that command starts from, scale applied
     evaluate: dict[str, Any] | None  # options of the evaluation, scale applied; None: no evaluation
+    evaluation: str  # the command that evaluates: evaluate, or evaluate-personalization (suite: personalization)
     claims: list[Claim]
     expected_seconds: dict[str, float]
     notes: str = ""
@@ -182,14 +185,18 @@ def load_recipe(path: Path, scale: str = "small") -> Recipe:
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise recipe_file.error(("arms", name), "an arm's name is letters, digits, '-', '_' and '.'")
         command = spec.pop("stage", None)
-        if command not in registry.ALIGNER_COMMANDS:
-            raise recipe_file.error(("arms", name), f"'stage' must be one of {', '.join(registry.ALIGNER_COMMANDS)}, got {command!r}")
+        if command not in registry.ARM_COMMANDS:
+            raise recipe_file.error(("arms", name), f"'stage' must be one of {', '.join(registry.ARM_COMMANDS)}, got {command!r}")
         arms.append(Arm(name, command, spec))
     if not arms:
         raise recipe_file.error(("arms",), "a recipe needs at least one arm")
-    evaluate = data.get("evaluate", {})
+    evaluate, suite = data.get("evaluate", {}), "behaviour"
     if evaluate is not None:
-        evaluate = _merge(recipe_file.mapping(("evaluate",), evaluate), scale_options.get("evaluate"))
+        evaluate = dict(recipe_file.mapping(("evaluate",), evaluate))
+        suite = evaluate.pop("suite", "behaviour")
+        if suite not in SUITES:
+            raise recipe_file.error(("evaluate", "suite"), f"must be one of {', '.join(SUITES)}, got {suite!r}")
+        evaluate = _merge(evaluate, scale_options.get(SUITES[suite]))  # a scale sets the suite's stage's options
         for key in ("policies",):
             if key in evaluate:
                 raise recipe_file.error(("evaluate", key), "the runner sets the evaluated policies (every arm); "
@@ -198,14 +205,18 @@ def load_recipe(path: Path, scale: str = "small") -> Recipe:
         if not isinstance(references, list) or not all(isinstance(r, str) and r for r in references):
             raise recipe_file.error(("evaluate", "references"), f"must be a list of models (a folder, a GGUF file or "
                                                                 f"smollm2), got {references!r}")
+        try:
+            pipeline.build_step(SUITES[suite], {k: v for k, v in evaluate.items() if k not in ("references", "baseline")})
+        except RlhbError as exc:
+            raise recipe_file.error(("evaluate",), str(exc)) from None
     recipe = Recipe(
         name=Path(path).stem, path=Path(path), title=str(data.get("title", Path(path).stem)), scale=scale,
         seeds=seeds, arms=arms, base_path=base_path, base_stages=base_stages,
         # A recipe that changes a base stage trains a base of its own: sharing the folder would make
         # each recipe retrain the other's base in turn.
         base_name=base_path.stem + (f"-{Path(path).stem}" if changes_base else ""),
-        arm_defaults={c: _merge(arm_defaults.get(c), scale_options.get(c)) for c in registry.ALIGNER_COMMANDS},
-        evaluate=evaluate, claims=[], notes=str(data.get("notes", "")).strip(),
+        arm_defaults={c: _merge(arm_defaults.get(c), scale_options.get(c)) for c in registry.ARM_COMMANDS},
+        evaluate=evaluate, evaluation=SUITES[suite], claims=[], notes=str(data.get("notes", "")).strip(),
         # the base's rates, or the recipe's own where its models differ (a pretrained policy's)
         expected_seconds={str(k): float(v) for k, v in {
             **base_file.mapping(("expected_seconds", scale), (base_file.data.get("expected_seconds") or {}).get(scale)),
@@ -233,14 +244,18 @@ def _read_claims(source: YamlFile, recipe: Recipe) -> list[Claim]:
         metric = check.get("metric")
         if metric not in METRICS:
             raise source.error(where + ("check", "metric"), f"unknown metric {metric!r}; metrics: {', '.join(METRICS)}")
-        if metric in GOLD_METRICS and recipe.evaluate is None:
-            raise source.error(where + ("check", "metric"), f"{metric} needs the evaluation (evaluate: is null)")
+        if metric in GOLD_METRICS and (recipe.evaluate is None or recipe.evaluation != "evaluate"):
+            raise source.error(where + ("check", "metric"), f"{metric} needs the evaluation of answers to held-out "
+                                                            f"queries (evaluate: with suite behaviour)")
+        if metric in PERSONALIZATION_METRICS and (recipe.evaluate is None or recipe.evaluation == "evaluate"):
+            raise source.error(where + ("check", "metric"), f"{metric} needs the personalisation suite "
+                                                            f"(evaluate: {{suite: personalization}})")
         named = [check[k] for k in ("arm", "than", "to") if k in check] + list(check.get("arms", []))
         for arm in named:
             if arm not in arm_names:
                 raise source.error(where + ("check",), f"no arm {arm!r}; arms: {', '.join(sorted(arm_names))}")
         required = {"close_to": ("arm", "to", "share"), "better": ("arm", "than"), "decreasing": ("arms",),
-                    "similar": ("arm", "to", "within"), "reaches": ("arm", "at_least")}[kind]
+                    "similar": ("arm", "to", "within"), "reaches": ("arm", "at_least"), "positive": ("arm",)}[kind]
         missing = [k for k in required if k not in check]
         if missing:
             raise source.error(where + ("check",), f"{kind} needs {', '.join(missing)}")

@@ -64,15 +64,30 @@ def run_figures(run_dir: Path, name: str, evaluation: dict | None) -> tuple[dict
     return figures, rows
 
 
+def conversation_figures(policies: dict, name: str, baseline: str) -> dict:
+    """ALOE's figures of one policy (evaluate-personalization's summary), its gains over the baseline's."""
+    own, base = policies.get(name), policies.get(baseline)
+    if own is None or base is None:
+        return {}
+    return {"al_gain": float(np.mean(own["AL"]) - np.mean(base["AL"])), "al_first_gain": own["AL"][0] - base["AL"][0],
+            "al_last_gain": own["AL"][-1] - base["AL"][-1], "ir": own["IR"], "ir_gain": own["IR"] - base["IR"],
+            "n_ir": own["N-IR"]}
+
+
 def collect_results(recipe: Recipe, out: Path, base_dir: Path) -> dict:
-    evaluation = None
-    if recipe.evaluate is not None:
+    evaluation, conversations = None, None
+    if recipe.evaluation == "evaluate" and recipe.evaluate is not None:
         evaluation = rundir.read_json(out / "evaluate" / "summary_detail.json")
+    elif recipe.evaluate is not None:  # the personalisation suite: AL(k) over turns of held-out personas
+        conversations = rundir.read_json(out / recipe.evaluation / rundir.SUMMARY)["policies"]
     per_run: dict[str, dict[int, dict]] = {}
     curves: dict[str, list[list[dict]]] = {}
     for arm in recipe.arms:
         for seed in recipe.seeds:
             figures, rows = run_figures(out, stage_name(arm.name, seed), evaluation)
+            if conversations is not None:
+                figures |= conversation_figures(conversations, stage_name(arm.name, seed),
+                                                recipe.evaluate.get("baseline", "train-sft"))
             per_run.setdefault(arm.name, {})[seed] = figures
             curves.setdefault(arm.name, []).append(rows)
     arms = {}
@@ -107,6 +122,7 @@ def collect_results(recipe: Recipe, out: Path, base_dir: Path) -> dict:
             "versions": rundir.library_versions(), "arms": arms, "per_run": per_run, "claims": claims,
             "baseline_gold": baseline, "rlhf_reward_model_competence": competence, "references_gold": references,
             "referee_agreement": (evaluation or {}).get("referee", {}).get("agreement"),
+            "conversations": conversations,
             "curves": {a: [[{k: r.get(k) for k in CURVE_KEYS if k in r} | {"step": r.get("step")}
                                                      for r in rows] for rows in runs] for a, runs in curves.items()}}
 
@@ -201,6 +217,21 @@ def _seconds(entry: dict | None) -> str:
     return f"{entry['mean']:.0f}" if entry else "-"
 
 
+def conversation_table(policies: dict, stage: str) -> list[str]:
+    """Every conversing policy's AL(k), IR, N-IR and N-R2 (the baseline and reference rows included)."""
+    turns = max(len(p["AL"]) for p in policies.values())
+    lines = ["## Conversations", "", f"Held-out personas converse with each policy ({stage}: AL(k) is the "
+             "persona's gold score of the turn-k reply, 0-100; IR its slope in points a turn with a bootstrap interval "
+             "over instances).", "", "| policy | " + " | ".join(f"AL({k})" for k in range(1, turns + 1)) +
+             " | IR [95%] | N-IR | N-R2 |", "|---|" + "---|" * (turns + 3)]
+    for name, p in policies.items():
+        low, high = p["IR_interval"]
+        lines.append(f"| {name} | " + " | ".join(f"{x:.1f}" for x in p["AL"]) +
+                     f" | {p['IR']:+.2f} [{low:+.2f}, {high:+.2f}] | {p['N-IR']:+.2f} | "
+                     f"{'-' if p['N-R2'] is None else format(p['N-R2'], '.2f')} |")
+    return lines + ["", f"![AL(k) curves]({stage}/al_curves.png)", ""]
+
+
 def write_results(recipe: Recipe, out: Path, results: dict) -> None:
     """results.json (every number), results.md (claims, tables, plots) and PNGs in the experiment's run dir."""
     has_curves = draw_arm_curves(results["curves"], out / "curves.png")
@@ -220,8 +251,9 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
     for c in results["claims"]:
         lines.append(f"| {c['claim']} | {c['paper']} | {c['rule']} ({c['metric']}) | {c['evidence']} | "
                      f"**{c['verdict']}** |")
-    shown = [m for m in ("gold_gain", "gold_gain_greedy", "referee_gain", "win_minus_loss", "reward_final",
-                         "return_curve_sd", "disc_score_generated_final", "kl_final", "seconds")
+    shown = [m for m in ("gold_gain", "gold_gain_greedy", "referee_gain", "win_minus_loss", "al_gain", "al_first_gain",
+                         "al_last_gain", "ir", "n_ir", "reward_final", "return_curve_sd", "disc_score_generated_final",
+                         "kl_final", "seconds")
              if any(m in a for a in results["arms"].values())]
     lines += ["", "## Arms", "", "| arm | stage | options | " + " | ".join(shown) + " |",
               "|---|---|---|" + "---|" * len(shown)]
@@ -242,6 +274,8 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
         lines += [f"Reference `{name}` (evaluated once, as it comes): " + ", ".join(
             f"{d} {_cell(e)}, gain over the baseline {_cell(e.get('gain_over_baseline'))}"
             for d, e in by_decoding.items()) + ".", ""]
+    if results.get("conversations"):
+        lines += conversation_table(results["conversations"], recipe.evaluation)
     if has_gains:
         lines += ["![gold gain](gains.png)", ""]
     if has_curves:
@@ -253,7 +287,7 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
             lines.append(f"| {stage_name(arm, seed)} | " + " | ".join(
                 "-" if figures.get(m) is None else f"{figures[m]:+.4f}" if m != "seconds" else f"{figures[m]:.1f}"
                 for m in shown) + " |")
-    if recipe.evaluate is not None:
+    if recipe.evaluation == "evaluate" and recipe.evaluate is not None:
         lines += ["", "Per-run detail (judges' trust, behaviour following, sample answers): "
                   "[report/report.md](report/report.md).", ""]
     storage.atomic_write_text(out / "results.md", "\n".join(lines) + "\n")

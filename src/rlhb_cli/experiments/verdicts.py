@@ -27,13 +27,22 @@ TRAINING_METRICS = {"reward_final": "reward of its own source, mean of the last 
                     "disc_score_real_final": "discriminator's P(real) on logged triplets, last iterations",
                     "kl_final": "KL to the reference, last iterations",
                     "seconds": "wall time of the run"}
-METRICS = {**GOLD_METRICS, **TRAINING_METRICS}
+# ALOE's benchmark (evaluate-personalization): held-out personas converse with each policy for K turns
+PERSONALIZATION_METRICS = {
+    "al_gain": "mean AL(k) over the turns minus the SFT baseline's (points of the persona's 0-100 scale)",
+    "al_first_gain": "AL(1) minus the SFT baseline's: the first reply, before the user has said anything",
+    "al_last_gain": "AL(K) minus the SFT baseline's: the last turn's reply",
+    "ir": "IR: the least-squares slope of AL(k) over the turns, points a turn (> 0: replies improve)",
+    "ir_gain": "IR minus the SFT baseline's IR",
+    "n_ir": "N-IR: the slope of AL(k) min-max normalised over the turns"}
+METRICS = {**GOLD_METRICS, **PERSONALIZATION_METRICS, **TRAINING_METRICS}
 CHECK_KINDS = {
     "close_to": "TO's gain has its interval above 0, and the per-seed ARM - SHARE x TO has its interval above 0",
     "better": "the per-seed difference ARM - THAN has its interval above 0",
     "decreasing": "the means fall along ARMS and the per-seed difference first - last has its interval above 0",
     "similar": "the per-seed difference ARM - TO has its whole interval within +-WITHIN",
     "reaches": "ARM's mean reaches AT_LEAST while every other arm's stays below",
+    "positive": "ARM's figure has its interval across seeds above 0",
 }
 
 
@@ -75,6 +84,17 @@ def fmt(entry: dict | None) -> str:
     return f"{entry['mean']:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
 
 
+def by_interval(entry: dict | None, evidence: str) -> tuple[str, str]:
+    """The verdict on a figure the claim says is above 0: by its interval across seeds, else by its mean."""
+    if entry is None:
+        return "not measured", evidence
+    if above(entry):
+        return "reproduced", evidence
+    if below(entry):
+        return "contradicted", evidence
+    return ("direction only" if entry["mean"] > 0 else "not reproduced"), evidence
+
+
 def close_to(check: dict, ev: Evidence) -> tuple[str, str]:
     """ARM comes close to TO when it gains at least SHARE of what TO gains, seed by seed, beyond the seeds'
     noise; against a TO that gains nothing measurable there is nothing to come close to."""
@@ -87,24 +107,14 @@ def close_to(check: dict, ev: Evidence) -> tuple[str, str]:
     evidence = (f"{arm} {fmt(a)} vs {to} {fmt(b)}{ratio}; {arm} - {share:g} x {to} per seed: {fmt(d)}")
     if not above(b):
         return "not measured", evidence + f" ({to} gains nothing measurable to come close to)"
-    if above(d):
-        return "reproduced", evidence
-    if below(d):
-        return "contradicted", evidence
-    return ("direction only" if d["mean"] > 0 else "not reproduced"), evidence
+    return by_interval(d, evidence)
 
 
 def better(check: dict, ev: Evidence) -> tuple[str, str]:
     arm, than = check["arm"], check["than"]
     d = ev.diff(arm, than)
     evidence = f"{arm} - {than} per seed: {fmt(d)} ({arm} {fmt(ev.summary(arm))}, {than} {fmt(ev.summary(than))})"
-    if d is None:
-        return "not measured", evidence
-    if above(d):
-        return "reproduced", evidence
-    if below(d):
-        return "contradicted", evidence
-    return ("direction only" if d["mean"] > 0 else "not reproduced"), evidence
+    return by_interval(d, evidence)
 
 
 def decreasing(check: dict, ev: Evidence) -> tuple[str, str]:
@@ -149,7 +159,13 @@ def reaches(check: dict, ev: Evidence) -> tuple[str, str]:
     return "not reproduced", evidence
 
 
-RULES = {"close_to": close_to, "better": better, "decreasing": decreasing, "similar": similar, "reaches": reaches}
+def positive(check: dict, ev: Evidence) -> tuple[str, str]:
+    """A figure that is itself a gain or a slope (al_gain, ir): above 0 beyond the seeds' noise."""
+    a = ev.summary(check["arm"])
+    return by_interval(a, f"{check['arm']} {fmt(a)}")
+
+
+RULES = {"positive": positive, "close_to": close_to, "better": better, "decreasing": decreasing, "similar": similar, "reaches": reaches}
 
 
 def judge_claim(claim, per_run: dict, arms: dict, seeds: list[int]) -> dict:

@@ -45,6 +45,11 @@ class DPOStageConfig:
     sft_weight: float = field(1.0, help="Weight of the preferred reply's likelihood added to the DPO loss "
                                         "(ALOE's SFT on preferred replies, in the same pass; 0: DPO alone, whose "
                                         "tiny policy collapsed here: docs/results.md).")
+    dpo_weight: float = field(1.0, help="Weight of the DPO loss (0 with --sft-weight > 0: ALOE's first stage alone, "
+                                        "SFT on the preferred replies of the tree).")
+    told_persona: bool = field(False, help="Put the user's persona description in every prompt as the condition: "
+                                           "the upper bound of a policy told the preferences outright (pairs of "
+                                           "a simulate-conversations stage; evaluate-personalization tells it too).")
     learning_rate: float = field(5e-4, help="Peak learning rate (5e-4 suits the tiny model; ~5e-7 a real one).")
     epochs: float = field(1.0, help="Passes over the training pairs.")
     batch_size: int = field(16, help="Pairs per optimizer step.")
@@ -55,8 +60,10 @@ class DPOStageConfig:
     seed: int = field(0, help="Seed of data order and the validation draw.")
 
     def __post_init__(self):
-        if self.beta <= 0 or self.sft_weight < 0 or self.epochs <= 0 or self.batch_size < 1:
-            raise ValueError("beta must be > 0, sft_weight >= 0, epochs > 0 and batch_size >= 1")
+        if self.beta <= 0 or self.sft_weight < 0 or self.dpo_weight < 0 or self.epochs <= 0 or self.batch_size < 1:
+            raise ValueError("beta must be > 0, sft_weight and dpo_weight >= 0, epochs > 0 and batch_size >= 1")
+        if not self.sft_weight and not self.dpo_weight:
+            raise ValueError("dpo_weight and sft_weight are both 0: no loss to train on")
         if not 0.0 < self.validation_share < 1.0:
             raise ValueError(f"validation_share must be in (0, 1), got {self.validation_share}")
 
@@ -124,6 +131,15 @@ def pairs_file(value: str, run_dir: Path, stage: rundir.StageRun) -> Path:
     return folder / "preference_tree.jsonl"
 
 
+def told_descriptions(pairs_path: Path, stage: rundir.StageRun) -> dict[str, str]:
+    """Persona id -> description, from the personas.jsonl beside the tree (--told-persona)."""
+    personas = pairs_path.parent / "personas.jsonl"
+    if not personas.is_file():
+        raise RlhbError(f"--told-persona: no {personas} beside the pairs; give a simulate-conversations stage")
+    stage.add_input("personas", personas)
+    return {p["id"]: p["description"] for p in map(json.loads, personas.read_text(encoding="utf-8").splitlines())}
+
+
 def run(config: DPOStageConfig, stage: rundir.StageRun) -> dict:
     # deferred: the ML libraries take seconds to import; `rlhb --help` and `status` load this module
     import datasets
@@ -135,6 +151,12 @@ def run(config: DPOStageConfig, stage: rundir.StageRun) -> dict:
     run_dir = stage.dir.parent
     path = pairs_file(config.pairs, run_dir, stage)
     pairs, rejects = read_pairs(path)
+    descriptions = told_descriptions(path, stage) if config.told_persona else {}
+    if config.told_persona:  # a pair whose persona is unknown cannot be told it
+        unknown = [p for p in pairs if p.get("persona") not in descriptions]
+        rejects += [{"line": p["line"], "reason": f"field 'persona': {p.get('persona')!r} is not in "
+                                                  f"{path.parent / 'personas.jsonl'}"} for p in unknown]
+        pairs = [p for p in pairs if p.get("persona") in descriptions]
     storage.atomic_write_jsonl(stage.dir / "rejected.jsonl", rejects)
     notes: list[str] = []
     start = policy_source(config.init_from, run_dir, stage, "starting policy")
@@ -145,7 +167,7 @@ def run(config: DPOStageConfig, stage: rundir.StageRun) -> dict:
         reference = load_causal_lm(policy_source(config.reference, run_dir, stage, "reference policy"), notes)[0]
 
     def row(pair: dict) -> dict:
-        return {"prompt": prompt.conversation_prompt(pair["messages"]), "chosen": prompt.completion(pair["chosen"]),
+        return {"prompt": prompt.conversation_prompt(pair["messages"], descriptions.get(pair.get("persona"))), "chosen": prompt.completion(pair["chosen"]),
                 "rejected": prompt.completion(pair["rejected"])}
     train = [row(p) for p in pairs if not held_out(p, config.validation_share, config.seed)]
     validation = [row(p) for p in pairs if held_out(p, config.validation_share, config.seed)]
@@ -155,7 +177,8 @@ def run(config: DPOStageConfig, stage: rundir.StageRun) -> dict:
         raise RlhbError(f"{path}: {len(train)} training and {len(validation)} validation pairs ({len(rejects)} "
                         f"rejected: {stage.dir / 'rejected.jsonl'}); need at least --batch-size {config.batch_size} "
                         f"and one")
-    losses, weights = (["sigmoid", "sft"], [1.0, config.sft_weight]) if config.sft_weight else (["sigmoid"], None)
+    terms = [(loss, weight) for loss, weight in (("sigmoid", config.dpo_weight), ("sft", config.sft_weight)) if weight]
+    losses, weights = [t[0] for t in terms], [t[1] for t in terms]
     args = trl_config(
         DPOConfig, output_dir=str(stage.dir / "checkpoints"), num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=64,
@@ -178,7 +201,8 @@ def run(config: DPOStageConfig, stage: rundir.StageRun) -> dict:
     stop_if_unfinished(trainer)
     after = trainer.evaluate()
     rows = [r for r in trainer.state.log_history if "loss" in r]
-    meta = {"stage": STAGE, "aligner": "DPO", "condition": "none", "behavior_text": None,
+    meta = {"stage": STAGE, "aligner": "DPO" if config.dpo_weight else "SFT on preferred replies",
+            "condition": "persona" if config.told_persona else "none", "behavior_text": None,
             "prompt_format": prompt.kind, "init_from": config.init_from, "conversation": True}
     with storage.atomic_dir(stage.dir / "policy") as tmp:
         trainer.save_model(str(tmp))
