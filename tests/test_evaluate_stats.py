@@ -92,3 +92,22 @@ def test_correct_pair_agreement_and_feature_rates_by_hand():
     assert rates["rude"] == 0.0
     assert "correct_pair_agreement" in agreement_with_gold([{k: v for k, v in r.items() if k != "gold_features"}
                                                             for r in rows], ["judge"])["judge"]
+
+
+def test_across_bases_holds_the_bases_variance_and_is_reproducible():
+    from rlhb_cli.evaluation.report import across_bases
+    groups = [[0.1, 0.1], [0.3, 0.3], [0.5, 0.5]]  # seeds agree within a base; the bases do not
+    nested = across_bases(groups)
+    assert nested["mean"] == pytest.approx(0.3) and nested["runs"] == 6 and nested["bases"] == 3
+    assert nested["ci95"][0] < 0.25 and nested["ci95"][1] > 0.35 and nested == across_bases(groups)
+    assert across_runs(groups[0])["ci95"] == [0.1, 0.1]  # one base's seeds alone would say there is no spread
+    assert across_bases([[0.1, 0.2, 0.3]]) == across_runs([0.1, 0.2, 0.3])
+
+
+def test_a_share_has_an_interval_and_a_vanishing_denominator_widens_it_downwards():
+    from rlhb_cli.evaluation.report import ratio_interval
+    steady = ratio_interval([[(0.045, 0.05), (0.046, 0.05), (0.047, 0.05)]])
+    assert steady["mean"] == pytest.approx(0.92) and 0.89 < steady["ci95"][0] < steady["ci95"][1] < 0.95
+    shaky = ratio_interval([[(0.02, 0.04), (0.02, -0.01)], [(0.02, 0.03), (0.02, -0.02)]])  # b's mean may be <= 0
+    assert shaky["ci95"][0] == -math.inf and shaky["mean"] == pytest.approx(0.02 / 0.01)
+    assert ratio_interval([[(1.0, 2.0)], [(3.0, 2.0)]]) == ratio_interval([[(1.0, 2.0)], [(3.0, 2.0)]])  # seeded

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT, SHARED_DATA
 from rlhb_cli.errors import RlhbError
@@ -28,11 +29,16 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
     return path
 
 
+# one base (logs, SFT, judges) each: hours per base on SmolLM2 or on real logs; ALOE's first measurement
+ONE_BASE = ("pretrained", "aloe", *REAL_RECIPES)
+
+
 @pytest.mark.parametrize("name", RECIPES + REAL_RECIPES + ("aloe",))
 def test_every_recipe_is_valid_at_both_scales(name):
     for scale in ("small", "tiny"):
         recipe = load_recipe(EXPERIMENTS / f"{name}.yaml", scale)
         assert recipe.claims and len(recipe.seeds) >= (3 if scale == "small" else 2) and recipe.evaluate is not None
+        assert len(recipe.bases) == (1 if scale == "tiny" or name in ONE_BASE else 3)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -85,7 +91,7 @@ def test_a_recipe_that_changes_a_base_stage_trains_a_base_of_its_own(tmp_path):
     own = load_recipe(write_recipe(tmp_path, "arms: {a: {stage: train-rlhb}}\n"
                                              "scales: {tiny: {simulate-logs: {impressions: 1000000}}}\n"), "tiny")
     runs = tmp_path / "runs"
-    assert [plan(r, runs / "recipe")[0] for r in (shared, arm_only, own)] == \
+    assert [plan(r, runs / "recipe")[0][0].base_dir for r in (shared, arm_only, own)] == \
         [runs / "base", runs / "base", runs / "base-recipe"]
     assert own.base_stages["simulate-logs"]["impressions"] == 1_000_000
     assert shared.base_stages["simulate-logs"]["impressions"] == 100_000  # base.yaml's tiny scale, untouched
@@ -313,3 +319,53 @@ def test_the_aloe_recipe_runs_its_arms_through_the_personalisation_suite(cli, tm
     assert not (out / "report").exists() and (out / "simulate-conversations").is_symlink()
     again = cli("experiment", "run", EXPERIMENTS / "aloe.yaml", "--scale", "tiny", "--out", out).output
     assert "already done" in again and "[1/" not in again
+
+
+def test_a_recipe_on_several_bases_trains_each_and_judges_across_bases_then_seeds(cli, tmp_path):
+    """bases: [0, 1]: base 1 is a fresh draw of the logs, the split, SFT (every seed moved on by
+    1; base 0 is the base as configured, in its usual folders), each base has its own arms and evaluation
+    (base 1's beside the experiment's dir), and the intervals are the hierarchical bootstrap's."""
+    base = yaml.safe_load((EXPERIMENTS / "base.yaml").read_text())
+    tiny = base["scales"]["tiny"]
+    stages = {c: base["stages"][c] for c in ("simulate-logs", "prepare-behaviors", "train-sft")}  # the oracle's base
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"stages": stages, "scales": {"small": tiny}}, sort_keys=False))
+    recipe_path = tmp_path / "nested.yaml"
+    recipe_path.write_text("base: base.yaml\nbases: [0, 1]\nseeds: [0, 1]\narms: {oracle: {stage: train-oracle}}\n"
+                           "claims:\n  - {claim: c, check: {kind: positive, arm: oracle, metric: gold_gain}}\n")
+    out = tmp_path / "runs" / "nested"
+    recipe = load_recipe(recipe_path, "small")
+    bases, steps = plan(recipe, out)
+    assert [(b.base_dir, b.run_dir) for b in bases] == [(out.parent / "base", out),
+                                                       (out.parent / "base-b1", out.parent / "nested-b1")]
+    cli("experiment", "run", recipe_path, "--out", out)
+    for stage in ("simulate-logs", "prepare-behaviors", "train-sft"):
+        seeds = [json.loads((out.parent / b / stage / "manifest.json").read_text())["config"]["seed"]
+                 for b in ("base", "base-b1")]
+        assert seeds[1] == seeds[0] + 1, stage
+    assert (out.parent / "nested-b1" / "train-sft").resolve() == (out.parent / "base-b1" / "train-sft").resolve()
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["per_run"]["oracle"]) == ["b0-s0", "b0-s1", "b1-s0", "b1-s1"]
+    gain = results["arms"]["oracle"]["gold_gain"]
+    assert gain["bases"] == 2 and gain["runs"] == 4 and gain["ci95"][0] <= gain["mean"] <= gain["ci95"][1]
+    assert set(results["by_base"]) == {"0", "1"} and results["claims"][0]["verdict"] in VERDICTS
+    markdown = (out / "results.md").read_text()
+    assert "hierarchical bootstrap" in markdown and "| base 1: oracle-s1 |" in markdown
+    assert "[base 1](../nested-b1/report/report.md)" in markdown and (out / "report").is_dir()
+    assert (out.parent / "nested-b1" / "evaluate" / "summary.json").exists()
+
+
+def test_a_difference_that_holds_on_two_bases_but_not_the_third_is_no_finding():
+    """The same nine runs: as one base's seeds the t-interval says reproduced; nested in three bases, a base
+    where the effect is gone leaves the hierarchical interval reaching below 0."""
+    per_run = {"a": {}, "b": {}}
+    groups = []
+    for base, effect in enumerate((0.10, 0.10, -0.02)):
+        groups.append([f"b{base}-s{s}" for s in range(3)])
+        for s, noise in enumerate((0.0, 0.01, 0.02)):
+            per_run["a"][f"b{base}-s{s}"] = {"gold_gain": effect + noise}
+            per_run["b"][f"b{base}-s{s}"] = {"gold_gain": 0.0}
+    keys = [k for g in groups for k in g]
+    claim = _claim("better", arm="a", than="b")
+    arms = {"a": {}, "b": {}}
+    assert judge_claim(claim, per_run, arms, keys)["verdict"] == "reproduced"
+    assert judge_claim(claim, per_run, arms, keys, groups)["verdict"] == "direction only"

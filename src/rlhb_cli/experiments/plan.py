@@ -12,7 +12,7 @@ from typing import Any, Callable
 from rlhb_cli import pipeline, registry, rundir
 from rlhb_cli.config import same_config
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.experiments.recipe import SUITES, Recipe, arm_options, stage_name
+from rlhb_cli.experiments.recipe import SUITES, Recipe, arm_options, base_folder, base_stages, stage_name
 from rlhb_cli.experiments.results import collect_results, write_results
 
 
@@ -27,6 +27,18 @@ class Step:
     arm: str | None = None
     seed: int | None = None
     expected_seconds: float = 0.0
+    base: int = 0  # the base seed it belongs to
+
+
+@dataclass
+class Base:
+    """One base of a recipe: its seed, the folder its stages train in, and the run dir of its arms and
+    evaluation: base 0's is the experiment's own dir (so adding bases to a recipe keeps its runs), base B's
+    OUT-bB beside it, as its stages' folder is BASE-bB beside the base's."""
+
+    seed: int
+    base_dir: Path
+    run_dir: Path
 
 
 
@@ -56,17 +68,32 @@ def _expected(recipe: Recipe, command: str, options: dict, evaluated: int = 0) -
     return rates.get(command, 0.0)
 
 
-def plan(recipe: Recipe, out: Path) -> tuple[Path, list[Step]]:
-    """(base run dir, every step in order): the base stages, then each seed's arms, the evaluation, the report."""
-    base_dir = out.parent / recipe.base_name
-    steps = [Step(base_dir, c, c, o, expected_seconds=_expected(recipe, c, o)) for c, o in recipe.base_stages.items()]
+def layout(recipe: Recipe, out: Path) -> list[Base]:
+    return [Base(b, out.parent / base_folder(recipe, b), out.parent / f"{out.name}-b{b}" if b else out)
+            for b in recipe.bases]
+
+
+def plan(recipe: Recipe, out: Path) -> tuple[list[Base], list[Step]]:
+    """(the bases, every step in order): per base, its stages, then each seed's arms, the evaluation, the report."""
+    bases = layout(recipe, out)
+    steps = []
+    for base in bases:
+        steps += _base_plan(recipe, base)
+    return bases, steps
+
+
+def _base_plan(recipe: Recipe, base: Base) -> list[Step]:
+    out = base.run_dir
+    steps = [Step(base.base_dir, c, c, o, expected_seconds=_expected(recipe, c, o), base=base.seed)
+             for c, o in base_stages(recipe, base.seed).items()]
     names = []
     for seed in recipe.seeds:
         for arm in recipe.arms:
             options = arm_options(recipe, arm, seed)
             name = stage_name(arm.name, seed)
             names.append(name)
-            steps.append(Step(out, arm.command, name, options, arm.name, seed, _expected(recipe, arm.command, options)))
+            steps.append(Step(out, arm.command, name, options, arm.name, seed, _expected(recipe, arm.command, options),
+                              base=base.seed))
     if recipe.evaluate is not None:
         baseline = recipe.evaluate.get("baseline", "train-sft")
         references = recipe.evaluate.get("references", [])  # models beside the arms, e.g. the base model as it comes
@@ -75,11 +102,11 @@ def plan(recipe: Recipe, out: Path) -> tuple[Path, list[Step]]:
         if recipe.evaluation == "evaluate":
             options["baseline"] = baseline
         steps.append(Step(out, recipe.evaluation, recipe.evaluation, options, expected_seconds=_expected(
-            recipe, recipe.evaluation, options, len(names) + len(references) + 1)))
+            recipe, recipe.evaluation, options, len(names) + len(references) + 1), base=base.seed))
         if recipe.evaluation == "evaluate":  # the report reads evaluate's figures; the other suite's are in results.md
             steps.append(Step(out, "report", "report", {"run_dirs": [out]},
-                              expected_seconds=_expected(recipe, "report", {})))
-    return base_dir, steps
+                              expected_seconds=_expected(recipe, "report", {}), base=base.seed))
+    return steps
 
 
 def step_done(step: Step) -> bool:
@@ -99,8 +126,9 @@ def expected_pending(steps: list[Step], force: bool = False) -> list[Step]:
     pending: list[Step] = []
     for step in steps:
         judging = (*SUITES.values(), "report")
-        rerun_upstream = any(p.arm is None and p.command not in judging for p in pending) or \
-            (step.command in judging and pending)
+        upstream = [p for p in pending if p.base == step.base]  # bases share nothing
+        rerun_upstream = any(p.arm is None and p.command not in judging for p in upstream) or \
+            (step.command in judging and upstream)
         if force or rerun_upstream or not step_done(step):
             pending.append(step)
     return pending
@@ -126,13 +154,14 @@ def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False,
                say: Callable[[str], None] = print, report_to: tuple[str, ...] = ()) -> dict:
     """Run whatever of the recipe is not done yet, then write results.md / results.json / plots into OUT."""
     out = Path(out or default_out(recipe))
-    base_dir, steps = plan(recipe, out)
+    bases, steps = plan(recipe, out)
     pending = expected_pending(steps, force)
     expected = sum(s.expected_seconds for s in pending)
     say(f"{recipe.name} at scale {recipe.scale}: {len(steps)} stages, {len(steps) - len(pending)} already done; "
         f"expected about {expected / 60:.1f} min for the rest (rates measured on a 2-core CPU).")
     started = time.perf_counter()
-    link_base(base_dir, out, list(recipe.base_stages))  # links to stages the base may still have to train
+    for base in bases:  # links to stages the base may still have to train
+        link_base(base.base_dir, base.run_dir, list(recipe.base_stages))
     for i, step in enumerate(steps, 1):
         if not force and step_done(step):  # asked now: a rerun upstream makes the stages after it stale
             continue
@@ -143,7 +172,7 @@ def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False,
                           force=force and not registry.STAGES[step.command].always_rerun, report_to=report_to)
         expected -= step.expected_seconds
         say(f"    done in {time.perf_counter() - step_started:.0f} s; about {max(expected, 0) / 60:.1f} min left")
-    results = collect_results(recipe, out, base_dir)
+    results = collect_results(recipe, out, bases)
     results["wall_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     write_results(recipe, out, results)
     return results

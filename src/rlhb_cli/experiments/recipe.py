@@ -23,7 +23,8 @@ from rlhb_cli.errors import RlhbError
 from rlhb_cli.experiments.verdicts import CHECK_KINDS, GOLD_METRICS, METRICS, PERSONALIZATION_METRICS
 
 TINY_SEEDS = 2  # seeds a recipe runs at scale tiny
-RECIPE_KEYS = {"title", "base", "seeds", "arms", "arm_defaults", "evaluate", "claims", "scales", "notes",
+TINY_BASES = 1  # and bases: the suite smoke-tests every recipe on one, the nesting on a recipe of its own
+RECIPE_KEYS = {"title", "base", "bases", "seeds", "arms", "arm_defaults", "evaluate", "claims", "scales", "notes",
                "expected_seconds"}
 BASE_KEYS = {"stages", "scales", "expected_seconds", "notes"}
 # evaluate's `suite`: the stage that judges the arms (answers to held-out queries, or ALOE's conversations)
@@ -107,6 +108,7 @@ class Recipe:
     title: str
     scale: str
     seeds: list[int]
+    bases: list[int]  # base seeds: each a draw of the logs, SFT policy and judges (0: the base as configured)
     arms: list[Arm]
     base_path: Path
     base_stages: dict[str, dict]  # command -> options, scale applied
@@ -170,12 +172,13 @@ def load_recipe(path: Path, scale: str = "small") -> Recipe:
     if "train-sft" not in base_stages:
         raise base_file.error(("stages",), "the base must train the starting policy (train-sft)")
 
-    seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) \
-            or len(set(seeds)) != len(seeds):
-        raise recipe_file.error(("seeds",), f"must be a list of distinct non-negative integers, got {seeds!r}")
+    seeds, bases = data.get("seeds", [0]), data.get("bases", [0])
+    for key, value in (("seeds", seeds), ("bases", bases)):
+        if not isinstance(value, list) or not value or not all(isinstance(s, int) and s >= 0 for s in value) \
+                or len(set(value)) != len(value):
+            raise recipe_file.error((key,), f"must be a list of distinct non-negative integers, got {value!r}")
     if scale == "tiny":  # a smoke test of the machinery: two seeds make every interval and rule run
-        seeds = seeds[:TINY_SEEDS]
+        seeds, bases = seeds[:TINY_SEEDS], bases[:TINY_BASES]
     arm_defaults = {}
     for command, options in recipe_file.mapping(("arm_defaults",), data.get("arm_defaults")).items():
         arm_defaults[command] = recipe_file.mapping(("arm_defaults", command), options)
@@ -211,7 +214,7 @@ def load_recipe(path: Path, scale: str = "small") -> Recipe:
             raise recipe_file.error(("evaluate",), str(exc)) from None
     recipe = Recipe(
         name=Path(path).stem, path=Path(path), title=str(data.get("title", Path(path).stem)), scale=scale,
-        seeds=seeds, arms=arms, base_path=base_path, base_stages=base_stages,
+        seeds=seeds, bases=bases, arms=arms, base_path=base_path, base_stages=base_stages,
         # A recipe that changes a base stage trains a base of its own: sharing the folder would make
         # each recipe retrain the other's base in turn.
         base_name=base_path.stem + (f"-{Path(path).stem}" if changes_base else ""),
@@ -278,6 +281,20 @@ def _check_arm_options(source: YamlFile, recipe: Recipe) -> None:
                 raise source.error(("arms", arm.name, "init_from"), f"{start!r} is neither a base stage nor an "
                                    f"earlier arm's run ({', '.join(sorted(earlier))})")
         earlier |= {stage_name(arm.name, s) for s in recipe.seeds}
+
+
+def base_stages(recipe: Recipe, base: int) -> dict[str, dict]:
+    """Options of every base stage for base seed `base`: each seeded stage's seed moved on by `base` (the log
+    draw, the query split, SFT, each judge), so base 0 is the base as configured and shares its folder."""
+    out = {}
+    for command, options in recipe.base_stages.items():
+        config, _ = pipeline.build_step(command, options)
+        out[command] = options | {"seed": config.seed + base} if base and hasattr(config, "seed") else options
+    return out
+
+
+def base_folder(recipe: Recipe, base: int) -> str:
+    return recipe.base_name + (f"-b{base}" if base else "")
 
 
 def arm_options(recipe: Recipe, arm: Arm, seed: int) -> dict:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
 from rlhb_cli import rundir, storage
-from rlhb_cli.evaluation.report import across_runs, rolling_mean
+from rlhb_cli.evaluation.report import rolling_mean
 from rlhb_cli.experiments.recipe import Recipe, stage_name
-from rlhb_cli.experiments.verdicts import METRICS, judge_claim
+from rlhb_cli.experiments.verdicts import METRICS, across, judge_claim
 from rlhb_cli.plots import label_iteration_axis, save_figure
 
 TAIL = 5  # iterations averaged for a run's final figures
@@ -74,58 +75,88 @@ def conversation_figures(policies: dict, name: str, baseline: str) -> dict:
             "n_ir": own["N-IR"]}
 
 
-def collect_results(recipe: Recipe, out: Path, base_dir: Path) -> dict:
-    evaluation, conversations = None, None
+def base_results(recipe: Recipe, base) -> dict:
+    """One base's runs (figures and training rows by (arm, seed)), and what its evaluation says of its baseline,
+    references and judges. `base` is a plan.Base: its seed, base_dir and run_dir."""
+    evaluation, conversations, out = None, None, base.run_dir
     if recipe.evaluation == "evaluate" and recipe.evaluate is not None:
         evaluation = rundir.read_json(out / "evaluate" / "summary_detail.json")
     elif recipe.evaluate is not None:  # the personalisation suite: AL(k) over turns of held-out personas
         conversations = rundir.read_json(out / recipe.evaluation / rundir.SUMMARY)["policies"]
-    per_run: dict[str, dict[int, dict]] = {}
-    curves: dict[str, list[list[dict]]] = {}
+    baseline_name = (recipe.evaluate or {}).get("baseline", "train-sft")
+    runs, curves = {}, {}
     for arm in recipe.arms:
         for seed in recipe.seeds:
             figures, rows = run_figures(out, stage_name(arm.name, seed), evaluation)
             if conversations is not None:
-                figures |= conversation_figures(conversations, stage_name(arm.name, seed),
-                                                recipe.evaluate.get("baseline", "train-sft"))
-            per_run.setdefault(arm.name, {})[seed] = figures
-            curves.setdefault(arm.name, []).append(rows)
+                figures |= conversation_figures(conversations, stage_name(arm.name, seed), baseline_name)
+            runs[arm.name, seed], curves[arm.name, seed] = figures, rows
+    competence, measured_on, baseline, references = None, "the annotators' order of the SFT policy's answers", None, {}
+    if evaluation is not None:
+        competence = (evaluation.get("health", {}).get(baseline_name, {})
+                      .get("reward_model_agreement_with_annotators", {}).get("pair_agreement"))
+        reward_summary = base.base_dir / "train-reward" / rundir.SUMMARY
+        if competence is None and reward_summary.exists():  # real logs: no annotators' gold, only held-out pairs
+            competence = rundir.read_json(reward_summary).get("val_pairwise_accuracy")
+            measured_on = "its held-out preference pairs"  # e.g. vote-ranked answers
+        scores = evaluation["scores"]
+        baseline = {d: scores[baseline_name][d]["gold"] for d in scores[baseline_name]
+                    if "gold" in scores[baseline_name][d]} or None  # None: real logs, no gold
+        references = {name: {d: scores[name][d]["gold"] for d in scores[name] if "gold" in scores[name][d]}
+                      for name in recipe.evaluate.get("references", []) if name in scores}
+    return {"runs": runs, "curves": curves, "competence": competence, "measured_on": measured_on,
+            "baseline_gold": baseline, "references_gold": references, "conversations": conversations,
+            "referee_agreement": (evaluation or {}).get("referee", {}).get("agreement"), "run_dir": str(out)}
+
+
+def run_key(recipe: Recipe, base: int, seed: int):
+    """A run's key in per_run: its seed on a recipe of one base, `bBASE-sSEED` on one of several."""
+    return f"b{base}-s{seed}" if len(recipe.bases) > 1 else seed
+
+
+def run_label(arm: str, key) -> str:
+    """Which run: ARM-sSEED, or "base BASE: ARM-sSEED" for a key of a recipe with several bases."""
+    if isinstance(key, str) and key.startswith("b"):
+        base, seed = key[1:].split("-s")
+        return f"base {base}: {stage_name(arm, int(seed))}"
+    return stage_name(arm, key)
+
+
+def collect_results(recipe: Recipe, out: Path, bases: list) -> dict:
+    """Every base's runs and evaluation (`bases`: plan.Base), the arms across runs, the claims judged."""
+    by_base = {base.seed: base_results(recipe, base) for base in bases}
+    groups = [[run_key(recipe, b, s) for s in recipe.seeds] for b in by_base]
+    keys = [k for group in groups for k in group]
+    per_run = {arm.name: {run_key(recipe, b, s): found["runs"][arm.name, s] for b, found in by_base.items()
+                          for s in recipe.seeds} for arm in recipe.arms}
+    curves = {arm.name: [found["curves"][arm.name, s] for found in by_base.values() for s in recipe.seeds]
+              for arm in recipe.arms}
     arms = {}
     for arm in recipe.arms:
         arms[arm.name] = {"stage": arm.command, "options": arm.options}
         for metric in METRICS:
-            values = [per_run[arm.name][s].get(metric) for s in recipe.seeds]
+            values = [per_run[arm.name][k].get(metric) for k in keys]
             if all(v is not None for v in values):
-                arms[arm.name][metric] = across_runs([float(v) for v in values])
-    claims = [judge_claim(c, per_run, arms, recipe.seeds) for c in recipe.claims]
-    competence, measured_on = None, "the annotators' order of the SFT policy's answers"
-    if evaluation is not None:
-        base_name = recipe.evaluate.get("baseline", "train-sft")
-        competence = (evaluation.get("health", {}).get(base_name, {})
-                      .get("reward_model_agreement_with_annotators", {}).get("pair_agreement"))
-        reward_summary = base_dir / "train-reward" / rundir.SUMMARY
-        if competence is None and reward_summary.exists():  # real logs: no annotators' gold, only held-out pairs
-            competence = rundir.read_json(reward_summary).get("val_pairwise_accuracy")
-            measured_on = "its held-out preference pairs"  # e.g. vote-ranked answers
-        claims = [without_incompetent_rlhf(c, claim, recipe, competence, measured_on)
+                arms[arm.name][metric] = across([float(v) for v in values], keys, groups)
+    claims = [judge_claim(c, per_run, arms, keys, groups) for c in recipe.claims]
+    first = by_base[recipe.bases[0]]
+    competences = [found["competence"] for found in by_base.values()]
+    # RLHF is competent only where every base's reward model is
+    competence = None if any(c is None for c in competences) else min(competences)
+    if recipe.evaluation == "evaluate" and recipe.evaluate is not None:
+        claims = [without_incompetent_rlhf(c, claim, recipe, competence, first["measured_on"])
                   for c, claim in zip(claims, recipe.claims)]
-    baseline, references = None, {}
-    if evaluation is not None:
-        base_name = recipe.evaluate.get("baseline", "train-sft")
-        baseline = {d: evaluation["scores"][base_name][d]["gold"] for d in evaluation["scores"][base_name]
-                    if "gold" in evaluation["scores"][base_name][d]} or None  # None: real logs, no gold
-        references = {name: {d: evaluation["scores"][name][d]["gold"] for d in evaluation["scores"][name]
-                             if "gold" in evaluation["scores"][name][d]}
-                      for name in recipe.evaluate.get("references", []) if name in evaluation["scores"]}
     return {"recipe": str(recipe.path), "base": str(recipe.base_path), "scale": recipe.scale, "seeds": recipe.seeds,
-            "run_dir": str(out), "base_run_dir": str(base_dir), "git_commit": rundir.git_commit(),
-            "versions": rundir.library_versions(), "arms": arms, "per_run": per_run, "claims": claims,
-            "baseline_gold": baseline, "rlhf_reward_model_competence": competence, "references_gold": references,
-            "referee_agreement": (evaluation or {}).get("referee", {}).get("agreement"),
-            "conversations": conversations,
+            "bases": recipe.bases, "run_dir": str(out), "base_run_dirs": [str(b.base_dir) for b in bases],
+            "git_commit": rundir.git_commit(), "versions": rundir.library_versions(), "arms": arms,
+            "per_run": per_run, "claims": claims, "baseline_gold": first["baseline_gold"],
+            "rlhf_reward_model_competence": competence, "references_gold": first["references_gold"],
+            "referee_agreement": first["referee_agreement"], "conversations": first["conversations"],
+            "by_base": {b: {k: found[k] for k in ("run_dir", "competence", "baseline_gold", "referee_agreement",
+                                                  "conversations")}
+                        for b, found in by_base.items()} if len(by_base) > 1 else None,
             "curves": {a: [[{k: r.get(k) for k in CURVE_KEYS if k in r} | {"step": r.get("step")}
-                                                     for r in rows] for rows in runs] for a, runs in curves.items()}}
-
+                            for r in rows] for rows in runs] for a, runs in curves.items()}}
 
 
 # RLHF is a baseline worth beating only when its reward model knows the annotators' taste: it must order the
@@ -217,10 +248,25 @@ def _seconds(entry: dict | None) -> str:
     return f"{entry['mean']:.0f}" if entry else "-"
 
 
-def conversation_table(policies: dict, stage: str) -> list[str]:
+def _relative(found: dict, out: Path, path: str) -> str:
+    """`path` inside a base's run dir, as results.md (in `out`) links it."""
+    return os.path.relpath(Path(found.get("run_dir") or out) / path, out)
+
+
+def _variance_sentence(recipe: Recipe) -> str:
+    if len(recipe.bases) == 1:
+        return ("Every figure is the mean over seeds with a 95% t-interval across seeds (the RL stage's seed; the "
+                "base, i.e. the logs, SFT policy and judges, is trained once).")
+    return (f"Every figure is the mean over {len(recipe.bases)} bases x {len(recipe.seeds)} RL seeds with a 95% "
+            f"hierarchical bootstrap interval (bases drawn with replacement, then seeds within each): each base "
+            f"(base seeds {', '.join(map(str, recipe.bases))}) is its own draw of the logs, the query split, the SFT "
+            f"policy and the judges, so the interval holds their variance as well as RL's.")
+
+
+def conversation_table(policies: dict, stage: str, which: str = "") -> list[str]:
     """Every conversing policy's AL(k), IR, N-IR and N-R2 (the baseline and reference rows included)."""
     turns = max(len(p["AL"]) for p in policies.values())
-    lines = ["## Conversations", "", f"Held-out personas converse with each policy ({stage}: AL(k) is the "
+    lines = [f"## Conversations{which}", "", f"Held-out personas converse with each policy ({stage}: AL(k) is the "
              "persona's gold score of the turn-k reply, 0-100; IR its slope in points a turn with a bootstrap interval "
              "over instances).", "", "| policy | " + " | ".join(f"AL({k})" for k in range(1, turns + 1)) +
              " | IR [95%] | N-IR | N-R2 |", "|---|" + "---|" * (turns + 3)]
@@ -243,8 +289,7 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
     lines += [f"Recipe `{recipe.path}` (base `{recipe.base_path.name}`), scale {recipe.scale}, seeds "
               f"{', '.join(map(str, recipe.seeds))}; git commit {results['git_commit'] or 'unknown'}. "
               f"Reproduce: `rlhb experiment run {recipe.path} --scale {recipe.scale}`.", "",
-              "Every figure is the mean over seeds with a 95% t-interval across seeds (the RL stage's seed; the "
-              "base, i.e. the logs, SFT policy and judges, is trained once).", ""]
+              _variance_sentence(recipe), ""]
     if recipe.notes:
         lines += [recipe.notes, ""]
     lines += ["## Claims", "", "| claim | the paper | our rule | ours | verdict |", "|---|---|---|---|---|"]
@@ -262,33 +307,40 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
         lines.append(f"| {name} | {arm['stage']} | {options} | " + " | ".join(
             _seconds(arm.get(m)) if m == "seconds" else _cell(arm.get(m)) for m in shown) + " |")
     lines += ["", "What the columns are: " + "; ".join(f"{m}: {METRICS[m]}" for m in shown) + ".", ""]
-    if results.get("referee_agreement"):
-        lines += ["Referee (gold-free): it orders held-out logged answers to sealed queries as their users did in "
-                  f"{_cell(results['referee_agreement'].get('pairwise_accuracy'))} of same-query pairs (0.5: chance); "
-                  "referee_gain is worth that much.", ""]
-    if results.get("baseline_gold"):
-        lines += ["SFT baseline's gold score: " + ", ".join(f"{d} {_cell(e)}" for d, e in
-                                                            results["baseline_gold"].items()) +
-                  " (mean over queries, bootstrap interval).", ""]
+    nested = results.get("by_base") or {}
+    for base, found in (nested.items() if nested else [(None, results)]):
+        prefix = f"Base {base}: " if nested else ""
+        if found.get("referee_agreement"):
+            lines += [f"{prefix}Referee (gold-free): it orders held-out logged answers to sealed queries as their users "
+                      f"did in {_cell(found['referee_agreement'].get('pairwise_accuracy'))} of same-query pairs (0.5: "
+                      "chance); referee_gain is worth that much.", ""]
+        if found.get("baseline_gold"):
+            lines += [f"{prefix}SFT baseline's gold score: " + ", ".join(
+                f"{d} {_cell(e)}" for d, e in found["baseline_gold"].items()) + " (mean over queries, bootstrap "
+                "interval).", ""]
     for name, by_decoding in results.get("references_gold", {}).items():
         lines += [f"Reference `{name}` (evaluated once, as it comes): " + ", ".join(
             f"{d} {_cell(e)}, gain over the baseline {_cell(e.get('gain_over_baseline'))}"
             for d, e in by_decoding.items()) + ".", ""]
-    if results.get("conversations"):
-        lines += conversation_table(results["conversations"], recipe.evaluation)
+    for base, found in (nested.items() if nested else [(None, results)]):
+        if found.get("conversations"):
+            lines += conversation_table(found["conversations"], _relative(found, out, recipe.evaluation),
+                                        f" (base {base})" if nested else "")
     if has_gains:
         lines += ["![gold gain](gains.png)", ""]
     if has_curves:
         lines += ["## Training", "", "![training curves](curves.png)", "",
                   "Thick: mean over seeds; thin: each seed.", ""]
     lines += ["## Per run", "", "| run | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
-    for arm, by_seed in results["per_run"].items():
-        for seed, figures in by_seed.items():
-            lines.append(f"| {stage_name(arm, seed)} | " + " | ".join(
+    for arm, by_run in results["per_run"].items():
+        for key, figures in by_run.items():
+            lines.append(f"| {run_label(arm, key)} | " + " | ".join(
                 "-" if figures.get(m) is None else f"{figures[m]:+.4f}" if m != "seconds" else f"{figures[m]:.1f}"
                 for m in shown) + " |")
     if recipe.evaluation == "evaluate" and recipe.evaluate is not None:
-        lines += ["", "Per-run detail (judges' trust, behaviour following, sample answers): "
-                  "[report/report.md](report/report.md).", ""]
+        reports = [f"[base {b}]({_relative(found, out, 'report/report.md')})" for b, found in nested.items()] \
+            if nested else ["[report/report.md](report/report.md)"]
+        lines += ["", "Per-run detail (judges' trust, behaviour following, sample answers): " + ", ".join(reports)
+                  + ".", ""]
     storage.atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     storage.atomic_write_json(out / "results.json", results)

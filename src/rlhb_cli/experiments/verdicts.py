@@ -1,13 +1,15 @@
 """Claim verdicts: one small rule per kind of claim, each saying reproduced, direction only, not reproduced,
-contradicted or not measured, with the evidence it read. A rule reads figures per arm and seed (`Evidence`);
-intervals are 95% t-intervals across seeds (`across_runs`).
+contradicted or not measured, with the evidence it read. A rule reads figures per arm and run (`Evidence`);
+intervals are 95% t-intervals across seeds on one base (`across_runs`), or a hierarchical bootstrap over
+bases, then seeds, when a recipe trains several (`across_bases`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from rlhb_cli.evaluation.report import across_runs
+from rlhb_cli.evaluation.report import across_bases, across_runs, ratio_interval
 
 # Figures of one arm's run that a claim can be judged on; the gold ones need the evaluation.
 GOLD_METRICS = {"gold_gain": "gold gain over SFT, sampled answers",
@@ -37,7 +39,8 @@ PERSONALIZATION_METRICS = {
     "n_ir": "N-IR: the slope of AL(k) min-max normalised over the turns"}
 METRICS = {**GOLD_METRICS, **PERSONALIZATION_METRICS, **TRAINING_METRICS}
 CHECK_KINDS = {
-    "close_to": "TO's gain has its interval above 0, and the per-seed ARM - SHARE x TO has its interval above 0",
+    "close_to": "TO's gain has its interval above 0, and the interval of ARM's gain / TO's (hierarchical bootstrap) "
+                "lies above SHARE",
     "better": "the per-seed difference ARM - THAN has its interval above 0",
     "decreasing": "the means fall along ARMS and the per-seed difference first - last has its interval above 0",
     "similar": "the per-seed difference ARM - TO has its whole interval within +-WITHIN",
@@ -48,12 +51,14 @@ CHECK_KINDS = {
 
 @dataclass
 class Evidence:
-    """One metric of every arm: per seed (`per_run[arm][seed][metric]`) and across seeds (`arms[arm][metric]`)."""
+    """One metric of every arm: per run (`per_run[arm][run][metric]`, a run being a seed, or a base's seed) and
+    across runs (`arms[arm][metric]`); `groups` are the runs of each base when there are several."""
 
     metric: str
     per_run: dict
     arms: dict
-    seeds: list[int]
+    seeds: list  # the runs' keys
+    groups: list[list] | None = None
 
     def values(self, arm: str) -> list[float] | None:
         got = [self.per_run[arm][s].get(self.metric) for s in self.seeds]
@@ -62,10 +67,28 @@ class Evidence:
     def summary(self, arm: str) -> dict | None:
         return self.arms[arm].get(self.metric)
 
+    def interval(self, values: list[float]) -> dict:
+        return across(values, self.seeds, self.groups)
+
+    def ratio(self, a: list[float], b: list[float]) -> dict:
+        """mean(a) / mean(b) of per-run figures with its interval, nested in bases as the runs are."""
+        groups = self.groups or [self.seeds]
+        pairs = dict(zip(self.seeds, zip(a, b)))
+        return ratio_interval([[pairs[k] for k in group] for group in groups])
+
     def diff(self, a: str, b: str) -> dict | None:
-        """The per-seed difference a - b across seeds (paired by seed)."""
+        """The per-run difference a - b across runs (paired by seed and base)."""
         va, vb = self.values(a), self.values(b)
-        return across_runs([x - y for x, y in zip(va, vb)]) if va and vb else None
+        return self.interval([x - y for x, y in zip(va, vb)]) if va and vb else None
+
+
+def across(values: list[float], keys: list, groups: list[list] | None = None) -> dict:
+    """Mean and 95% interval of per-run figures (in the order of `keys`): nested in bases when `groups` holds
+    more than one."""
+    if not groups or len(groups) == 1:
+        return across_runs(values)
+    by_key = dict(zip(keys, values))
+    return across_bases([[by_key[k] for k in group] for group in groups])
 
 
 def above(entry: dict | None) -> bool:
@@ -96,18 +119,29 @@ def by_interval(entry: dict | None, evidence: str) -> tuple[str, str]:
 
 
 def close_to(check: dict, ev: Evidence) -> tuple[str, str]:
-    """ARM comes close to TO when it gains at least SHARE of what TO gains, seed by seed, beyond the seeds'
-    noise; against a TO that gains nothing measurable there is nothing to come close to."""
+    """ARM comes close to TO when its gain is at least SHARE of TO's: the interval of the ratio of their mean
+    gains (hierarchical bootstrap over bases and seeds, paired) must clear SHARE. Against a TO whose own gain
+    has an interval reaching 0 there is nothing to come close to: not measured."""
     arm, to, share = check["arm"], check["to"], float(check["share"])
     a, b, va, vb = ev.summary(arm), ev.summary(to), ev.values(arm), ev.values(to)
     if a is None or b is None or va is None or vb is None:
         return "not measured", f"{ev.metric} missing"
-    d = across_runs([x - share * y for x, y in zip(va, vb)])
-    ratio = f": {a['mean'] / b['mean']:.0%} of it" if b["mean"] > 0 else ""
-    evidence = (f"{arm} {fmt(a)} vs {to} {fmt(b)}{ratio}; {arm} - {share:g} x {to} per seed: {fmt(d)}")
+    ratio = ev.ratio(va, vb)
+    low, high = ratio["ci95"]
+    shown = "n/a" if not math.isfinite(ratio["mean"]) else f"{ratio['mean']:.0%}"
+    evidence = (f"{arm} {fmt(a)} vs {to} {fmt(b)}; {arm} / {to} = {shown} [{_share(low)}, {_share(high)}] "
+                f"(needs above {share:.0%})")
     if not above(b):
         return "not measured", evidence + f" ({to} gains nothing measurable to come close to)"
-    return by_interval(d, evidence)
+    if low > share:
+        return "reproduced", evidence
+    if high < share:
+        return "contradicted", evidence
+    return ("direction only" if ratio["mean"] > share else "not reproduced"), evidence
+
+
+def _share(value: float) -> str:
+    return f"{value:.0%}" if math.isfinite(value) else "-inf"
 
 
 def better(check: dict, ev: Evidence) -> tuple[str, str]:
@@ -168,9 +202,9 @@ def positive(check: dict, ev: Evidence) -> tuple[str, str]:
 RULES = {"positive": positive, "close_to": close_to, "better": better, "decreasing": decreasing, "similar": similar, "reaches": reaches}
 
 
-def judge_claim(claim, per_run: dict, arms: dict, seeds: list[int]) -> dict:
+def judge_claim(claim, per_run: dict, arms: dict, seeds: list, groups: list[list] | None = None) -> dict:
     """The verdict on one claim (a `recipe.Claim`) by its rule."""
     check = claim.check
-    verdict, evidence = RULES[check["kind"]](check, Evidence(check["metric"], per_run, arms, seeds))
+    verdict, evidence = RULES[check["kind"]](check, Evidence(check["metric"], per_run, arms, seeds, groups))
     return {"claim": claim.claim, "paper": claim.paper, "rule": CHECK_KINDS[check["kind"]], "metric": check["metric"],
             "verdict": verdict, "evidence": evidence}
