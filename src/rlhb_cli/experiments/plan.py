@@ -69,6 +69,7 @@ def _expected(recipe: Recipe, command: str, options: dict, evaluated: int = 0) -
 
 
 def layout(recipe: Recipe, out: Path) -> list[Base]:
+    """Where each of the recipe's bases trains and runs (see `Base`)."""
     return [Base(b, out.parent / base_folder(recipe, b), out.parent / f"{out.name}-b{b}" if b else out)
             for b in recipe.bases]
 

@@ -7,7 +7,8 @@ RUNS/base (RUNS/base-NAME for a recipe whose scales change a base stage), links 
 RUNS/NAME, runs every arm for every seed as `ARM-sSEED`, evaluates them all, and writes results.md,
 results.json and plots. Stages already done with the same config
 are skipped: the run directory's manifests decide, so an interrupted experiment continues where it
-stopped. Seeds vary the RL stages; the base is trained once (its seed is its own config's).
+stopped. Seeds vary the RL stages; `bases` (default [0]) trains the base once per base seed, each with its
+stages' seeds moved on by it (`base_stages`), base 0 being the base as configured.
 """
 
 from __future__ import annotations
