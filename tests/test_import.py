@@ -155,6 +155,56 @@ def test_oasst_trees_that_cannot_be_read_whole_are_counted_with_their_reason(cli
     assert summary["trees"] == 2 and summary["rejected"] == 4 and len(read_jsonl(tmp_path / "o.jsonl")) == 2
 
 
+def _flat_messages(tree: dict, parent=None) -> list[dict]:
+    """A nested tree as oasst1's flat messages: one per line, each naming its parent."""
+    message = {k: v for k, v in tree.items() if k != "replies"} | {"parent_id": parent}
+    return [message] + [m for reply in tree.get("replies", []) for m in _flat_messages(reply, tree["message_id"])]
+
+
+def test_oasst_flat_messages_give_the_same_rows_and_pairs_as_their_trees(cli, tmp_path):
+    flat = tmp_path / "messages.jsonl"
+    messages = [m for line in OASST.read_text().splitlines() for m in _flat_messages(json.loads(line)["prompt"])]
+    flat.write_text("".join(json.dumps(m) + "\n" for m in messages))
+    cli("import", "oasst", OASST, "--out", tmp_path / "trees.jsonl", "--pairs", tmp_path / "trees.pairs.jsonl")
+    cli("import", "oasst", flat, "--out", tmp_path / "flat.jsonl", "--pairs", tmp_path / "flat.pairs.jsonl")
+    assert read_jsonl(tmp_path / "flat.jsonl") == read_jsonl(tmp_path / "trees.jsonl")
+    assert read_jsonl(tmp_path / "flat.pairs.jsonl") == read_jsonl(tmp_path / "trees.pairs.jsonl")
+    summary = json.loads((tmp_path / "flat.jsonl.manifest.json").read_text())["summary"]
+    assert summary["format"] == "messages" and summary["messages"] == len(messages) == 1167
+    assert summary["trees"] == 100 and summary["rejected"] == summary["duplicate"] == 0
+
+
+def test_oasst_flat_messages_that_join_no_tree_are_counted_line_by_line(cli, tmp_path):
+    good = _flat_messages(OA_TREE)  # lines 1-2: kept
+    lines = good + [
+        {"message_id": "orphan", "parent_id": "gone", "role": "assistant", "text": "x"},        # 3: parent missing
+        {"message_id": "below", "parent_id": "orphan", "role": "prompter", "text": "y"},        # 4: under it
+        {"message_id": "c1", "parent_id": "c2", "role": "prompter", "text": "z"},               # 5: a cycle
+        {"message_id": "c2", "parent_id": "c1", "role": "assistant", "text": "z"},              # 6
+        {"message_id": "a", "parent_id": "p", "role": "assistant", "text": "again"},            # 7: repeated id
+        {"message_id": "r2", "parent_id": None, "role": "prompter", "text": "q"},               # 8: tree without a
+        {"message_id": "no-role", "parent_id": "r2", "text": "w"},                              # 9: role, rejected
+        OA_TREE,                                                                                # 10: nested
+    ]
+    path = tmp_path / "messages.jsonl"
+    path.write_text("".join(json.dumps(m) + "\n" for m in lines))
+    cli("import", "oasst", path, "--out", tmp_path / "o.jsonl")
+    ledger = read_jsonl(tmp_path / "o.jsonl.rejected.jsonl")
+    assert sorted((r["where"], r["kind"], r["reason"]) for r in ledger) == sorted([
+        ("line 10", "rejected", "not a flat message (no 'parent_id', or nested 'replies') in a file of flat messages"),
+        ("line 7", "duplicate", "message a appears again (line 2 is kept)"),
+        ("line 3", "rejected", "message orphan: its parent gone is not among the file's messages"),
+        ("line 4", "rejected", "message below: under message orphan, whose parent gone is not among the file's messages"),
+        ("line 5", "rejected", "message c1: in or under a cycle of replies (no root prompt above it)"),
+        ("line 6", "rejected", "message c2: in or under a cycle of replies (no root prompt above it)"),
+        ("line 8", "rejected", "in the tree of line 8: message no-role: field 'role' is None, neither prompter nor assistant"),
+        ("line 9", "rejected", "in the tree of line 8: message no-role: field 'role' is None, neither prompter nor assistant"),
+    ])
+    summary = json.loads((tmp_path / "o.jsonl.manifest.json").read_text())["summary"]
+    assert summary["messages"] + summary["rejected"] + summary["duplicate"] == len(lines)  # in = kept + rejected + dup
+    assert summary["trees"] == 1 and read_jsonl(tmp_path / "o.jsonl")[0]["response"] == "hello"
+
+
 def test_several_dumps_make_one_log_with_their_sites_and_filters_are_counted(cli, tmp_path):
     other = tmp_path / "stackexchange-other"
     other.symlink_to(SE, target_is_directory=True)  # a second site (the same files, another name)

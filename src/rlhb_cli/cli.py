@@ -200,11 +200,11 @@ def import_stackexchange(
 
 @import_app.command("oasst")
 def import_oasst(
-    trees: Annotated[Path, typer.Argument(help="OpenAssistant trees (JSONL, one tree or root message a line).")],
+    trees: Annotated[Path, typer.Argument(help="OpenAssistant trees (JSONL, one tree or root message a line) or flat messages (one a line, each naming its parent_id).")],
     out: Annotated[Path, typer.Option("--out", help="Log file to write (JSONL), one row per assistant reply.")],
     pairs: Annotated[Optional[Path], typer.Option("--pairs", help="Also write preference pairs: sibling replies by rank.")] = None,
 ) -> None:
-    """OpenAssistant trees -> behaviour logs: +1 / -1 reactions per assistant reply."""
+    """OpenAssistant trees or messages -> behaviour logs: +1 / -1 reactions per assistant reply."""
     _guard(lambda: _import("oasst", trees, out, pairs))
 
 

@@ -1,4 +1,4 @@
-"""Real public behaviour data into the log format: Stack Exchange dumps and OpenAssistant trees.
+"""Real public behaviour data into the log format: Stack Exchange dumps here, OpenAssistant in oasst.py.
 
 Stack Exchange (one row per answer): query = question title + body, response = answer body (HTML to
 plain text), pv = the question's ViewCount (shared by sibling answers), likes = upvotes, dislikes =
@@ -6,9 +6,7 @@ downvotes (Votes.xml types 2 and 3), clicks = comments on the answer (Comments.x
 clicks, comments are the nearest proxy). The XML is streamed and questions are kept in a temporary
 SQLite table, so a multi-GB dump runs in bounded memory.
 
-OpenAssistant (one row per assistant reply): query = the conversation up to the reply, likes = "+1",
-dislikes = "-1", pv = max(review_count, likes + dislikes) (anyone who reacted saw it), clicks = 0 (no
-such signal). Both can write the preference pairs they imply.
+Both sources can write the preference pairs they imply (`--pairs`).
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from rlhb_cli import rundir, storage
+from rlhb_cli.behaviors.oasst import import_oasst
 from rlhb_cli.errors import RlhbError
 
 _BLOCK_TAGS = {"p", "br", "li", "pre", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "div", "hr", "ul", "ol"}
@@ -267,121 +266,6 @@ def _write_pairs(answers: list[tuple[int, str, str]], pairs_out) -> int:
                                         "margin": abs(score_i - score_j)}, ensure_ascii=False) + "\n")
             written += 1
     return written
-
-
-def _conversation(turns: list[tuple[str, str]]) -> str:
-    names = {"prompter": "User", "assistant": "Assistant"}
-    if len(turns) == 1:
-        return turns[0][1]
-    return "\n\n".join(f"{names.get(role, role)}: {text}" for role, text in turns)
-
-
-class _BadTree(Exception):
-    """A tree that cannot be read whole: rejected with this reason, none of its rows written."""
-
-
-def _reaction(emojis: dict, name: str, message_id) -> int:
-    value = emojis.get(name, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _BadTree(f"message {message_id}: reaction {name!r} is {value!r}, not a count")
-    return value
-
-
-def import_oasst(path: Path, out, pairs_out=None, ledger: ImportLedger | None = None) -> dict:
-    """One log row per assistant reply of OpenAssistant trees (tree or nested-message JSONL), every message
-    counted; pairs of ranked sibling replies with their conversation as text and as turns (`messages`, what
-    train-dpo reads). A tree that cannot be read whole (replies that are no list, a message without a role,
-    a reaction that is no count, nesting too deep) goes to `ledger` with its line; a file that is not UTF-8
-    JSON lines is refused in one line. (Nested trees cannot hold a missing parent or a cycle.)"""
-    path = Path(path)
-    ledger = ledger if ledger is not None else ImportLedger()
-    if not path.exists():
-        raise RlhbError(f"{path}: no such file")
-    if path.is_dir():
-        raise RlhbError(f"{path}: is a directory; give the trees' .jsonl file")
-    counts = {"trees": 0, "messages": 0, "assistant_replies": 0, "pairs": 0}
-
-    def walk(message: dict, history: list[tuple[str, str]], rows: list[dict], pairs: list[dict]) -> int:
-        """The messages of the tree below `message`, itself included, its rows and pairs appended."""
-        if not isinstance(message.get("text", ""), str):
-            raise _BadTree(f"message {message.get('message_id')}: field 'text' is not text")
-        if message.get("role") not in ("prompter", "assistant"):
-            raise _BadTree(f"message {message.get('message_id')}: field 'role' is {message.get('role')!r}, neither "
-                           f"prompter nor assistant")
-        turns = history + [(message["role"], message.get("text", ""))]
-        seen = 1
-        replies = message.get("replies") or []
-        if not isinstance(replies, list) or not all(isinstance(r, dict) for r in replies):
-            raise _BadTree(f"message {message.get('message_id')}: field 'replies' is not a list of messages")
-        ranked = []
-        for reply in replies:
-            if reply.get("role") == "assistant":
-                emojis = reply.get("emojis") or {}
-                if not isinstance(emojis, dict):
-                    raise _BadTree(f"message {reply.get('message_id')}: field 'emojis' is not a mapping")
-                likes = _reaction(emojis, "+1", reply.get("message_id"))
-                dislikes = _reaction(emojis, "-1", reply.get("message_id"))
-                reviews = reply.get("review_count") or 0
-                if isinstance(reviews, bool) or not isinstance(reviews, int):
-                    raise _BadTree(f"message {reply.get('message_id')}: review_count {reviews!r} is not a count")
-                rows.append({
-                    "query": _conversation(turns), "response": reply.get("text", ""),
-                    "pv": max(reviews, likes + dislikes), "clicks": 0,
-                    "likes": likes, "dislikes": dislikes, "rank": reply.get("rank"),
-                    "synthetic": int(bool(reply.get("synthetic"))), "message_id": reply.get("message_id"),
-                })
-                if isinstance(reply.get("rank"), (int, float)) and not isinstance(reply.get("rank"), bool):
-                    ranked.append((reply["rank"], reply.get("text", "")))
-            seen += walk(reply, turns, rows, pairs)
-        ranked.sort(key=lambda r: r[0])
-        messages = [{"role": "user" if role == "prompter" else "assistant", "content": text} for role, text in turns]
-        for i, (rank_i, text_i) in enumerate(ranked):
-            for rank_j, text_j in ranked[i + 1:]:
-                if rank_i < rank_j:  # the conversation as turns too: train-dpo reads `messages`
-                    pairs.append({"prompt": _conversation(turns), "messages": messages, "chosen": text_i,
-                                  "rejected": text_j})
-        return seen
-
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError:
-                hint = " (it looks like UTF-16: save it as UTF-8)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-                raise RlhbError(f"{path}:{number}: not UTF-8 text{hint}") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RlhbError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            except RecursionError:
-                ledger.reject(f"line {number}", "nested deeper than a JSON reader may go")
-                continue
-            root = record.get("prompt", record) if isinstance(record, dict) else None
-            if not isinstance(root, dict) or "text" not in root:
-                raise RlhbError(f"{path}:{number}: field 'prompt': not an OpenAssistant tree or message")
-            rows: list[dict] = []
-            pairs: list[dict] = []
-            try:
-                messages = walk(root, [], rows, pairs)
-            except _BadTree as exc:
-                ledger.reject(f"line {number}", str(exc))
-                continue
-            except RecursionError:
-                ledger.reject(f"line {number}", "a conversation nested deeper than can be walked")
-                continue
-            counts["trees"] += 1
-            counts["messages"] += messages
-            counts["assistant_replies"] += len(rows)
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            if pairs_out is not None:
-                for pair in pairs:
-                    pairs_out.write(json.dumps(pair, ensure_ascii=False) + "\n")
-                counts["pairs"] += len(pairs)
-    counts["rejected"] = ledger.count("rejected")
-    return counts
 
 
 @dataclass
