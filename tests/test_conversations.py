@@ -137,3 +137,57 @@ def test_style_is_what_personas_differ_on():
     assert describe(dict.fromkeys(FEATURES, 0.0)).startswith("A user with no strong taste")
     assert describe(dict.fromkeys(FEATURES, 0.0) | {"verbose": -1.0, "source": 1.0}) == (
         "A user who wants short, to-the-point answers and wants to know where information comes from.")
+
+
+class _Template:
+    """A tokenizer's chat template, as far as PromptFormat uses it: turns rendered as <|role|>content."""
+
+    chat_template = "yes"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>"
+
+
+def test_a_conversation_as_a_log_query_is_prompted_as_its_turns_in_both_formats():
+    from rlhb_cli.prompts import PromptFormat, conversation_of, conversation_query, judge_text
+    turns = [{"role": "user", "content": "How do I peel garlic?"}, {"role": "assistant", "content": "Crush it."},
+             {"role": "user", "content": "Shorter next time, please. What is a router?"}]
+    query = conversation_query(turns)
+    assert conversation_of(query) == turns and conversation_query(turns[:1]) == "How do I peel garlic?"
+    assert conversation_of("How do I peel garlic?") == turns[:1]
+    for prompt in (PromptFormat("plain"), PromptFormat("chat", _Template())):
+        assert prompt.prompt(query, "liked by many") == prompt.conversation_prompt(turns, "liked by many")
+        assert prompt.prompt(turns[0]["content"]) == prompt.conversation_prompt(turns[:1])
+    chat = PromptFormat("chat", _Template()).prompt(query, "liked by many")
+    assert chat.index("<|system|>") < chat.index("<|user|>How do I") < chat.index("<|assistant|>Crush it.")
+    long = conversation_query([{"role": "user", "content": "x" * 2000}] + turns[1:])
+    assert judge_text(long, "A router routes.").split("\nAnswer: ")[0].endswith("What is a router?")  # latest turn kept
+
+
+def test_conversation_logs_have_a_row_per_turn_and_split_by_conversation(cli, tmp_path):
+    import datasets
+
+    from rlhb_cli.prompts import conversation_of
+    cli("simulate-conversations", "--run-dir", tmp_path, "--personas", 40, "--eval-personas", 8,
+        "--conversations", 100, "--turns", 4, "--queries", 40)
+    folder = tmp_path / "simulate-conversations"
+    conversations, rows = read_jsonl(folder / "conversations.jsonl"), read_jsonl(folder / "conversation_logs.jsonl")
+    assert len(rows) == sum(len(c["turns"]) for c in conversations) == 400
+    for row in rows:
+        said = conversation_of(row["query"])
+        assert len(said) == 2 * row["turn"] - 1 and said[-1]["role"] == "user"
+    first = conversations[0]["turns"]
+    assert conversation_of(rows[3]["query"])[2] == {"role": "user", "content": first[1]["user"]}
+    assert rows[3]["likes"] == first[3]["like"] and rows[3]["response"] == first[3]["reply"]
+    cli("prepare-behaviors", "--run-dir", tmp_path, "--from-stage", "simulate-conversations",
+        "--group-field", "conversation")
+    data = datasets.load_from_disk(str(tmp_path / "prepare-behaviors" / "dataset"))
+    owners = {}
+    for split in ("train", "validation", "test"):
+        for conversation in data[split]["conversation"]:
+            owners.setdefault(conversation, set()).add(split)
+    assert all(len(splits) == 1 for splits in owners.values()) and len(owners) == 100
+    assert {len(data[s]) for s in ("validation", "test")} != {0}
+    missing = cli("prepare-behaviors", "--run-dir", tmp_path / "other", "--from-stage", "simulate-conversations",
+                  ok=False)
+    assert missing.exit_code == 2 and "simulate-conversations" in missing.output and "Traceback" not in missing.output

@@ -294,14 +294,15 @@ def test_the_real_data_recipe_runs_gold_free_at_tiny_scale(cli, tmp_path):
 
 
 def test_the_aloe_recipe_runs_its_arms_through_the_personalisation_suite(cli, tmp_path):
-    """ALOE's recipe: tree SFT and DPO arms (train-dpo) per seed, judged by held-out personas' conversations;
+    """ALOE's recipe: tree SFT and DPO arms (train-dpo) and RLHB / RLHBC over the conversation logs (their
+    judges read the conversation) per seed, judged by held-out personas' conversations;
     every arm's AL gains and IR per seed, the conversation table in results.md, no behaviour report; a second
     run finds everything done."""
     out = tmp_path / "aloe"
     cli("experiment", "run", EXPERIMENTS / "aloe.yaml", "--scale", "tiny", "--out", out)
     results = json.loads((out / "results.json").read_text())
-    assert [c["verdict"] in VERDICTS for c in results["claims"]] == [True] * 4
-    for arm in ("tree-sft", "aloe"):
+    assert [c["verdict"] in VERDICTS for c in results["claims"]] == [True] * 6
+    for arm in ("tree-sft", "aloe", "rlhb", "rlhbc"):
         for seed in ("0", "1"):
             figures = results["per_run"][arm][seed]
             assert all(figures[m] is not None for m in ("al_gain", "al_first_gain", "al_last_gain", "ir", "n_ir"))
@@ -317,6 +318,8 @@ def test_the_aloe_recipe_runs_its_arms_through_the_personalisation_suite(cli, tm
     markdown = (out / "results.md").read_text()
     assert "## Conversations" in markdown and "evaluate-personalization/al_curves.png" in markdown
     assert not (out / "report").exists() and (out / "simulate-conversations").is_symlink()
+    prepared = json.loads((out / "prepare-behaviors" / "manifest.json").read_text())
+    assert prepared["config"]["from_stage"] == "simulate-conversations" and prepared["inputs"]["logs"]
     again = cli("experiment", "run", EXPERIMENTS / "aloe.yaml", "--scale", "tiny", "--out", out).output
     assert "already done" in again and "[1/" not in again
 

@@ -160,6 +160,8 @@ def prepare_behaviors(
     test_fraction: Annotated[Optional[float], _opt(PrepareConfig, "test_fraction", "--test-fraction")] = None,
     seed: Annotated[Optional[int], _opt(PrepareConfig, "seed", "--seed")] = None,
     salt: Annotated[Optional[str], _opt(PrepareConfig, "salt", "--salt")] = None,
+    from_stage: Annotated[Optional[str], _opt(PrepareConfig, "from_stage", "--from-stage")] = None,
+    group_field: Annotated[Optional[str], _opt(PrepareConfig, "group_field", "--group-field")] = None,
     force: ForceOpt = False,
 ) -> None:
     def body() -> None:
@@ -169,7 +171,8 @@ def prepare_behaviors(
             logs=logs, field_map=field_map or None, input_kind=input_kind, behavior_basis=behavior_basis, bins=bins,
             bins_from=bins_from, template=template, max_reject_ratio=max_reject_ratio, max_count=max_count,
             require_view=require_view, keep_fields=keep_fields or None, absent_as_zero=absent_as_zero or None,
-            validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed, salt=salt))
+            validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed, salt=salt,
+            from_stage=from_stage, group_field=group_field))
         upstream = pipeline.default_inputs(prepare.STAGE, config, run_dir)
         summary = run_stage(prepare.STAGE, run_dir / prepare.STAGE, config, prepare.run, config.seed, upstream, force)
         _print_summary(f"prepare-behaviors -> {run_dir / prepare.STAGE}", summary)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from rlhb_cli import distributed, registry, rundir, storage
+from rlhb_cli.behaviors.prepare import SIMULATED_LOGS
 from rlhb_cli.config import build_config, same_config
 from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.card import write_stage_cards
@@ -66,12 +67,13 @@ def build_step(command: str, options: dict[str, Any], run_dir: Path | None = Non
 
 def default_inputs(command: str, config: Any, run_dir: Path, check: bool = True) -> tuple[str, ...]:
     """Fill the inputs a stage takes from the run dir when none is given, and return the stages they come
-    from: prepare-behaviors reads the simulated logs unless given a log file. With `check`, the stage they
-    come from must be done."""
+    from: prepare-behaviors reads the simulated logs (of its --from-stage) unless given a log file. With
+    `check`, the stage they come from must be done."""
     if command == "prepare-behaviors" and config.logs is None:
-        simulated = rundir.require_stage(run_dir, "simulate-logs") if check else Path(run_dir) / "simulate-logs"
-        config.logs = simulated / "logs.jsonl"
-        return ("simulate-logs",)
+        source = config.from_stage
+        simulated = rundir.require_stage(run_dir, source) if check else Path(run_dir) / source
+        config.logs = simulated / SIMULATED_LOGS[source]
+        return (source,)
     return ()
 
 

@@ -13,11 +13,18 @@ SFT chooses the format (`--prompt-format auto`: chat for a pretrained model with
 tiny) and records it in the policy's policy.json; every later stage reads it from there.
 Judges (discriminator, classifier, reward model) read `judge_text`, plain text, so a judge may have a
 different tokenizer from the policy.
+
+A log row's query may be a whole conversation so far, written by `conversation_query` ("User: ...",
+"Assistant: ...", blank-line separated, the user's message last: what the oasst import and simulated
+conversations write). `prompt` turns such a query back into turns (`conversation_of`), so every stage that
+prompts with a query (SFT, RL, evaluation) prompts with the conversation: the chat template's own turns, or
+the plain format's Question / Answer lines; a judge reads its latest turns when it is too long.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +35,44 @@ MAX_RESPONSE_CHARS = 1200
 PROMPT_FORMATS = ("plain", "chat")
 
 
+_SPEAKERS = {"user": "User", "assistant": "Assistant"}
+_TURN_BREAK = re.compile(r"\n\n(?=(?:User|Assistant): )")
+
+
 def _clip(text: str, limit: int) -> str:
     text = text.strip()
     return text if len(text) <= limit else text[:limit].rstrip() + " ..."
+
+
+def _clip_start(text: str, limit: int) -> str:
+    """The end of `text` (a conversation's latest turns matter most), its cut start marked."""
+    text = text.strip()
+    return text if len(text) <= limit else "... " + text[-limit:].lstrip()
+
+
+def conversation_query(messages: list[dict]) -> str:
+    """A conversation so far (turns of role user / assistant, the user's last) as one query string; a
+    one-message conversation is its message's text."""
+    if not messages or messages[-1]["role"] != "user":
+        raise RlhbError("a conversation's query ends with the user's message")
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"{_SPEAKERS[m['role']]}: {m['content']}" for m in messages)
+
+
+def conversation_of(query: str) -> list[dict]:
+    """The turns of a query `conversation_query` wrote (a plain question is one user turn). A question that
+    happens to look like a transcript ("User: ..." with an "Assistant: " turn and the user's last) is read
+    as one."""
+    if not query.startswith("User: ") or "\n\nAssistant: " not in query:
+        return [{"role": "user", "content": query}]
+    turns = []
+    for part in _TURN_BREAK.split(query):
+        speaker, _, content = part.partition(": ")
+        turns.append({"role": "user" if speaker == "User" else "assistant", "content": content})
+    if turns[-1]["role"] != "user":
+        return [{"role": "user", "content": query}]
+    return turns
 
 
 def generator_prompt(query: str, behavior_text: str | None = None) -> str:
@@ -77,6 +119,10 @@ class PromptFormat:
         return cls.resolve(meta.get("prompt_format", "plain"), tokenizer, where)
 
     def prompt(self, query: str, behavior_text: str | None = None) -> str:
+        """The prompt for a query; a conversation query (see the module) as its conversation's turns."""
+        turns = conversation_of(query)
+        if len(turns) > 1:
+            return self.conversation_prompt(turns, behavior_text)
         if self.kind == "plain":
             return generator_prompt(query, behavior_text)
         return self.tokenizer.apply_chat_template(chat_messages(query, behavior_text), tokenize=False,
@@ -125,6 +171,7 @@ def judge_text(query: str, response: str, behavior_text: str | None = None) -> s
     lines = []
     if behavior_text is not None:
         lines.append(f"Users: {behavior_text}")
-    lines.append(f"Question: {_clip(query, MAX_QUERY_CHARS)}")
+    conversation = len(conversation_of(query)) > 1
+    lines.append(f"Question: {(_clip_start if conversation else _clip)(query, MAX_QUERY_CHARS)}")
     lines.append(f"Answer: {_clip(response, MAX_RESPONSE_CHARS)}")
     return "\n".join(lines)

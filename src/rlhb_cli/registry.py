@@ -58,7 +58,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("simulate-conversations", "Simulate personas in multi-turn conversations: per-turn behaviour, implicit "
               "remarks, and ALOE's preference tree.", "rlhb_cli.simulator.conversations:ConversationsConfig",
               "rlhb_cli.simulator.conversations:run",
-              writes=("personas.jsonl", "conversations.jsonl", "preference_tree.jsonl"),
+              writes=("personas.jsonl", "conversations.jsonl", "conversation_logs.jsonl", "preference_tree.jsonl"),
               headline=("personas", "conversations", "pairs", "ties", "remarks", "seconds"), in_default_plan=False),
     StageSpec("prepare-behaviors", "Validate, anonymise, bin and describe behaviour logs; split by query; save the "
               "data set.", "rlhb_cli.behaviors.prepare:PrepareConfig", "rlhb_cli.behaviors.prepare:run",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from rlhb_cli.errors import RlhbError
+from rlhb_cli.prompts import conversation_query
 
 if TYPE_CHECKING:
     from rlhb_cli.behaviors.importers import ImportLedger
@@ -27,10 +28,9 @@ class _BadTree(Exception):
 
 
 def _conversation(turns: list[tuple[str, str]]) -> str:
-    names = {"prompter": "User", "assistant": "Assistant"}
-    if len(turns) == 1:
-        return turns[0][1]
-    return "\n\n".join(f"{names.get(role, role)}: {text}" for role, text in turns)
+    """The log's query: the conversation so far, as every stage's prompt builder reads it back."""
+    return conversation_query([{"role": "user" if role == "prompter" else "assistant", "content": text}
+                               for role, text in turns])
 
 
 def _reaction(emojis: dict, name: str, message_id) -> int:
@@ -70,6 +70,8 @@ def walk(message: dict, history: list[tuple[str, str]], rows: list[dict], pairs:
     ranked = []
     for reply in replies:
         if reply.get("role") == "assistant":
+            if message["role"] != "prompter":
+                raise _BadTree(f"message {reply.get('message_id')}: an assistant reply to an assistant message")
             rows.append(_reply_row(reply, turns))
             if isinstance(reply.get("rank"), (int, float)) and not isinstance(reply.get("rank"), bool):
                 ranked.append((reply["rank"], reply.get("text", "")))

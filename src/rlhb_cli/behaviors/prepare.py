@@ -36,9 +36,18 @@ SEALED = "test"  # queries no training stage reads: the gold-free evaluation's g
 MIN_PREFERRED_SHARE = 0.05
 
 
+SIMULATED_LOGS = {"simulate-logs": "logs.jsonl", "simulate-conversations": "conversation_logs.jsonl"}
+
+
 @dataclass
 class PrepareConfig:
-    logs: Path | None = field(None, help="Log file (.jsonl/.csv/.parquet, .gz too); default: the run's simulate-logs output.")
+    logs: Path | None = field(None, help="Log file (.jsonl/.csv/.parquet, .gz too); default: the run's simulated logs "
+                                         "(--from-stage).")
+    from_stage: str = field("simulate-logs", help="Without a log file, the run's stage whose logs are read: "
+                                                  "simulate-logs, or simulate-conversations (one row per turn, the "
+                                                  "conversation so far as the query).")
+    group_field: str = field("", help="Split by this column instead of the query, every row of a group in one split "
+                                      "(e.g. conversation: a conversation's turns never straddle train and test).")
     field_map: list[str] = field(help="Column mapping CANONICAL=YOURS, e.g. likes=upvotes (repeatable).", factory=list)
     input_kind: str = field("auto", help="aggregated rows, impression events, or auto (from the columns).")
     behavior_basis: str = field("rates", help="rates: per-view rates at quantiles beside a per-query view level; "
@@ -58,6 +67,8 @@ class PrepareConfig:
                                         "in the stage dir as salt.secret).")
 
     def __post_init__(self):
+        if self.from_stage not in SIMULATED_LOGS:
+            raise ValueError(f"from_stage must be one of {', '.join(SIMULATED_LOGS)}, got {self.from_stage!r}")
         if self.input_kind not in ("auto", "aggregated", "events"):
             raise ValueError(f"input_kind must be auto, aggregated or events, got {self.input_kind!r}")
         if self.behavior_basis not in ("rates", "counts"):
@@ -135,7 +146,8 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
         stage.add_input("template", Path(config.template))
 
     parsed = read_logs(logs, config.mapping)
-    checked = validate(parsed, logs, config.input_kind, config.max_count, config.require_view, config.keep_fields,
+    keep = config.keep_fields + ([config.group_field] if config.group_field not in ("", *config.keep_fields) else [])
+    checked = validate(parsed, logs, config.input_kind, config.max_count, config.require_view, keep,
                        config.absent_as_zero, _salt(config, stage.dir))
     rejected_lines = [json.dumps(r.to_json() | {"kind": "rejected"}, ensure_ascii=False) for r in checked.rejected]
     rejected_lines += [json.dumps(r.to_json() | {"kind": "duplicate"}, ensure_ascii=False) for r in checked.duplicates]
@@ -155,9 +167,21 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
     encoded = table.column("query").combine_chunks().dictionary_encode()
     query_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     unique_queries = encoded.dictionary.to_pylist()
-    split_of = split_queries(unique_queries, config.seed, config.validation_fraction, config.test_fraction)
-    split_names = np.array([split_of[q] for q in unique_queries], dtype=object)
-    row_split = split_names[query_codes]
+    if config.group_field:
+        if config.group_field not in table.column_names:
+            raise RlhbError(f"{logs}: --group-field {config.group_field!r} is not a column of the logs")
+        groups = table.column(config.group_field).cast(pa.string()).combine_chunks().dictionary_encode()
+        unique_groups = groups.dictionary.to_pylist()
+        split_of_group = split_queries(unique_groups, config.seed, config.validation_fraction, config.test_fraction)
+        row_split = np.array([split_of_group[g] for g in unique_groups], dtype=object)[
+            groups.indices.to_numpy(zero_copy_only=False)]
+    else:
+        split_of = split_queries(unique_queries, config.seed, config.validation_fraction, config.test_fraction)
+        row_split = np.array([split_of[q] for q in unique_queries], dtype=object)[query_codes]
+    # a query's split (under groups, the same question may open conversations in several: the test one wins)
+    split_names = np.full(len(unique_queries), "train", dtype=object)
+    for name in ("validation", SEALED):
+        split_names[np.unique(query_codes[row_split == name])] = name
     counts = {m: table.column(m).to_numpy() for m in binning.METRICS}
     if config.bins_from is not None:
         stage.add_input("bins_from", Path(config.bins_from))
@@ -221,8 +245,10 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
         "rows_duplicate": len(checked.duplicates),
         "rows_out": table.num_rows,
         "reject_reasons": dict(reasons.most_common()),
-        "splits": {s: {"rows": int((row_split == s).sum()), "queries": int((split_names == s).sum())} for s in SPLITS},
-        "sealed": {"split": SEALED, "queries_sha256": queries_digest(q for q, s in split_of.items() if s == SEALED),
+        "splits": {s: {"rows": int((row_split == s).sum()), "queries": int(np.unique(query_codes[row_split == s]).size)}
+                   for s in SPLITS},
+        "sealed": {"split": SEALED,
+                   "queries_sha256": queries_digest(q for q, s in zip(unique_queries, split_names) if s == SEALED),
                    "read_by": "evaluate only: every training stage is refused it (load_prepared)"},
         "behavior_basis": spec.basis,
         "levels": {m: spec.levels(m) for m in binning.METRICS},

@@ -13,8 +13,10 @@ a new query, and a remark, when one is made, opens the next message.
 
 Writes `personas.jsonl` (the hidden profiles with their descriptions: read by evaluation only, like
 simulate-logs' environment.json), `conversations.jsonl` (per turn the user's message, the reply shown and
-the behaviour it drew) and `preference_tree.jsonl` (per turn the conversation so far, the chosen and the
-rejected reply, which one was continued).
+the behaviour it drew), `conversation_logs.jsonl` (the same turns as behaviour logs, the conversation so far
+as the query: what `prepare-behaviors --from-stage simulate-conversations` reads for RLHB over
+conversations) and `preference_tree.jsonl` (per turn the conversation so far, the chosen and the rejected
+reply, which one was continued).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from rlhb_cli.config import field
+from rlhb_cli.prompts import conversation_query
 from rlhb_cli.rundir import StageRun
 from rlhb_cli.simulator.attributes import FEATURES, Lexicon, QueryKey, feature_matrix
 from rlhb_cli.simulator.gold import UserModel
@@ -218,6 +221,20 @@ def converse(rng: np.random.Generator, world: World, profile: Profile, turns: in
     return dialogue.turns, pairs
 
 
+def behavior_rows(conversation: dict) -> list[dict]:
+    """A conversation as behaviour logs, one row per turn: the conversation so far as the query (the prompt
+    builder reads it back as turns), the reply shown as the response, and what its one user did with it."""
+    rows, messages = [], []
+    for turn in conversation["turns"]:
+        messages.append({"role": "user", "content": turn["user"]})
+        rows.append({"query": conversation_query(messages), "response": turn["reply"], "pv": turn["view"],
+                     "clicks": turn["click"], "likes": turn["like"], "dislikes": turn["dislike"],
+                     "user_id": conversation["user_id"], "conversation": conversation["conversation"],
+                     "turn": turn["turn"]})
+        messages.append({"role": "assistant", "content": turn["reply"]})
+    return rows
+
+
 def run(config: ConversationsConfig, stage: StageRun) -> dict:
     started = time.perf_counter()
     rng = np.random.default_rng(config.seed)
@@ -235,6 +252,7 @@ def run(config: ConversationsConfig, stage: StageRun) -> dict:
     atomic_write_jsonl(stage.dir / "conversations.jsonl", [
         c | {"turns": [{k: v for k, v in t.items() if k not in hidden} for t in c["turns"]]} for c in conversations])
     atomic_write_jsonl(stage.dir / "preference_tree.jsonl", tree)
+    atomic_write_jsonl(stage.dir / "conversation_logs.jsonl", [row for c in conversations for row in behavior_rows(c)])
     turns = [t for c in conversations for t in c["turns"]]
     return {
         "personas": len(profiles), "eval_personas": sum(p.split == "eval" for p in profiles),
