@@ -62,10 +62,15 @@ def test_oasst_gives_one_row_per_assistant_reply(cli, tmp_path):
     from rlhb_cli.stages.dpo import read_pairs
     turns, broken = read_pairs(pairs)  # the pairs as conversations, as train-dpo reads them
     assert turns and not broken and sum(len(p["messages"]) > 1 for p in turns) > 0
+    assert len({r["tree"] for r in rows}) == 100
     run_dir = tmp_path / "run"
-    cli("prepare-behaviors", out, "--run-dir", run_dir)
+    cli("prepare-behaviors", out, "--run-dir", run_dir, "--group-field", "tree")
     summary = json.loads((run_dir / "prepare-behaviors" / "summary.json").read_text())
     assert summary["rows_kept"] == 687
+    import datasets
+    data = datasets.load_from_disk(str(run_dir / "prepare-behaviors" / "dataset"))
+    trees = [set(data[s]["tree"]) for s in ("train", "validation", "test")]
+    assert not (trees[0] & trees[2] or trees[1] & trees[2] or trees[0] & trees[1]) and len(trees[2]) == 10
 
 
 def test_html_to_text_keeps_paragraphs_and_decodes_entities():

@@ -205,9 +205,10 @@ def import_oasst(path: Path, out, pairs_out, ledger: "ImportLedger") -> dict:
             continue
         counts["trees"] += 1
         counts["messages"] += messages
+        tree_id = root.get("message_id") or f"line {number}"  # a tree's rows split together (--group-field tree)
         counts["assistant_replies"] += len(rows)
         for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.write(json.dumps(row | {"tree": tree_id}, ensure_ascii=False) + "\n")
         if pairs_out is not None:
             for pair in pairs:
                 pairs_out.write(json.dumps(pair, ensure_ascii=False) + "\n")
