@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from rlhb_cli.evaluation.statistics import answer_draw_se, bootstrap_interval, distinct_2, spearman, win_tie_loss
-from rlhb_cli.evaluation.report import across_runs, rolling_mean
+from rlhb_cli.evaluation.intervals import across_runs
+from rlhb_cli.evaluation.report import rolling_mean
 
 
 def test_win_tie_loss_by_hand():
@@ -95,7 +96,7 @@ def test_correct_pair_agreement_and_feature_rates_by_hand():
 
 
 def test_across_bases_holds_the_bases_variance_and_is_reproducible():
-    from rlhb_cli.evaluation.report import across_bases
+    from rlhb_cli.evaluation.intervals import across_bases
     groups = [[0.1, 0.1], [0.3, 0.3], [0.5, 0.5]]  # seeds agree within a base; the bases do not
     nested = across_bases(groups)
     assert nested["mean"] == pytest.approx(0.3) and nested["runs"] == 6 and nested["bases"] == 3
@@ -105,9 +106,55 @@ def test_across_bases_holds_the_bases_variance_and_is_reproducible():
 
 
 def test_a_share_has_an_interval_and_a_vanishing_denominator_widens_it_downwards():
-    from rlhb_cli.evaluation.report import ratio_interval
+    from rlhb_cli.evaluation.intervals import ratio_interval
     steady = ratio_interval([[(0.045, 0.05), (0.046, 0.05), (0.047, 0.05)]])
     assert steady["mean"] == pytest.approx(0.92) and 0.89 < steady["ci95"][0] < steady["ci95"][1] < 0.95
     shaky = ratio_interval([[(0.02, 0.04), (0.02, -0.01)], [(0.02, 0.03), (0.02, -0.02)]])  # b's mean may be <= 0
     assert shaky["ci95"][0] == -math.inf and shaky["mean"] == pytest.approx(0.02 / 0.01)
     assert ratio_interval([[(1.0, 2.0)], [(3.0, 2.0)]]) == ratio_interval([[(1.0, 2.0)], [(3.0, 2.0)]])  # seeded
+
+
+def test_the_queries_draw_widens_the_interval_and_keeps_pairs_paired():
+    """Queries (or held-out conversations) are a draw too: with each run's per-query gains the interval holds
+    their variance, on one base (t across seeds widened by the queries' draw) and on several (bootstrap over
+    bases, seeds, then queries); gains constant over queries leave it as the seeds make it."""
+    from rlhb_cli.evaluation.intervals import across_bases, ratio_interval
+    rng = np.random.default_rng(0)
+    hard = rng.normal(0, 1.0, 50)  # what each query does, alike in every run
+    noisy = [[0.1 + hard + rng.normal(0, 0.01, 50) for _ in range(3)]]  # seeds agree; queries scatter widely
+    values = [[float(np.mean(u)) for u in noisy[0]]]
+    seeds_only, with_queries = across_bases(values), across_bases(values, units=noisy)
+    assert with_queries["mean"] == seeds_only["mean"] and with_queries["unit_draw_se"] > 0.1
+    assert with_queries["ci95"][1] - with_queries["ci95"][0] > 3 * (seeds_only["ci95"][1] - seeds_only["ci95"][0])
+    flat = [[np.full(50, v) for v in values[0]]]
+    assert across_bases(values, units=flat)["ci95"] == pytest.approx(seeds_only["ci95"])
+    bases = [[0.1 + rng.normal(0, 1.0, 40) for _ in range(2)] for _ in range(3)]
+    means = [[float(np.mean(u)) for u in b] for b in bases]
+    nested = across_bases(means, units=bases)
+    assert nested == across_bases(means, units=bases) and nested["bases"] == 3
+    assert nested["ci95"][1] - nested["ci95"][0] > across_bases(means)["ci95"][1] - across_bases(means)["ci95"][0]
+    # a share whose numerator and denominator move together query by query stays tight: the pairs are paired
+    together = [[(b, 0.5 * b) for b in (1.0 + rng.normal(0, 1.0, 60) for _ in range(3))]]
+    pairs = [[(float(np.mean(a)), float(np.mean(b))) for a, b in together[0]]]
+    shared = ratio_interval(pairs, units=together)
+    assert shared["ci95"] == pytest.approx([2.0, 2.0])
+
+
+def test_a_difference_clear_across_seeds_but_not_across_queries_is_direction_only():
+    from rlhb_cli.experiments.recipe import Claim
+    from rlhb_cli.experiments.verdicts import across, judge_claim
+    rng = np.random.default_rng(1)
+    per_run = {"a": {}, "b": {}}
+    for seed in (0, 1, 2):
+        shared = rng.normal(0, 1.0, 80)  # what each query does to both arms alike
+        a, b = 0.05 + shared + rng.normal(0, 1.0, 80), shared + rng.normal(0, 1.0, 80)
+        a, b = a - a.mean() + 0.05 + 0.001 * seed, b - b.mean()  # seeds agree to the third decimal
+        per_run["a"][seed] = {"gold_gain": float(a.mean()), "units": {"gold_gain": list(a)}}
+        per_run["b"][seed] = {"gold_gain": float(b.mean()), "units": {"gold_gain": list(b)}}
+    claim = Claim("a beats b", "", {"kind": "better", "arm": "a", "than": "b", "metric": "gold_gain"})
+    arms = {n: {"gold_gain": across([r["gold_gain"] for r in runs.values()], [0, 1, 2])} for n, runs in per_run.items()}
+    assert judge_claim(claim, per_run, arms, [0, 1, 2])["verdict"] == "direction only"
+    for runs in per_run.values():
+        for figures in runs.values():
+            del figures["units"]
+    assert judge_claim(claim, per_run, arms, [0, 1, 2])["verdict"] == "reproduced"  # seeds alone: too sure

@@ -128,7 +128,7 @@ def _claim(kind: str, **check) -> Claim:
 
 
 def _arms(per_run):
-    from rlhb_cli.evaluation.report import across_runs
+    from rlhb_cli.evaluation.intervals import across_runs
     return {a: {"gold_gain": across_runs([v["gold_gain"] for v in runs.values()])} for a, runs in per_run.items()}
 
 

@@ -372,6 +372,11 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def by_query(delta: np.ndarray) -> list:
+    """Per-query gains as results.json keeps them (None: unrated): the units of a recipe's intervals."""
+    return [round(float(x), 4) if np.isfinite(x) else None for x in delta]
+
+
 def _summarise(config, scores, health, queries, query_sets, judges, names, references, draw_variances) -> dict:
     table: dict = {}
     for name in names:
@@ -392,7 +397,7 @@ def _summarise(config, scores, health, queries, query_sets, judges, names, refer
                     delta = per_query - base
                     low, high = bootstrap_interval(delta, config.bootstrap_samples, config.seed)
                     entry["gain_over_baseline"] = {"mean": round(float(np.nanmean(delta)), 4),
-                                                   "ci95": [round(low, 4), round(high, 4)]}
+                                                   "ci95": [round(low, 4), round(high, 4)], "by_query": by_query(delta)}
                     variances = [draw_variances.get(n, {}).get(decoding, {}).get(judge) for n in (name, config.baseline)]
                     if all(v is not None for v in variances):
                         entry["gain_over_baseline"]["answer_draw_se"] = round(answer_draw_se(*variances), 4)

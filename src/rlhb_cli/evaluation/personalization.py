@@ -142,13 +142,13 @@ def run(config: PersonalizationConfig, stage: rundir.StageRun) -> dict:
     if not names:
         raise RlhbError(f"{run_dir}: no policy to evaluate (train one, or give --policies)")
     notes: list[str] = []
-    results, transcripts = {}, []
+    results, transcripts, scores_of = {}, [], {}
     for name in [AVERAGE_USER] + list(names):
         replier = None if name == AVERAGE_USER else policy_replier(
             policy_source(name, run_dir, stage, f"policy {name}"), notes, config.seed)
         conversations = converse_with(replier, instances, config.turns, config.seed, simulated.remark_rate, world,
                                       config.max_new_tokens)
-        scores = np.array([[t["score"] for t in turns] for turns in conversations])
+        scores = scores_of[name] = np.array([[t["score"] for t in turns] for turns in conversations])
         likes = np.array([[t["like"] for t in turns] for turns in conversations]).mean(0)
         results[name] = curve_figures(scores, config.bootstrap_samples, config.seed) | {
             "likes": [round(float(x), 3) for x in likes]}
@@ -159,6 +159,7 @@ def run(config: PersonalizationConfig, stage: rundir.StageRun) -> dict:
     draw_curves(results, stage.dir / "al_curves.png")
     return {"instances": config.instances, "turns": config.turns, "held_out_personas": len(held_out),
             "policies": {name: {k: r[k] for k in ("AL", "IR", "IR_interval", "N-IR", "N-R2")}
+                         | {"scores": [[round(float(x), 2) for x in row] for row in scores_of[name]]}
                          for name, r in results.items()},
             "notes": notes, "seconds": round(time.perf_counter() - started, 1)}
 

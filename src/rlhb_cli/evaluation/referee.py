@@ -104,9 +104,10 @@ def cross_fitted_referee(logged: dict[str, list], answers: dict[str, tuple[list[
         low, high = bootstrap_interval(values, bootstrap_samples, seed)
         entry = {"mean": round(float(values.mean()), 4), "ci95": [round(low, 4), round(high, 4)], "queries": len(values)}
         if name != baseline and baseline in per_query:
-            shared = [q for q in means if q in per_query[baseline]]
+            shared = sorted(q for q in means if q in per_query[baseline])  # one order for every policy
             delta = np.array([means[q] - per_query[baseline][q] for q in shared])
             low, high = bootstrap_interval(delta, bootstrap_samples, seed)
-            entry["gain_over_baseline"] = {"mean": round(float(delta.mean()), 4), "ci95": [round(low, 4), round(high, 4)]}
+            entry["gain_over_baseline"] = {"mean": round(float(delta.mean()), 4), "ci95": [round(low, 4), round(high, 4)],
+                                           "by_query": [round(float(x), 4) for x in delta]}
         out["policies"][name] = entry
     return out

@@ -18,6 +18,7 @@ import numpy as np
 from rlhb_cli import rundir, storage
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
+from rlhb_cli.evaluation.intervals import across_runs
 from rlhb_cli.plots import label_iteration_axis, save_figure
 from rlhb_cli.stages.sft import convergence_note
 
@@ -25,7 +26,6 @@ STAGE = "report"
 CURVES = (("objective/reward_mean", "reward (its own source)"), ("objective/return_mean", "return"),
           ("objective/kl", "KL to reference"), ("policy/entropy", "entropy"),
           ("disc/score_generated", "discriminator on generated"), ("disc/score_real", "discriminator on real"))
-T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
 @dataclass
@@ -50,48 +50,6 @@ def rolling_mean(values: list[float], window: int) -> list[float]:
             total -= queue.pop(0)
         out.append(total / len(queue))
     return out
-
-
-def across_runs(values: list[float]) -> dict:
-    """Mean over runs, with a 95% t-interval when there are two or more."""
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return {"mean": mean, "ci95": None, "runs": len(values)}
-    half = T_975.get(len(values) - 1, 1.96) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "runs": len(values)}
-
-
-def nested_draws(groups: list[list], resamples: int, seed: int = 0):
-    """Hierarchical bootstrap draws, one a resample: bases with replacement, then the items (runs) of each
-    drawn base with replacement."""
-    rng = np.random.default_rng(seed)
-    for _ in range(resamples):
-        drawn = [groups[i] for i in rng.integers(len(groups), size=len(groups))]
-        yield [[g[j] for j in rng.integers(len(g), size=len(g))] for g in drawn]
-
-
-def ratio_interval(groups: list[list[tuple[float, float]]], resamples: int = 4000, seed: int = 0) -> dict:
-    """mean(a) / mean(b) of paired per-run figures (a, b), nested in bases, with a 95% hierarchical bootstrap
-    interval: an arm's share of another's gain. Draws whose b averages 0 or less are no share and count as
-    -inf, so a denominator that may vanish widens the interval downwards instead of passing."""
-    def ratio(pairs: list[tuple[float, float]]) -> float:
-        a, b = np.mean([p[0] for p in pairs]), np.mean([p[1] for p in pairs])
-        return float(a / b) if b > 0 else -math.inf
-    ratios = [ratio([p for g in draw for p in g]) for draw in nested_draws(groups, resamples, seed)]
-    low, high = np.percentile(ratios, [2.5, 97.5], method="inverted_cdf")  # no interpolation across -inf
-    return {"mean": ratio([p for g in groups for p in g]), "ci95": [float(low), float(high)]}
-
-
-def across_bases(groups: list[list[float]], resamples: int = 4000, seed: int = 0) -> dict:
-    """Mean over runs nested in bases (each base: its own logs, SFT policy and judges; each run: an RL seed on
-    it), with a 95% hierarchical bootstrap interval: bases drawn with replacement, then seeds within each drawn
-    base, so that the interval holds the variance of both. One base: the t-interval across its runs."""
-    if len(groups) == 1:
-        return across_runs(groups[0])
-    means = [np.mean([np.mean(g) for g in draw]) for draw in nested_draws(groups, resamples, seed)]
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(np.mean([np.mean(g) for g in groups])), "ci95": [float(low), float(high)],
-            "runs": sum(len(g) for g in groups), "bases": len(groups)}
 
 
 def _fmt(entry: dict | None) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 from rlhb_cli import rundir, storage
 from rlhb_cli.evaluation.report import rolling_mean
 from rlhb_cli.experiments.recipe import Recipe, stage_name
-from rlhb_cli.experiments.verdicts import METRICS, across, judge_claim
+from rlhb_cli.experiments.verdicts import METRICS, across, judge_claim, run_units
 from rlhb_cli.plots import label_iteration_axis, save_figure
 
 TAIL = 5  # iterations averaged for a run's final figures
@@ -52,16 +52,19 @@ def run_figures(run_dir: Path, name: str, evaluation: dict | None) -> tuple[dict
         figures[f"{key}_matched"] = figures[key] * math.sqrt(responses) if figures[key] is not None and responses \
             else None
     referee = (evaluation or {}).get("referee", {}).get("policies", {}).get(name, {})
-    figures["referee_gain"] = referee.get("gain_over_baseline", {}).get("mean")
+    gains = {"referee_gain": referee.get("gain_over_baseline", {})}
     if evaluation and name in evaluation["scores"]:
         gold = evaluation["scores"][name]
         sampled, greedy = gold.get("sampled", {}).get("gold", {}), gold.get("greedy", {}).get("gold", {})
-        figures["gold_gain"] = sampled.get("gain_over_baseline", {}).get("mean")
-        figures["gold_gain_greedy"] = greedy.get("gain_over_baseline", {}).get("mean")
         raters = gold.get("sampled", {}).get("annotators", {})  # the annotators' taste: the paper's raters' analog
-        figures["annotator_gain"] = raters.get("gain_over_baseline", {}).get("mean")
+        gains |= {"gold_gain": sampled.get("gain_over_baseline", {}),
+                  "gold_gain_greedy": greedy.get("gain_over_baseline", {}),
+                  "annotator_gain": raters.get("gain_over_baseline", {})}
         wtl = sampled.get("win_tie_loss")
         figures["win_minus_loss"] = wtl["win"] - wtl["loss"] if wtl else None
+    figures |= {metric: gain.get("mean") for metric, gain in gains.items()}
+    # per query: the units of the intervals (issue 27: queries are a draw too)
+    figures["units"] = {metric: gain["by_query"] for metric, gain in gains.items() if gain.get("by_query")}
     return figures, rows
 
 
@@ -70,9 +73,18 @@ def conversation_figures(policies: dict, name: str, baseline: str) -> dict:
     own, base = policies.get(name), policies.get(baseline)
     if own is None or base is None:
         return {}
-    return {"al_gain": float(np.mean(own["AL"]) - np.mean(base["AL"])), "al_first_gain": own["AL"][0] - base["AL"][0],
-            "al_last_gain": own["AL"][-1] - base["AL"][-1], "ir": own["IR"], "ir_gain": own["IR"] - base["IR"],
-            "n_ir": own["N-IR"]}
+    figures = {"al_gain": float(np.mean(own["AL"]) - np.mean(base["AL"])), "al_first_gain": own["AL"][0] - base["AL"][0],
+               "al_last_gain": own["AL"][-1] - base["AL"][-1], "ir": own["IR"], "ir_gain": own["IR"] - base["IR"],
+               "n_ir": own["N-IR"]}
+    if "scores" in own and "scores" in base:  # per held-out conversation: the units of the intervals
+        mine, theirs = np.array(own["scores"]), np.array(base["scores"])
+        turns = np.arange(1, mine.shape[1] + 1)
+        slope = lambda s: np.polyfit(turns, s.T, 1)[0] if s.shape[1] > 1 else np.zeros(len(s))  # noqa: E731
+        per_unit = {"al_gain": mine.mean(1) - theirs.mean(1), "al_first_gain": mine[:, 0] - theirs[:, 0],
+                    "al_last_gain": mine[:, -1] - theirs[:, -1], "ir": slope(mine),
+                    "ir_gain": slope(mine) - slope(theirs)}
+        figures["units"] = {k: [round(float(x), 4) for x in v] for k, v in per_unit.items()}
+    return figures
 
 
 def base_results(recipe: Recipe, base) -> dict:
@@ -137,7 +149,8 @@ def collect_results(recipe: Recipe, out: Path, bases: list) -> dict:
         for metric in METRICS:
             values = [per_run[arm.name][k].get(metric) for k in keys]
             if all(v is not None for v in values):
-                arms[arm.name][metric] = across([float(v) for v in values], keys, groups)
+                arms[arm.name][metric] = across([float(v) for v in values], keys, groups,
+                                                run_units([per_run[arm.name][k] for k in keys], metric, groups, keys))
     claims = [judge_claim(c, per_run, arms, keys, groups) for c in recipe.claims]
     first = by_base[recipe.bases[0]]
     competences = [found["competence"] for found in by_base.values()]

@@ -1,7 +1,8 @@
 """Claim verdicts: one small rule per kind of claim, each saying reproduced, direction only, not reproduced,
-contradicted or not measured, with the evidence it read. A rule reads figures per arm and run (`Evidence`);
-intervals are 95% t-intervals across seeds on one base (`across_runs`), or a hierarchical bootstrap over
-bases, then seeds, when a recipe trains several (`across_bases`).
+contradicted or not measured, with the evidence it read. A rule reads figures per arm and run (`Evidence`),
+and where the evaluation kept them, each run's figures per query or held-out conversation (its `units`):
+intervals hold the seeds' variance, the bases' where a recipe trains several, and the units' draw
+(evaluation/intervals.py says how).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rlhb_cli.evaluation.report import across_bases, across_runs, ratio_interval
+import numpy as np
+
+from rlhb_cli.evaluation.intervals import across_bases, across_runs, ratio_interval
 
 # Figures of one arm's run that a claim can be judged on; the gold ones need the evaluation.
 GOLD_METRICS = {"gold_gain": "gold gain over SFT, sampled answers",
@@ -64,31 +67,58 @@ class Evidence:
         got = [self.per_run[arm][s].get(self.metric) for s in self.seeds]
         return None if any(v is None for v in got) else [float(v) for v in got]
 
+    def units(self, arm: str) -> list[np.ndarray] | None:
+        return run_units([self.per_run[arm][s] for s in self.seeds], self.metric, self.groups, self.seeds)
+
     def summary(self, arm: str) -> dict | None:
         return self.arms[arm].get(self.metric)
 
-    def interval(self, values: list[float]) -> dict:
-        return across(values, self.seeds, self.groups)
+    def interval(self, values: list[float], units: list | None = None) -> dict:
+        return across(values, self.seeds, self.groups, units)
 
-    def ratio(self, a: list[float], b: list[float]) -> dict:
-        """mean(a) / mean(b) of per-run figures with its interval, nested in bases as the runs are."""
+    def ratio(self, arm: str, to: str) -> dict:
+        """mean(ARM) / mean(TO) of per-run figures with its interval, nested in bases (and units) as the runs are."""
         groups = self.groups or [self.seeds]
-        pairs = dict(zip(self.seeds, zip(a, b)))
-        return ratio_interval([[pairs[k] for k in group] for group in groups])
+        pairs = dict(zip(self.seeds, zip(self.values(arm), self.values(to))))
+        ua, ub = self.units(arm), self.units(to)
+        units = None
+        if ua is not None and ub is not None and all(len(x) == len(y) for x, y in zip(ua, ub)):
+            by_key = dict(zip(self.seeds, zip(ua, ub)))
+            units = [[by_key[k] for k in group] for group in groups]
+        return ratio_interval([[pairs[k] for k in group] for group in groups], units=units)
 
     def diff(self, a: str, b: str) -> dict | None:
-        """The per-run difference a - b across runs (paired by seed and base)."""
+        """The per-run difference a - b across runs (paired by seed and base, and by unit where known)."""
         va, vb = self.values(a), self.values(b)
-        return self.interval([x - y for x, y in zip(va, vb)]) if va and vb else None
+        if not va or not vb:
+            return None
+        ua, ub = self.units(a), self.units(b)
+        paired = ua is not None and ub is not None and all(len(x) == len(y) for x, y in zip(ua, ub))
+        return self.interval([x - y for x, y in zip(va, vb)], [x - y for x, y in zip(ua, ub)] if paired else None)
 
 
-def across(values: list[float], keys: list, groups: list[list] | None = None) -> dict:
+def run_units(runs: list[dict], metric: str, groups: list[list] | None, keys: list) -> list[np.ndarray] | None:
+    """Each run's per-unit figures of `metric` (None where a run lacks them, or a base's runs were not judged
+    on the same number of units, so that they cannot be paired)."""
+    got = [r.get("units", {}).get(metric) for r in runs]
+    if any(u is None or len(u) < 2 for u in got):
+        return None
+    units = [np.array([np.nan if x is None else x for x in u], dtype=float) for u in got]
+    by_key = dict(zip(keys, units))
+    if any(len({len(by_key[k]) for k in group}) > 1 for group in (groups or [keys])):
+        return None
+    return units
+
+
+def across(values: list[float], keys: list, groups: list[list] | None = None, units: list | None = None) -> dict:
     """Mean and 95% interval of per-run figures (in the order of `keys`): nested in bases when `groups` holds
-    more than one."""
-    if not groups or len(groups) == 1:
+    more than one, the units' draw in the interval when each run's `units` are given."""
+    groups = groups or [keys]
+    if units is None and len(groups) == 1:
         return across_runs(values)
-    by_key = dict(zip(keys, values))
-    return across_bases([[by_key[k] for k in group] for group in groups])
+    by_key, by_unit = dict(zip(keys, values)), dict(zip(keys, units or [None] * len(keys)))
+    return across_bases([[by_key[k] for k in group] for group in groups],
+                        units=[[by_unit[k] for k in group] for group in groups] if units is not None else None)
 
 
 def above(entry: dict | None) -> bool:
@@ -126,7 +156,7 @@ def close_to(check: dict, ev: Evidence) -> tuple[str, str]:
     a, b, va, vb = ev.summary(arm), ev.summary(to), ev.values(arm), ev.values(to)
     if a is None or b is None or va is None or vb is None:
         return "not measured", f"{ev.metric} missing"
-    ratio = ev.ratio(va, vb)
+    ratio = ev.ratio(arm, to)
     low, high = ratio["ci95"]
     shown = "n/a" if not math.isfinite(ratio["mean"]) else f"{ratio['mean']:.0%}"
     evidence = (f"{arm} {fmt(a)} vs {to} {fmt(b)}; {arm} / {to} = {shown} [{_share(low)}, {_share(high)}] "
