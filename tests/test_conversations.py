@@ -191,3 +191,25 @@ def test_conversation_logs_have_a_row_per_turn_and_split_by_conversation(cli, tm
     missing = cli("prepare-behaviors", "--run-dir", tmp_path / "other", "--from-stage", "simulate-conversations",
                   ok=False)
     assert missing.exit_code == 2 and "simulate-conversations" in missing.output and "Traceback" not in missing.output
+
+
+def test_the_oracle_over_conversations_pays_each_reply_what_its_personas_gold_says(cli, tmp_path):
+    from rlhb_cli.errors import RlhbError
+    from rlhb_cli.simulator.conversations import ConversationGold
+    cli("simulate-conversations", "--run-dir", tmp_path, "--personas", 40, "--eval-personas", 8,
+        "--conversations", 50, "--turns", 3, "--queries", 40)
+    folder = tmp_path / "simulate-conversations"
+    gold = ConversationGold(folder)
+    conversation = read_jsonl(folder / "conversations.jsonl")[0]
+    row = read_jsonl(folder / "conversation_logs.jsonl")[2]  # its third turn: one persona sent this conversation
+    persona = next(p for p in gold.asked[row["query"]])[0]
+    query = next(q for q in gold.world.queries if q.text == conversation["turns"][2]["query"])
+    pool = gold.world.pools[query.text]
+    ranked = sorted(pool, key=lambda text: gold.world.utility(persona, query, [text])[0])
+    worst, best = gold.score([row["query"]] * 2, [ranked[0], ranked[-1]])
+    assert (worst, best) == (0.0, 1.0) and len(gold.asked[row["query"]]) == 1
+    opening = read_jsonl(folder / "conversation_logs.jsonl")[0]["query"]  # an opening many personas may share
+    mean = np.mean([gold.world.scale(p, q, gold.world.utility(p, q, [ranked[-1]])[0]) for p, q in gold.asked[opening]])
+    assert gold.score([opening], [ranked[-1]])[0] == pytest.approx(mean / 100)
+    with pytest.raises(RlhbError, match="no simulated conversation holds"):
+        gold.score(["What is the capital of Mars?"], ["x"])

@@ -302,7 +302,7 @@ def test_the_aloe_recipe_runs_its_arms_through_the_personalisation_suite(cli, tm
     cli("experiment", "run", EXPERIMENTS / "aloe.yaml", "--scale", "tiny", "--out", out)
     results = json.loads((out / "results.json").read_text())
     assert [c["verdict"] in VERDICTS for c in results["claims"]] == [True] * 6
-    for arm in ("tree-sft", "aloe", "rlhb", "rlhbc"):
+    for arm in ("tree-sft", "aloe", "rlhb", "rlhbc", "oracle"):
         for seed in ("0", "1"):
             figures = results["per_run"][arm][seed]
             assert all(figures[m] is not None for m in ("al_gain", "al_first_gain", "al_last_gain", "ir", "n_ir"))

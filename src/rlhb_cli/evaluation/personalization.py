@@ -32,8 +32,7 @@ from rlhb_cli.models.generation import generate_responses
 from rlhb_cli.models.load import load_causal_lm, policy_source
 from rlhb_cli.plots import save_figure
 from rlhb_cli.prompts import PromptFormat, policy_condition, policy_meta
-from rlhb_cli.simulator.conversations import ConversationsConfig, Dialogue, World
-from rlhb_cli.simulator.personas import Profile, sample_personas
+from rlhb_cli.simulator.conversations import ConversationsConfig, Dialogue, World, rebuild_world
 
 STAGE = "evaluate-personalization"
 AVERAGE_USER = "average-user reply"
@@ -54,20 +53,6 @@ class PersonalizationConfig:
     def __post_init__(self):
         if self.instances < 2 or not 2 <= self.turns <= 10:
             raise ValueError("instances must be >= 2 and turns between 2 and 10")
-
-
-def rebuild(folder: Path) -> tuple[ConversationsConfig, list[Profile], World]:
-    """The personas and the world simulate-conversations made, rebuilt from its recorded config (the world is
-    code and draws, not a file) and checked against the personas it wrote."""
-    recorded = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["config"]
-    config = ConversationsConfig(**{k: v for k, v in recorded.items() if k in ConversationsConfig.__annotations__})
-    rng = np.random.default_rng(config.seed)
-    profiles = sample_personas(rng, config.personas, config.eval_personas, config.min_distance)
-    written = [json.loads(line) for line in (folder / "personas.jsonl").read_text(encoding="utf-8").splitlines()]
-    if [p.to_json() for p in profiles] != written:
-        raise RlhbError(f"{folder / 'personas.jsonl'}: this version of rlhb draws other personas from the recorded "
-                        f"config; rerun simulate-conversations")
-    return config, profiles, World(rng, config.queries, config.candidates)
 
 
 def curve_figures(scores: np.ndarray, resamples: int, seed: int) -> dict:
@@ -131,7 +116,7 @@ def run(config: PersonalizationConfig, stage: rundir.StageRun) -> dict:
     run_dir = stage.dir.parent
     folder = rundir.require_stage(run_dir, config.conversations)
     stage.add_upstream(config.conversations)
-    simulated, profiles, world = rebuild(folder)
+    simulated, profiles, world = rebuild_world(folder)
     held_out = [p for p in profiles if p.split == "eval"]
     if not held_out:
         raise RlhbError(f"{folder}: no held-out personas (simulate-conversations --eval-personas 0)")

@@ -31,7 +31,8 @@ from rlhb_cli.models.load import load_sequence_classifier, policy_source
 from rlhb_cli.rl.config import EngineConfig, RewardShaping
 from rlhb_cli.rl.discriminator_source import AdversarialSettings, DiscriminatorSource
 from rlhb_cli.rl.ppo import PPOEngine
-from rlhb_cli.rl.sources import ClassifierSource, OracleSource, RewardModelSource, load_custom
+from rlhb_cli.rl.sources import (ClassifierSource, ConversationOracleSource, OracleSource, RewardModelSource,
+                                 load_custom)
 
 
 @dataclass
@@ -253,6 +254,11 @@ def run_rlhb(config: RLHBConfig, stage: rundir.StageRun) -> dict:
 
 def run_oracle(config: OracleConfig, stage: rundir.StageRun) -> dict:
     def make(run_dir, data, spec, template, notes):
+        prepared = rundir.read_json(rundir.require_stage(run_dir, "prepare-behaviors") / rundir.MANIFEST)
+        if prepared.get("config", {}).get("from_stage") == "simulate-conversations":  # the personas' own gold
+            stage.add_upstream("simulate-conversations")
+            notes.append("TESTBED ONLY: trained on each conversation's hidden personas' gold, the ceiling")
+            return ConversationOracleSource(rundir.require_stage(run_dir, "simulate-conversations"))
         simulated = rundir.require_stage(run_dir, "simulate-logs")
         stage.add_upstream("simulate-logs")
         notes.append("TESTBED ONLY: trained on the simulator's hidden gold reward, the ceiling for learned rewards")

@@ -28,6 +28,7 @@ from rlhb_cli.errors import RlhbError
 from rlhb_cli.models.classifier import BehaviorClassifier
 from rlhb_cli.models.judge import Judge
 from rlhb_cli.prompts import judge_text
+from rlhb_cli.simulator.conversations import ConversationGold
 from rlhb_cli.simulator.gold import GoldJudge
 
 
@@ -139,6 +140,19 @@ class ClassifierSource:
         denominator = np.maximum(expected["pv"] + expected["clicks"], 1e-9)
         weighted = sum(w * expected[m] for m, w in self.head_weights.items()) / denominator
         return torch.as_tensor(weighted, dtype=torch.float32), logs
+
+
+class ConversationOracleSource:
+    """TESTBED ONLY: the oracle over conversations: each reply scored by the hidden personas who sent the
+    conversation (simulator/conversations.py `ConversationGold`)."""
+
+    name = "oracle"
+
+    def __init__(self, conversations_dir: Path):
+        self.gold = ConversationGold(conversations_dir)
+
+    def score(self, queries, responses, behaviors):
+        return torch.as_tensor(self.gold.score(list(queries), list(responses)), dtype=torch.float32), {}
 
 
 class OracleSource:

@@ -21,13 +21,16 @@ reply, which one was continued).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from rlhb_cli.config import field
+from rlhb_cli.errors import RlhbError
 from rlhb_cli.prompts import conversation_query
 from rlhb_cli.rundir import StageRun
 from rlhb_cli.simulator.attributes import FEATURES, Lexicon, QueryKey, feature_matrix
@@ -112,6 +115,15 @@ class World:
     def utility(self, persona: UserModel, query: Query, texts: list[str]) -> np.ndarray:
         return persona.utilities(self.features(query, texts), [query.intent] * len(texts))[:, 0]
 
+    def scale(self, persona: UserModel, query: Query, utility: float) -> float:
+        """The persona's gold utility on a 0-100 scale: 0 the worst of the query's candidate answers for this
+        persona, 100 the best (clipped: a policy's own answer can fall outside)."""
+        pool = self.utility(persona, query, self.pools[query.text])
+        low, high = float(pool.min()), float(pool.max())
+        if high <= low:
+            return 100.0 if utility >= high else 0.0
+        return float(np.clip(100.0 * (utility - low) / (high - low), 0.0, 100.0))
+
     def persona_best(self, persona: UserModel, query: Query) -> str:
         pool = self.pools[query.text]
         return pool[int(np.argmax(self.utility(persona, query, pool)))]
@@ -170,13 +182,7 @@ class Dialogue:
         return self.messages + [{"role": "user", "content": self.user_message()}]
 
     def scale(self, utility: float) -> float:
-        """The persona's gold utility on a 0-100 scale: 0 the worst of the query's candidate answers for this
-        persona, 100 the best (clipped: a policy's own answer can fall outside)."""
-        pool = self.world.utility(self.persona, self.query, self.world.pools[self.query.text])
-        low, high = float(pool.min()), float(pool.max())
-        if high <= low:
-            return 100.0 if utility >= high else 0.0
-        return float(np.clip(100.0 * (utility - low) / (high - low), 0.0, 100.0))
+        return self.world.scale(self.persona, self.query, utility)
 
     def answer(self, shown: str) -> dict:
         """The user reads `shown`: it reacts, may remark, and its next message follows; the turn's record."""
@@ -219,6 +225,45 @@ def converse(rng: np.random.Generator, world: World, profile: Profile, turns: in
             shown = reply(query, before)
         dialogue.answer(shown)
     return dialogue.turns, pairs
+
+
+def rebuild_world(folder: Path) -> tuple[ConversationsConfig, list[Profile], World]:
+    """The personas and the world simulate-conversations made, rebuilt from its recorded config (the world is
+    code and draws, not a file) and checked against the personas it wrote."""
+    recorded = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["config"]
+    config = ConversationsConfig(**{k: v for k, v in recorded.items() if k in ConversationsConfig.__annotations__})
+    rng = np.random.default_rng(config.seed)
+    profiles = sample_personas(rng, config.personas, config.eval_personas, config.min_distance)
+    written = [json.loads(line) for line in (folder / "personas.jsonl").read_text(encoding="utf-8").splitlines()]
+    if [p.to_json() for p in profiles] != written:
+        raise RlhbError(f"{folder / 'personas.jsonl'}: this version of rlhb draws other personas from the recorded "
+                        f"config; rerun simulate-conversations")
+    return config, profiles, World(rng, config.queries, config.candidates)
+
+
+class ConversationGold:
+    """TESTBED ONLY: each logged conversation's hidden persona, for PPO on the personas' own gold (the oracle over
+    conversations). A prompt (the conversation so far) is scored by the gold of the personas who sent it, on
+    the 0-100 scale AL(k) uses, divided by 100: an opening question many personas asked gets their mean."""
+
+    def __init__(self, folder: Path):
+        _, profiles, self.world = rebuild_world(folder)
+        personas = {p.id: p.user_model() for p in profiles}
+        queries = {q.text: q for q in self.world.queries}
+        self.asked: dict[str, list] = {}
+        for line in (folder / "conversations.jsonl").read_text(encoding="utf-8").splitlines():
+            conversation = json.loads(line)
+            for row, turn in zip(behavior_rows(conversation), conversation["turns"]):
+                self.asked.setdefault(row["query"], []).append((personas[conversation["user_id"]], queries[turn["query"]]))
+
+    def score(self, prompts: list[str], replies: list[str]) -> np.ndarray:
+        out = np.empty(len(prompts))
+        for i, (prompt, reply) in enumerate(zip(prompts, replies)):
+            askers = self.asked.get(prompt)
+            if askers is None:
+                raise RlhbError(f"a prompt that no simulated conversation holds: {prompt[:80]!r}")
+            out[i] = np.mean([self.world.scale(p, q, float(self.world.utility(p, q, [reply])[0])) for p, q in askers])
+        return out / 100.0
 
 
 def behavior_rows(conversation: dict) -> list[dict]:
