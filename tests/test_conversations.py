@@ -181,6 +181,8 @@ def test_conversation_logs_have_a_row_per_turn_and_split_by_conversation(cli, tm
     assert rows[3]["likes"] == first[3]["like"] and rows[3]["response"] == first[3]["reply"]
     cli("prepare-behaviors", "--run-dir", tmp_path, "--from-stage", "simulate-conversations",
         "--group-field", "conversation")
+    summary = json.loads((tmp_path / "prepare-behaviors" / "summary.json").read_text())
+    assert summary["rows_kept"] == 400 and summary["rows_duplicate"] == 0  # two conversations: two sessions
     data = datasets.load_from_disk(str(tmp_path / "prepare-behaviors" / "dataset"))
     owners = {}
     for split in ("train", "validation", "test"):

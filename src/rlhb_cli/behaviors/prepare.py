@@ -148,7 +148,7 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
     parsed = read_logs(logs, config.mapping)
     keep = config.keep_fields + ([config.group_field] if config.group_field not in ("", *config.keep_fields) else [])
     checked = validate(parsed, logs, config.input_kind, config.max_count, config.require_view, keep,
-                       config.absent_as_zero, _salt(config, stage.dir))
+                       config.absent_as_zero, _salt(config, stage.dir), config.group_field)
     rejected_lines = [json.dumps(r.to_json() | {"kind": "rejected"}, ensure_ascii=False) for r in checked.rejected]
     rejected_lines += [json.dumps(r.to_json() | {"kind": "duplicate"}, ensure_ascii=False) for r in checked.duplicates]
     atomic_write_bytes(stage.dir / "rejected.jsonl", ("\n".join(rejected_lines) + ("\n" if rejected_lines else "")).encode())

@@ -68,7 +68,7 @@ def detect_kind(table: pa.Table, kind: str, path: Path, absent_as_zero: list[str
 
 def validate(parsed: ParsedLogs, path: Path, kind: str = "auto", max_count: float = 1e10,
              require_view: bool = True, keep_fields: list[str] | None = None,
-             absent_as_zero: list[str] | None = None, salt: str = "") -> ValidatedLogs:
+             absent_as_zero: list[str] | None = None, salt: str = "", group_field: str = "") -> ValidatedLogs:
     table = parsed.table
     absent_as_zero = list(absent_as_zero or [])
     keep_fields = list(keep_fields or [])
@@ -143,8 +143,9 @@ def validate(parsed: ParsedLogs, path: Path, kind: str = "auto", max_count: floa
         verdicts.flag((counts["likes"] > 0) & (counts["dislikes"] > 0), "liked", "both liked and disliked")
 
     # Duplicates among otherwise sound rows: same key as an earlier row.
+    # (rows of two groups, e.g. two conversations, are two sessions: never one another's duplicate)
     key_names = ["event_id"] if kind == "events" else ["query", "response"] + [
-        k for k in ("window", "user_segment", "user_id") if k in table.column_names]
+        k for k in ("window", "user_segment", "user_id", group_field) if k and k in table.column_names]
     duplicates: list[Rejected] = []
     ok = verdicts.ok.copy()
     if kind == "events" and "event_id" not in table.column_names:
