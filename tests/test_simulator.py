@@ -186,3 +186,42 @@ def test_events_aggregate_back_to_the_same_totals(cli, tmp_path):
     data = datasets.load_from_disk(str(run_dir / "prepare-behaviors" / "dataset"))
     total_views = sum(sum(data[s]["pv"]) for s in data)
     assert total_views == sum(e["viewed"] for e in events)
+
+
+def test_the_sealed_world_is_about_facts_no_log_row_holds_and_leaves_the_rest_of_the_draw(cli, tmp_path, small_sim):
+    """simulate-logs --sealed-facts N: N facts and tasks no training query is about, every phrasing of them
+    kept for evaluation (environment.json's split "sealed"); evaluate --query-set sealed judges answers there
+    with gold and reports that set's gain apart."""
+    run = tmp_path / "run"
+    cli("simulate-logs", "--run-dir", run, "--impressions", 200_000, "--queries", 120, "--eval-queries", 40,
+        "--sealed-facts", 4)
+    summary = json.loads((run / "simulate-logs" / "summary.json").read_text())
+    sealed = summary["sealed_facts"]
+    assert len(sealed) == 4 and len({s.split(":")[0] for s in sealed}) == 4  # one of each kind
+    environment = json.loads((run / "simulate-logs" / "environment.json").read_text())
+    by_split = {}
+    for q in environment["queries"]:
+        by_split.setdefault(q["split"], []).append(q)
+    assert {q["item"] for q in by_split["sealed"]} == set(sealed) and len(by_split["sealed"]) == summary["sealed_queries"]
+    entities = [s.split(":", 1)[1].lower() for s in sealed]
+    logged = {row["query"].lower() for row in read_jsonl(run / "simulate-logs" / "logs.jsonl")}
+    assert not any(e in q for e in entities for q in logged)  # no row, not even a combination, is about them
+    assert not any(part in sealed for q in by_split["train"] + by_split["eval"] for part in q["item"].split("+"))
+    gold = GoldJudge.load(run / "simulate-logs" / "environment.json")
+    sealed_query = by_split["sealed"][0]
+    best = max(sealed_query["pool"], key=lambda c: c["gold_shaped_reward"])
+    assert gold.expected_behavior_batch([sealed_query["text"]], [best["text"]])["shaped_reward"][0] == \
+        pytest.approx(best["gold_shaped_reward"], abs=1e-6)
+    assert not any(q["split"] == "sealed" for q in json.loads(
+        (small_sim / "simulate-logs" / "environment.json").read_text())["queries"])  # 0 (the default): none
+    assert json.loads((small_sim / "simulate-logs" / "summary.json").read_text())["sealed_facts"] == []
+
+
+def test_sealing_facts_changes_no_other_draw_when_none_is_sealed():
+    from rlhb_cli.simulator.world import choose_queries, sealed_items
+    first, again = np.random.default_rng(3), np.random.default_rng(3)
+    assert sealed_items(first, 0) == [] and first.random() == again.random()  # no draw consumed
+    train, held = choose_queries(np.random.default_rng(5), 200, 40, sealed_items(np.random.default_rng(5), 6))
+    assert len(train) == 200 and len(held) == 40
+    with pytest.raises(ValueError, match="at most half"):
+        sealed_items(np.random.default_rng(0), 60)

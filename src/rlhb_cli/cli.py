@@ -123,6 +123,7 @@ def simulate_logs(
     impressions: Annotated[Optional[int], _opt(SimulateConfig, "impressions", "--impressions")] = None,
     events: Annotated[Optional[bool], _opt(SimulateConfig, "events", "--events/--aggregated")] = None,
     pairs_per_query: Annotated[Optional[int], _opt(SimulateConfig, "pairs_per_query", "--pairs-per-query")] = None,
+    sealed_facts: Annotated[Optional[int], _opt(SimulateConfig, "sealed_facts", "--sealed-facts")] = None,
     force: ForceOpt = False,
 ) -> None:
     def body() -> None:
@@ -131,7 +132,7 @@ def simulate_logs(
         stage_dir = out if out is not None else run_dir / simulate.STAGE
         config = build_config(SimulateConfig, config_file, dict(
             seed=seed, queries=queries, eval_queries=eval_queries, candidates=candidates, windows=windows,
-            impressions=impressions, events=events, pairs_per_query=pairs_per_query))
+            impressions=impressions, events=events, pairs_per_query=pairs_per_query, sealed_facts=sealed_facts))
         try:
             summary = run_stage(simulate.STAGE, stage_dir, config, simulate.run, config.seed, force=force)
         except ValueError as exc:

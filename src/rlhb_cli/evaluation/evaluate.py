@@ -32,8 +32,8 @@ from rlhb_cli.errors import RlhbError
 from rlhb_cli.evaluation.chat_judge import ChatJudge
 from rlhb_cli.evaluation.ordering import TARGETS, judge_ordering, sealed_rows, sealed_status
 from rlhb_cli.evaluation.referee import cross_fitted_referee
-from rlhb_cli.evaluation.statistics import (agreement_with_gold, answer_draw_se, bootstrap_interval, distinct_2,
-                                            feature_rates, spearman, win_tie_loss)
+from rlhb_cli.evaluation.statistics import (agreement_with_gold, answer_draw_se, bootstrap_interval, by_query,
+                                            distinct_2, feature_rates, gains_by_set, spearman, win_tie_loss)
 from rlhb_cli.models.classifier import BehaviorClassifier
 from rlhb_cli.models.discriminator import Discriminator
 from rlhb_cli.models.generation import generate_responses
@@ -46,7 +46,7 @@ from rlhb_cli.simulator.gold import GoldJudge
 from rlhb_cli.stats import evenly_spaced
 
 STAGE = "evaluate"
-QUERY_SETS = ("auto", "test", "environment", "all", "every-held-out", "train")
+QUERY_SETS = ("auto", "test", "environment", "sealed", "all", "every-held-out", "train")
 
 
 @dataclass
@@ -55,8 +55,9 @@ class EvaluateConfig:
                                                    "evaluate; default: every stage of the run dir that left a policy/.")
     baseline: str = field("train-sft", help="Policy the others are compared with in Win-Tie-Loss.")
     query_set: str = field("auto", help="test (prepare-behaviors' held-out split), environment (the simulator's "
-                                        "held-out queries: new phrasings), all, auto (all when simulated), "
-                                        "every-held-out (test and every new phrasing the simulated world holds "
+                                        "held-out queries: new phrasings), sealed (the sealed world's: facts no "
+                                        "log row is about), all, auto (all when simulated), "
+                                        "every-held-out (test and every new phrasing the world holds "
                                         "about what the training queries cover, not only those simulate-logs "
                                         "kept: about twice the queries, narrower intervals), or train (the "
                                         "training split's queries, those RL was prompted with: what a policy "
@@ -90,8 +91,8 @@ class EvaluateConfig:
     def __post_init__(self):
         if self.max_queries < 0 or self.perplexity_rows < 0 or self.sealed_rows < 0:
             raise ValueError("max_queries, perplexity_rows and sealed_rows must be >= 0")
-        if self.query_set not in QUERY_SETS:
-            raise ValueError(f"query_set must be one of {', '.join(QUERY_SETS)}, got {self.query_set!r}")
+        if not set(self.query_set.split(",")) <= set(QUERY_SETS):
+            raise ValueError(f"query_set takes {', '.join(QUERY_SETS)} (several joined by commas), got {self.query_set!r}")
         if self.samples < 0 or self.max_new_tokens < 1 or self.temperature <= 0:
             raise ValueError("samples must be >= 0, max_new_tokens >= 1 and temperature > 0")
         if self.tie_margin < 0 or self.bootstrap_samples < 1:
@@ -161,21 +162,25 @@ class Judges:
 
 
 def _queries(config: EvaluateConfig, run_dir: Path, data, gold) -> dict[str, str]:
-    """query -> the set it comes from."""
-    chosen = config.query_set
-    if chosen == "auto":
-        chosen = "all" if gold is not None else "test"
+    """query -> the set it comes from (`query_set` may join sets with commas, e.g. every-held-out,sealed)."""
+    parts = set(config.query_set.split(","))
+    if "auto" in parts:
+        parts = (parts - {"auto"}) | {"all" if gold is not None else "test"}
     out: dict[str, str] = {}
-    if chosen == "train":
+    if "train" in parts:
         out |= {q: "train" for q in sorted(set(data["train"]["query"]))}
-    if chosen in ("test", "all", "every-held-out"):
+    if parts & {"test", "all", "every-held-out"}:
         out |= {q: "test" for q in sorted(set(data["test"]["query"]))}
-    if chosen in ("environment", "all", "every-held-out") and gold is None:
-        raise RlhbError(f"--query-set {chosen} needs the logs of simulate-logs (its held-out queries)")
-    if chosen in ("environment", "all"):
+    simulated = parts & {"environment", "all", "every-held-out", "sealed"}
+    if simulated and gold is None:
+        raise RlhbError(f"--query-set {','.join(sorted(simulated))} needs the logs of simulate-logs (its held-out queries)")
+    if simulated:
         environment = rundir.read_json(run_dir / "simulate-logs" / "environment.json")
-        out |= {q["text"]: "environment" for q in environment["queries"] if q["split"] == "eval"}
-    if chosen == "every-held-out":  # "environment": kept by simulate-logs; "world": the rest of them
+        if parts & {"environment", "all"}:
+            out |= {q["text"]: "environment" for q in environment["queries"] if q["split"] == "eval"}
+        if parts & {"sealed", "all"}:  # the sealed world: facts no log row is about (simulate-logs --sealed-facts)
+            out |= {q["text"]: "sealed" for q in environment["queries"] if q["split"] == "sealed"}
+    if "every-held-out" in parts:  # "environment": kept by simulate-logs; "world": the rest of them
         try:
             world = gold.every_held_out_query()
         except ValueError as error:
@@ -372,11 +377,6 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def by_query(delta: np.ndarray) -> list:
-    """Per-query gains as results.json keeps them (None: unrated): the units of a recipe's intervals."""
-    return [round(float(x), 4) if np.isfinite(x) else None for x in delta]
-
-
 def _summarise(config, scores, health, queries, query_sets, judges, names, references, draw_variances) -> dict:
     table: dict = {}
     for name in names:
@@ -397,7 +397,9 @@ def _summarise(config, scores, health, queries, query_sets, judges, names, refer
                     delta = per_query - base
                     low, high = bootstrap_interval(delta, config.bootstrap_samples, config.seed)
                     entry["gain_over_baseline"] = {"mean": round(float(np.nanmean(delta)), 4),
-                                                   "ci95": [round(low, 4), round(high, 4)], "by_query": by_query(delta)}
+                                                   "ci95": [round(low, 4), round(high, 4)], "by_query": by_query(delta),
+                                                   "by_set": gains_by_set(delta, [query_sets[q] for q in queries],
+                                                                          config.bootstrap_samples, config.seed)}
                     variances = [draw_variances.get(n, {}).get(decoding, {}).get(judge) for n in (name, config.baseline)]
                     if all(v is not None for v in variances):
                         entry["gain_over_baseline"]["answer_draw_se"] = round(answer_draw_se(*variances), 4)

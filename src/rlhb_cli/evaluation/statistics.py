@@ -74,3 +74,19 @@ def answer_draw_se(policy_variance: np.ndarray, baseline_variance: np.ndarray) -
     total = policy_variance + baseline_variance
     total = total[np.isfinite(total)]
     return float(np.sqrt(total.mean() / len(total))) if len(total) else float("nan")
+
+
+def by_query(delta: np.ndarray) -> list:
+    """Per-query gains as results.json keeps them (None: unrated): the units of a recipe's intervals."""
+    return [round(float(x), 4) if np.isfinite(x) else None for x in delta]
+
+
+def gains_by_set(delta: np.ndarray, sets: list[str], resamples: int, seed: int) -> dict:
+    """The gain on each query set apart (test, environment phrasings, the sealed world), with its interval."""
+    out = {}
+    for name in sorted(set(sets)):
+        part = delta[np.array([s == name for s in sets])]
+        low, high = bootstrap_interval(part, resamples, seed)
+        out[name] = {"mean": round(float(np.nanmean(part)), 4), "ci95": [round(low, 4), round(high, 4)],
+                     "queries": int(len(part)), "by_query": by_query(part)}
+    return out

@@ -60,6 +60,9 @@ def run_figures(run_dir: Path, name: str, evaluation: dict | None) -> tuple[dict
         gains |= {"gold_gain": sampled.get("gain_over_baseline", {}),
                   "gold_gain_greedy": greedy.get("gain_over_baseline", {}),
                   "annotator_gain": raters.get("gain_over_baseline", {})}
+        for metric, judged in (("gold_gain", sampled), ("annotator_gain", raters)):  # the query sets apart
+            by_set = judged.get("gain_over_baseline", {}).get("by_set", {})
+            gains |= {f"{metric}_phrasings": by_set.get("environment", {}), f"{metric}_sealed": by_set.get("sealed", {})}
         wtl = sampled.get("win_tie_loss")
         figures["win_minus_loss"] = wtl["win"] - wtl["loss"] if wtl else None
     figures |= {metric: gain.get("mean") for metric, gain in gains.items()}
@@ -267,13 +270,15 @@ def _relative(found: dict, out: Path, path: str) -> str:
 
 
 def _variance_sentence(recipe: Recipe) -> str:
+    units = ("Where the evaluation kept each query's (or held-out conversation's) figure, the interval holds the "
+             "queries' draw too (evaluation/intervals.py).")
     if len(recipe.bases) == 1:
         return ("Every figure is the mean over seeds with a 95% t-interval across seeds (the RL stage's seed; the "
-                "base, i.e. the logs, SFT policy and judges, is trained once).")
+                "base, i.e. the logs, SFT policy and judges, is trained once). " + units)
     return (f"Every figure is the mean over {len(recipe.bases)} bases x {len(recipe.seeds)} RL seeds with a 95% "
-            f"hierarchical bootstrap interval (bases drawn with replacement, then seeds within each): each base "
-            f"(base seeds {', '.join(map(str, recipe.bases))}) is its own draw of the logs, the query split, the SFT "
-            f"policy and the judges, so the interval holds their variance as well as RL's.")
+            f"hierarchical bootstrap interval (bases drawn with replacement, then seeds within each, then queries): "
+            f"each base (base seeds {', '.join(map(str, recipe.bases))}) is its own draw of the logs, the query split, "
+            f"the SFT policy and the judges, so the interval holds their variance as well as RL's. " + units)
 
 
 def conversation_table(policies: dict, stage: str, which: str = "") -> list[str]:
@@ -309,7 +314,8 @@ def write_results(recipe: Recipe, out: Path, results: dict) -> None:
     for c in results["claims"]:
         lines.append(f"| {c['claim']} | {c['paper']} | {c['rule']} ({c['metric']}) | {c['evidence']} | "
                      f"**{c['verdict']}** |")
-    shown = [m for m in ("gold_gain", "gold_gain_greedy", "referee_gain", "win_minus_loss", "al_gain", "al_first_gain",
+    shown = [m for m in ("gold_gain", "gold_gain_phrasings", "gold_gain_sealed", "annotator_gain",
+                         "annotator_gain_sealed", "gold_gain_greedy", "referee_gain", "win_minus_loss", "al_gain", "al_first_gain",
                          "al_last_gain", "ir", "n_ir", "reward_final", "return_curve_sd", "disc_score_generated_final",
                          "kl_final", "seconds")
              if any(m in a for a in results["arms"].values())]

@@ -19,6 +19,10 @@ GOLD_METRICS = {"gold_gain": "gold gain over SFT, sampled answers",
                 "gold_gain_greedy": "gold gain over SFT, greedy answers",
                 "win_minus_loss": "win rate minus loss rate against SFT, sampled answers",
                 "annotator_gain": "the annotators' gold gain over SFT, sampled answers (the paper's raters' analog)",
+                "gold_gain_phrasings": "gold gain over SFT on the environment's held-out phrasings of trained facts",
+                "gold_gain_sealed": "gold gain over SFT on the sealed world: facts no log row is about",
+                "annotator_gain_phrasings": "the annotators' gold gain on the held-out phrasings",
+                "annotator_gain_sealed": "the annotators' gold gain on the sealed world",
                 "referee_gain": "gold-free: the referee's gain over SFT on sealed queries, sampled answers (a judge "
                                 "learned on the sealed logs alone; its agreement with behaviour is in the results)"}
 TRAINING_METRICS = {"reward_final": "reward of its own source, mean of the last iterations",

@@ -21,7 +21,7 @@ from rlhb_cli.rundir import StageRun
 from rlhb_cli.storage import atomic_write_bytes, atomic_write_json
 from rlhb_cli.simulator.attributes import FEATURES, Lexicon, QueryKey, feature_matrix
 from rlhb_cli.simulator.gold import UserModel, expected_rates
-from rlhb_cli.simulator.world import Query, all_queries, candidate_pool, choose_queries
+from rlhb_cli.simulator.world import Query, all_queries, candidate_pool, choose_queries, queries_about, sealed_items
 from rlhb_cli.stats import auc
 
 STAGE = "simulate-logs"
@@ -32,6 +32,8 @@ class SimulateConfig:
     seed: int = field(0, help="Seed of everything random in the environment and its logs.")
     queries: int = field(300, help="Distinct queries in the logs.")
     eval_queries: int = field(100, help="Held-out queries (new phrasings or combinations) kept for evaluation.")
+    sealed_facts: int = field(0, help="Facts and tasks sealed away: no log row is about them, and every phrasing of "
+                                      "them is kept for evaluation (the sealed world: what no policy can have seen).")
     candidates: int = field(8, help="Legacy-system responses per query.")
     windows: int = field(3, help="Time windows: each (query, response) gets one aggregated row per window.")
     impressions: int = field(3_000_000, help="Impressions in all (more traffic, sharper behaviour signal).")
@@ -74,7 +76,9 @@ def run(config: SimulateConfig, stage: StageRun) -> dict:
     rng = np.random.default_rng(config.seed)
     model = UserModel.default()
     annotator = UserModel.annotator()
-    train_queries, eval_queries = choose_queries(rng, config.queries, config.eval_queries)
+    sealed = sealed_items(rng, config.sealed_facts)
+    train_queries, eval_queries = choose_queries(rng, config.queries, config.eval_queries, sealed)
+    sealed_queries = queries_about(sealed)
 
     pools = {q.text: candidate_pool(rng, q, config.candidates) for q in train_queries + eval_queries}
     lexicon = Lexicon()
@@ -86,6 +90,11 @@ def run(config: SimulateConfig, stage: StageRun) -> dict:
     for q in seen + held:
         lexicon.add(q.text)
         lexicon.add(q.answer_sentence)
+    sealed_rng = np.random.default_rng([config.seed, 11])  # the logs' draws do not depend on the sealed world
+    for q in sealed_queries:
+        pools[q.text] = candidate_pool(sealed_rng, q, config.candidates)
+        for c in pools[q.text]:
+            lexicon.add(c.text)
 
     # One row per (query, candidate, window): the legacy ranker reshuffles the pool each window.
     n_q = len(train_queries)
@@ -122,13 +131,16 @@ def run(config: SimulateConfig, stage: StageRun) -> dict:
                 views, clicks, likes, dislikes)
     n_pairs, pair_ceiling = _write_preferences(stage, config, rng, train_queries, pools, annotator, lexicon)
     ceilings = _ceilings(config, rng, rows_q, rows_n, share, probs, views, clicks, likes, dislikes, gold)
-    reference = _write_environment(stage, config, model, annotator, train_queries, eval_queries, pools, lexicon)
+    reference = _write_environment(stage, config, model, annotator, train_queries, eval_queries, pools, lexicon,
+                                   sealed_queries)
 
     summary = {
         "rows": int(len(rows_q)) if not config.events else int(rows_n.sum()),
         "aggregated_rows": int(len(rows_q)),
         "queries": n_q,
         "eval_queries": len(eval_queries),
+        "sealed_facts": sealed,
+        "sealed_queries": len(sealed_queries),
         "impressions": int(rows_n.sum()),
         "views": int(views.sum()),
         "clicks": int(clicks.sum()),
@@ -239,10 +251,11 @@ def _ceilings(config, rng, rows_q, rows_n, share, probs, views, clicks, likes, d
 
 
 def _write_environment(stage, config, model, annotator, train_queries: list[Query], eval_queries: list[Query],
-                       pools, lexicon: Lexicon) -> dict:
-    """environment.json: everything the gold judge and the reference points need (evaluation only)."""
-    entries, best, mean = [], {"train": [], "eval": []}, {"train": [], "eval": []}
-    for split, queries in (("train", train_queries), ("eval", eval_queries)):
+                       pools, lexicon: Lexicon, sealed_queries: list[Query] = ()) -> dict:
+    """environment.json: everything the gold judge and the reference points need (evaluation only); split
+    "sealed" holds the sealed world's queries."""
+    entries, best, mean = [], {"train": [], "eval": [], "sealed": []}, {"train": [], "eval": [], "sealed": []}
+    for split, queries in (("train", train_queries), ("eval", eval_queries), ("sealed", sealed_queries)):
         for q in queries:
             pool = pools[q.text]
             key = QueryKey(q.intent, q.required, q.rivals)

@@ -188,9 +188,44 @@ def all_queries() -> tuple[list[Query], list[Query]]:
     return seen, held
 
 
-def choose_queries(rng: np.random.Generator, n_train: int, n_eval: int) -> tuple[list[Query], list[Query]]:
-    """Training queries across intents, and held-out queries about things the training queries cover."""
+def sealed_items(rng: np.random.Generator, n: int) -> list[str]:
+    """`n` facts and tasks drawn to be sealed away (issue 27's sealed test world): no training query is about
+    them, so a query about one asks for what no policy can have learned. Drawn evenly over the categories
+    (capital, symbol, author, howto); no draw at all when `n` is 0, so the rest of a seed's draws stay as they were."""
+    if n == 0:
+        return []
+    seen, _ = all_queries()
+    by_kind: dict[str, list[str]] = {}
+    for item in sorted({q.item for q in seen if "+" not in q.item and q.intent != "chitchat"}):
+        by_kind.setdefault(item.split(":")[0], []).append(item)
+    if n > sum(len(v) for v in by_kind.values()) // 2:
+        raise ValueError(f"sealed_facts={n}: at most half of the world's facts and tasks can be sealed away")
+    kinds = sorted(by_kind)
+    picked: list[str] = []
+    for i in range(n):
+        pool = [item for item in by_kind[kinds[i % len(kinds)]] if item not in picked]
+        picked.append(pool[rng.integers(len(pool))])
+    return sorted(picked)
+
+
+def about(query: Query, items) -> bool:
+    """Whether the query is about any of `items` (a combination about any of its parts)."""
+    return any(part in items for part in query.item.split("+"))
+
+
+def queries_about(items) -> list[Query]:
+    """Every phrasing of every query about exactly one of `items` (the sealed world's evaluation queries)."""
     seen, held = all_queries()
+    return [q for q in seen + held if "+" not in q.item and q.item in items]
+
+
+def choose_queries(rng: np.random.Generator, n_train: int, n_eval: int,
+                   sealed: list[str] = ()) -> tuple[list[Query], list[Query]]:
+    """Training queries across intents, and held-out queries about things the training queries cover; none
+    about a `sealed` item."""
+    seen, held = all_queries()
+    if sealed:
+        seen, held = [q for q in seen if not about(q, sealed)], [q for q in held if not about(q, sealed)]
     if n_train > len(seen):
         raise ValueError(f"queries={n_train} but the environment has {len(seen)} distinct training queries; lower --queries")
     # Stratified by intent so that each intent is present whatever the size; what an intent cannot
