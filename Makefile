@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 # CPU build on this machine; on a GPU machine: make setup TORCH_SPEC="torch==<version>" (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-deepspeed smollm2 pretrained real-stackexchange real-oasst aloe demo bench clean paper paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch sharper-logs minilm-judge half-the-oracle
+.PHONY: setup test test-deepspeed smollm2 pretrained real-stackexchange real-oasst aloe demo bench clean paper paper-q1 paper-q2 ablation-bootstrap bootstrap-regime ablation-rollouts ablation-batch sharper-logs minilm-judge half-the-oracle
 
 setup: $(STAMP)
 
@@ -47,12 +47,14 @@ demo: setup
 # one-minute smoke test. Stages already done are skipped, so an interrupted target continues.
 SCALE ?= small
 PAPER := paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch
+# issue 27 item 6: the discriminator settings where the bootstrap ablation can answer (one base, then ablation-bootstrap)
+REGIME := bootstrap-regime
 # The testbed's own questions (not the paper's): RLHB on ten times the traffic and RLHB with a
 # discriminator on the pretrained MiniLM encoder, each with a base of its own; RLHB against the oracle at
 # the demo's defaults on every held-out query (issue 4's acceptance test, about 50 min).
 # ALOE (issue 28): SFT and DPO on a simulated preference tree, judged by held-out personas' conversations (about
 # 35 min on 2 CPU cores, experiments/README.md).
-$(PAPER) sharper-logs minilm-judge half-the-oracle aloe: setup
+$(PAPER) $(REGIME) sharper-logs minilm-judge half-the-oracle aloe: setup
 	$(BIN)/rlhb experiment run experiments/$@.yaml --scale $(SCALE)
 
 paper: $(PAPER)

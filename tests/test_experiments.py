@@ -18,7 +18,7 @@ from rlhb_cli.experiments.verdicts import judge_claim
 
 EXPERIMENTS = ROOT / "experiments"
 RECIPES = ("paper-q1", "paper-q2", "ablation-bootstrap", "ablation-rollouts", "ablation-batch", "sharper-logs",
-           "minilm-judge", "half-the-oracle", "pretrained")
+           "minilm-judge", "half-the-oracle", "pretrained", "bootstrap-regime")
 REAL_RECIPES = ("real-stackexchange", "real-oasst")  # on imported logs: their make targets import them first
 VERDICTS = {"reproduced", "not reproduced", "direction only", "contradicted", "not measured"}
 

@@ -24,6 +24,10 @@ def _tail(rows: list[dict], key: str) -> float | None:
     return float(np.mean(values[-TAIL:])) if values else None
 
 
+def _margin(accuracy: float | None) -> float | None:
+    return None if accuracy is None else accuracy - 0.5
+
+
 def _curve_sd(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
     if len(values) < 3:
@@ -43,6 +47,7 @@ def run_figures(run_dir: Path, name: str, evaluation: dict | None) -> tuple[dict
                "reward_curve_sd": _curve_sd(rows, "objective/reward_mean"),
                "disc_score_generated_final": _tail(rows, "disc/score_generated"),
                "disc_score_real_final": _tail(rows, "disc/score_real"), "kl_final": _tail(rows, "objective/kl"),
+               "disc_acc_fake_margin": _margin(_tail(rows, "disc/acc_fake")),
                "seconds": summary.get("seconds"), "disc_collapsed": summary.get("disc_collapsed")}
     # the spread an iteration of one response would have: the mean of n responses' returns wavers by 1/sqrt(n)
     # from sampling alone, so more responses per iteration must not pass for steadier training by arithmetic

@@ -35,6 +35,8 @@ TRAINING_METRICS = {"reward_final": "reward of its own source, mean of the last 
                     "disc_score_generated_final": "discriminator's P(real) on generated triplets, last iterations",
                     "disc_score_real_final": "discriminator's P(real) on logged triplets, last iterations",
                     "kl_final": "KL to the reference, last iterations",
+                    "disc_acc_fake_margin": "a learning discriminator's accuracy on the generated triplets of its "
+                                            "last updates (fresh fakes) minus 0.5: above 0 while it keeps learning",
                     "seconds": "wall time of the run"}
 # ALOE's benchmark (evaluate-personalization): held-out personas converse with each policy for K turns
 PERSONALIZATION_METRICS = {
