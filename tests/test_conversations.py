@@ -215,3 +215,51 @@ def test_the_oracle_over_conversations_pays_each_reply_what_its_personas_gold_sa
     assert gold.score([opening], [ranked[-1]])[0] == pytest.approx(mean / 100)
     with pytest.raises(RlhbError, match="no simulated conversation holds"):
         gold.score(["What is the capital of Mars?"], ["x"])
+
+
+def test_the_policys_own_history_replaces_each_earlier_reply_turn_by_turn():
+    """`--history policy`: every earlier assistant turn is the policy's reply to the conversation before it (the
+    second sees the policy's first), the users' turns stay as logged, a one-turn query is left alone; the
+    oracle and the users' side read such a conversation as the logged one."""
+    from rlhb_cli.prompts import conversation_of, conversation_query, users_side
+    from rlhb_cli.rl.history import with_policy_history
+    logged = conversation_query([{"role": "user", "content": "What is a router?"},
+                                 {"role": "assistant", "content": "A box."},
+                                 {"role": "user", "content": "Too short. Where is that from?"},
+                                 {"role": "assistant", "content": "From a book."},
+                                 {"role": "user", "content": "And a switch?"}])
+    asked = []
+
+    def reply(talks, behaviors):
+        asked.append([(len(t), behaviors[i]) for i, t in enumerate(talks)])
+        return [f"mine {len(t)}\n\nUser: not a turn" for t in talks]
+    out = with_policy_history([logged, "Just one question?"], ["liked", "liked"], reply)
+    assert asked == [[(1, "liked")], [(3, "liked")]] and out[1] == "Just one question?"
+    turns = conversation_of(out[0])
+    assert [t["content"] for t in turns] == ["What is a router?", "mine 1\nUser: not a turn",
+                                              "Too short. Where is that from?", "mine 3\nUser: not a turn",
+                                              "And a switch?"]
+    assert users_side(out[0]) == users_side(logged) != logged and users_side("Just one?") == "Just one?"
+
+
+def test_rl_over_conversations_with_the_policys_own_history(cli, tmp_path):
+    """train-oracle --history policy on conversation logs: the rollouts' conversations hold the users' logged turns
+    and replies that the platform never showed (the policy's), and the oracle still pays each of them."""
+    from rlhb_cli.prompts import conversation_of, users_side
+    cli("simulate-conversations", "--run-dir", tmp_path, "--personas", 40, "--eval-personas", 8,
+        "--conversations", 100, "--turns", 3, "--queries", 40)
+    cli("prepare-behaviors", "--run-dir", tmp_path, "--from-stage", "simulate-conversations",
+        "--group-field", "conversation")
+    cli("train-sft", "--run-dir", tmp_path, "--epochs", 1, "--max-train-rows", 600, "--tiny-hidden-size", 32,
+        "--tiny-layers", 1, "--tiny-heads", 2, "--tiny-vocab-size", 400, "--learning-rate", 0.01)
+    cli("train-oracle", "--run-dir", tmp_path, "--history", "policy", "--iterations", 2, "--prompts-per-iteration", 8,
+        "--rollouts", 1, "--minibatch-size", 8, "--max-new-tokens", 8, "--ppo-epochs", 1, "--sample-every", 1)
+    logged = {users_side(r["query"]): r["query"]
+              for r in read_jsonl(tmp_path / "simulate-conversations" / "conversation_logs.jsonl")}
+    samples = read_jsonl(tmp_path / "train-oracle" / "samples.jsonl")
+    later = [s for s in samples if len(conversation_of(s["query"])) > 1]
+    assert later and all(users_side(s["query"]) in logged and s["query"] != logged[users_side(s["query"])]
+                         for s in later)
+    assert all(0.0 <= s["reward"] <= 1.0 for s in samples)
+    config = json.loads((tmp_path / "train-oracle" / "manifest.json").read_text())["config"]
+    assert config["history"] == "policy"

@@ -320,13 +320,14 @@ def test_the_aloe_recipe_runs_its_arms_through_the_personalisation_suite(cli, tm
     out = tmp_path / "aloe"
     cli("experiment", "run", EXPERIMENTS / "aloe.yaml", "--scale", "tiny", "--out", out)
     results = json.loads((out / "results.json").read_text())
-    assert [c["verdict"] in VERDICTS for c in results["claims"]] == [True] * 6
-    for arm in ("tree-sft", "aloe", "rlhb", "rlhbc", "oracle"):
+    assert [c["verdict"] in VERDICTS for c in results["claims"]] == [True] * 7
+    for arm in ("tree-sft", "aloe", "rlhb", "rlhbc", "rlhb-own-history", "oracle"):
         for seed in ("0", "1"):
             figures = results["per_run"][arm][seed]
             assert all(figures[m] is not None for m in ("al_gain", "al_first_gain", "al_last_gain", "ir", "n_ir"))
     dpo = json.loads((out / "aloe-s1" / "manifest.json").read_text())["config"]
     assert dpo["init_from"] == "tree-sft-s1" and dpo["seed"] == 1
+    assert json.loads((out / "rlhb-own-history-s0" / "manifest.json").read_text())["config"]["history"] == "policy"
     tree = json.loads((out / "tree-sft-s0" / "policy" / "policy.json").read_text())
     assert tree["aligner"] == "SFT on preferred replies"
     conversations = results["conversations"]

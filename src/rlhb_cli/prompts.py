@@ -75,6 +75,13 @@ def conversation_of(query: str) -> list[dict]:
     return turns
 
 
+def users_side(query: str) -> str:
+    """A query's users' turns alone: the key under which a conversation is the same whoever gave its earlier
+    replies (the logs or the policy, `--history policy`); a one-turn query is itself."""
+    turns = conversation_of(query)
+    return query if len(turns) == 1 else "\n\n".join(t["content"] for t in turns if t["role"] == "user")
+
+
 def generator_prompt(query: str, behavior_text: str | None = None) -> str:
     """The plain format's prompt; the response follows it after one space."""
     lines = [f"Question: {_clip(query, MAX_QUERY_CHARS)}"]

@@ -14,7 +14,7 @@ import torch
 from rlhb_cli.behaviors.binning import METRICS
 from rlhb_cli.models.discriminator import Discriminator, FakeMaker
 from rlhb_cli.models.judge import learning_weights, load_learning_weights
-from rlhb_cli.prompts import judge_text
+from rlhb_cli.prompts import judge_text, users_side
 from rlhb_cli.rl.sources import GeneratedBatch
 from rlhb_cli.rundir import tail_mean
 
@@ -72,10 +72,12 @@ class DiscriminatorSource:
         self._contrast_cache: dict[str, list[str]] = {}
         if settings.reward_form == "contrast":
             self._behaviors_of_query: dict[str, list[str]] = {}
+            self._behaviors_of_users: dict[str, list[str]] = {}  # a conversation with the policy's own replies
             for q, b in zip(self.queries, self.behaviors):
-                self._behaviors_of_query.setdefault(q, [])
-                if b not in self._behaviors_of_query[q]:
-                    self._behaviors_of_query[q].append(b)
+                for logged in (self._behaviors_of_query.setdefault(q, []),
+                               self._behaviors_of_users.setdefault(users_side(q), [])):
+                    if b not in logged:
+                        logged.append(b)
             self._all_behaviors = sorted(set(self.behaviors))
 
     # ---------------------------------------------------------------------------------------- reward
@@ -85,7 +87,8 @@ class DiscriminatorSource:
         key = f"{target}\x00{query}"
         if key not in self._contrast_cache:
             k = self.settings.contrast_behaviors
-            own = [b for b in self._behaviors_of_query.get(query, []) if b != target][:k]
+            logged = self._behaviors_of_query.get(query) or self._behaviors_of_users.get(users_side(query), [])
+            own = [b for b in logged if b != target][:k]
             rng = np.random.default_rng([self.settings.seed, zlib.crc32(key.encode())])
             pool = [b for b in self._all_behaviors if b != target and b not in own]
             extra = [pool[i] for i in rng.permutation(len(pool))[:k - len(own)]] if len(own) < k else []

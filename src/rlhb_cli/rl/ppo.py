@@ -38,6 +38,7 @@ from rlhb_cli.rl.actor_critic import PolicyAndValue, build_actor_critic, referen
 from rlhb_cli.rl.config import EngineConfig
 from rlhb_cli.rl.core import (INVALID_LOGPROB, KLController, generalized_advantages, length_trend, masked_mean,
                               masked_share, token_count, whiten)
+from rlhb_cli.rl.history import with_policy_history
 from rlhb_cli.rl.reward_shaping import paid_reward, token_rewards
 from rlhb_cli.rl.sources import GeneratedBatch, LearningRewardSource, RewardSource
 
@@ -250,17 +251,28 @@ class PPOEngine:
         return chosen[self.accelerator.process_index::self.accelerator.num_processes]
 
     def rollout(self, queries: list[str], repeats: int, greedy: bool = False) -> Rollout:
+        """`repeats` replies to each query; with `--history policy` to its conversation with the policy's own
+        earlier replies (one history per query, shared by its repeats), which the reward source then reads."""
+        if self.config.history == "policy":
+            def reply(talks: list[list[dict]], asked: list[str | None]) -> list[str]:
+                return self._sample([self.prompt_format.conversation_prompt(t, b) for t, b in zip(talks, asked)],
+                                    greedy)[1][-1]
+            queries = with_policy_history(queries, [self.behavior_of(q) for q in queries], reply)
         queries = [q for q in queries for _ in range(repeats)]
         behaviors = [self.behavior_of(q) for q in queries]
         prompts = [self.prompt_format.prompt(q, b) for q, b in zip(queries, behaviors)]
+        encoded, (responses, mask, lengths, ended, texts) = self._sample(prompts, greedy)
+        return Rollout(prompts, queries, behaviors, encoded["input_ids"], encoded["attention_mask"], responses,
+                       mask, lengths, ended, texts, repeats)
+
+    def _sample(self, prompts: list[str], greedy: bool):
+        """The encoded prompts and the decoded replies (ids, mask, lengths, ended, texts)."""
         encoded = self.tokenizer(prompts, padding=True, return_tensors="pt").to(self.accelerator.device)
         # under ZeRO-3 every layer would gather its weights at every token: gather them once for the generation
         with (distributed.gathered_weights(self.model, self.unwrapped.actor) if self.config.gather_for_generation
               else contextlib.nullcontext()):
             raw = self.generator.generate(self.unwrapped.actor, encoded["input_ids"], encoded["attention_mask"], greedy)
-        responses, mask, lengths, ended, texts = self.generator.decode(raw)
-        return Rollout(prompts, queries, behaviors, encoded["input_ids"], encoded["attention_mask"], responses,
-                       mask, lengths, ended, texts, repeats)
+        return encoded, self.generator.decode(raw)
 
     def score(self, rollout: Rollout, source: RewardSource | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(raw score of the source, paid reward, logs)."""

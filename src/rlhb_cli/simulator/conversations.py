@@ -31,7 +31,7 @@ import numpy as np
 
 from rlhb_cli.config import field
 from rlhb_cli.errors import RlhbError
-from rlhb_cli.prompts import conversation_query
+from rlhb_cli.prompts import conversation_query, users_side
 from rlhb_cli.rundir import StageRun
 from rlhb_cli.simulator.attributes import FEATURES, Lexicon, QueryKey, feature_matrix
 from rlhb_cli.simulator.gold import UserModel
@@ -251,15 +251,18 @@ class ConversationGold:
         personas = {p.id: p.user_model() for p in profiles}
         queries = {q.text: q for q in self.world.queries}
         self.asked: dict[str, list] = {}
+        self.asked_by_users: dict[str, list] = {}  # a prompt whose earlier replies are the policy's own
         for line in (folder / "conversations.jsonl").read_text(encoding="utf-8").splitlines():
             conversation = json.loads(line)
             for row, turn in zip(behavior_rows(conversation), conversation["turns"]):
-                self.asked.setdefault(row["query"], []).append((personas[conversation["user_id"]], queries[turn["query"]]))
+                asker = (personas[conversation["user_id"]], queries[turn["query"]])
+                self.asked.setdefault(row["query"], []).append(asker)
+                self.asked_by_users.setdefault(users_side(row["query"]), []).append(asker)
 
     def score(self, prompts: list[str], replies: list[str]) -> np.ndarray:
         out = np.empty(len(prompts))
         for i, (prompt, reply) in enumerate(zip(prompts, replies)):
-            askers = self.asked.get(prompt)
+            askers = self.asked.get(prompt) or self.asked_by_users.get(users_side(prompt))
             if askers is None:
                 raise RlhbError(f"a prompt that no simulated conversation holds: {prompt[:80]!r}")
             out[i] = np.mean([self.world.scale(p, q, float(self.world.utility(p, q, [reply])[0])) for p, q in askers])
