@@ -53,7 +53,7 @@ REGIME := bootstrap-regime
 # discriminator on the pretrained MiniLM encoder, each with a base of its own; RLHB against the oracle at
 # the demo's defaults on every held-out query (issue 4's acceptance test, about 50 min).
 # ALOE (issue 28): SFT and DPO on a simulated preference tree, judged by held-out personas' conversations (about
-# 35 min on 2 CPU cores, experiments/README.md).
+# 100 min on 2 CPU cores by `experiment plan`; 2 h measured beside another job, docs/results.md).
 $(PAPER) $(REGIME) sharper-logs minilm-judge half-the-oracle aloe: setup
 	$(BIN)/rlhb experiment run experiments/$@.yaml --scale $(SCALE)
 
