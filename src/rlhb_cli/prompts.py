@@ -75,6 +75,12 @@ def conversation_of(query: str) -> list[dict]:
     return turns
 
 
+def as_turn(reply: str) -> str:
+    """A generated reply as one assistant turn of `conversation_query`: a blank line before "User: " or
+    "Assistant: " inside it would read back as a new turn, so it is closed to one line break."""
+    return _TURN_BREAK.sub("\n", reply.strip())
+
+
 def users_side(query: str) -> str:
     """A query's users' turns alone: the key under which a conversation is the same whoever gave its earlier
     replies (the logs or the policy, `--history policy`); a one-turn query is itself."""

@@ -10,19 +10,11 @@ the users' turns stay as logged. The users' later turns were written after the l
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
-from rlhb_cli.prompts import conversation_of, conversation_query
+from rlhb_cli.prompts import as_turn, conversation_of, conversation_query
 
 HISTORY = ("logs", "policy")
-_TURN_BREAK = re.compile(r"\n\n(?=(?:User|Assistant): )")
-
-
-def as_turn(reply: str) -> str:
-    """A generated reply as one assistant turn: a blank line before "User: " or "Assistant: " inside it would
-    read back as a new turn, so it is closed to one line break."""
-    return _TURN_BREAK.sub("\n", reply.strip())
 
 
 def with_policy_history(queries: list[str], behaviors: list[str | None],

@@ -255,8 +255,9 @@ class PPOEngine:
         earlier replies (one history per query, shared by its repeats), which the reward source then reads."""
         if self.config.history == "policy":
             def reply(talks: list[list[dict]], asked: list[str | None]) -> list[str]:
-                return self._sample([self.prompt_format.conversation_prompt(t, b) for t, b in zip(talks, asked)],
-                                    greedy)[1][-1]
+                _, (*_, texts) = self._sample([self.prompt_format.conversation_prompt(t, b)
+                                               for t, b in zip(talks, asked)], greedy)
+                return texts
             queries = with_policy_history(queries, [self.behavior_of(q) for q in queries], reply)
         queries = [q for q in queries for _ in range(repeats)]
         behaviors = [self.behavior_of(q) for q in queries]
