@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from rich.console import Console
 from rich.table import Table
-from trl.trainer.utils import selective_log_softmax
 
 from rlhb_cli import distributed, rundir, storage
 from rlhb_cli.behaviors.binning import most_preferred_levels
@@ -37,6 +35,7 @@ from rlhb_cli.evaluation.statistics import (agreement_with_gold, answer_draw_se,
 from rlhb_cli.models.classifier import BehaviorClassifier
 from rlhb_cli.models.discriminator import Discriminator
 from rlhb_cli.models.generation import generate_responses
+from rlhb_cli.models.likelihood import sequence_logprobs
 from rlhb_cli.models.card import GOLD_JUDGES, write_stage_cards
 from rlhb_cli.models.load import load_causal_lm, load_tokenizer, policy_source
 from rlhb_cli.prompts import PromptFormat, policy_condition, policy_meta
@@ -77,6 +76,9 @@ class EvaluateConfig:
     perplexity_rows: int = field(0, help="Logged test responses each policy's perplexity is measured on, spread over "
                                          "the split (0: all of them; a pretrained model's pass over 720 rows takes "
                                          "minutes on a CPU).")
+    perplexity_max_tokens: int = field(128, help="Perplexity scores each logged response on at most its first this "
+                                                 "many tokens, after at most its prompt's last this many (0: whole; "
+                                                 "real replies run to thousands of tokens).")
     judge_url: str = field("", help="An OpenAI-compatible endpoint (e.g. https://api.openai.com/v1) whose model rates "
                                     "each greedy answer 1-10; called only when given; answers cached in "
                                     "RUN_DIR/.judge-cache.sqlite, so a rerun costs nothing.")
@@ -89,8 +91,8 @@ class EvaluateConfig:
                                      "sealed logs alone (cross-fitted; evaluation/referee.py).")
 
     def __post_init__(self):
-        if self.max_queries < 0 or self.perplexity_rows < 0 or self.sealed_rows < 0:
-            raise ValueError("max_queries, perplexity_rows and sealed_rows must be >= 0")
+        if min(self.max_queries, self.perplexity_rows, self.perplexity_max_tokens, self.sealed_rows) < 0:
+            raise ValueError("max_queries, perplexity_rows, perplexity_max_tokens and sealed_rows must be >= 0")
         if not set(self.query_set.split(",")) <= set(QUERY_SETS):
             raise ValueError(f"query_set takes {', '.join(QUERY_SETS)} (several joined by commas), got {self.query_set!r}")
         if self.samples < 0 or self.max_new_tokens < 1 or self.temperature <= 0:
@@ -218,27 +220,6 @@ def behavior_following(model, tokenizer, prompt: PromptFormat, queries: list[str
     return out
 
 
-@torch.no_grad()
-def _sequence_logprobs(model, tokenizer, prompt: PromptFormat, prompts: list[str], responses: list[str],
-                       batch_size: int = 32) -> np.ndarray:
-    """Sum of log p(response tokens and EOS | prompt) under `model`, per pair (text in, so any tokenizer works)."""
-    tokenizer.padding_side = "right"
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        p, r = prompts[start:start + batch_size], responses[start:start + batch_size]
-        prompt_lengths = [len(tokenizer(x)["input_ids"]) for x in p]
-        full = tokenizer([a + prompt.completion(b) + tokenizer.eos_token for a, b in zip(p, r)], padding=True,
-                         return_tensors="pt")
-        logits = model(**full).logits[:, :-1]
-        token_logprobs = selective_log_softmax(logits, full["input_ids"][:, 1:])
-        mask = full["attention_mask"][:, 1:].clone()
-        for i, n in enumerate(prompt_lengths):
-            mask[i, :max(n - 1, 0)] = 0
-        out.append((token_logprobs * mask).sum(1))
-    tokenizer.padding_side = "left"
-    return torch.cat(out).numpy()
-
-
 def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     started = time.perf_counter()
     seed_everything(config.seed)
@@ -311,18 +292,19 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
             if features:
                 health[name][decoding]["gold_feature_rates"] = feature_rates(features)
         if sampled_texts:  # KL(policy || baseline) per response, estimated on the policy's own samples
-            own = _sequence_logprobs(model, tokenizer, prompt, sampled_prompts, sampled_texts)
+            own, _ = sequence_logprobs(model, tokenizer, prompt, sampled_prompts, sampled_texts)
             reference_prompts = [reference_format.prompt(q, condition) for q in repeated_queries]
-            ref = _sequence_logprobs(reference, reference_tokenizer, reference_format, reference_prompts, sampled_texts)
+            ref, _ = sequence_logprobs(reference, reference_tokenizer, reference_format, reference_prompts,
+                                       sampled_texts)
             health[name]["kl_to_baseline"] = round(float(np.mean(own - ref)), 4)
         if config.following_queries and condition is not None and follow_judge is not None:
             health[name]["behavior_following"] = behavior_following(
                 model, tokenizer, prompt, queries[:config.following_queries], spec, template, follow_judge, config)
         real_prompts = [prompt.prompt(test["query"][i], test["behavior_text"][i]) for i in real_rows]
         real_responses = [test["response"][i] for i in real_rows]
-        logprobs = _sequence_logprobs(model, tokenizer, prompt, real_prompts, real_responses)
-        tokens = sum(len(tokenizer(prompt.completion(r))["input_ids"]) + 1 for r in real_responses)
-        health[name]["perplexity_real_responses"] = round(float(np.exp(-logprobs.sum() / max(tokens, 1))), 4)
+        logprobs, tokens = sequence_logprobs(model, tokenizer, prompt, real_prompts, real_responses,
+                                             config.perplexity_max_tokens)
+        health[name]["perplexity_real_responses"] = round(float(np.exp(-logprobs.sum() / max(tokens.sum(), 1))), 4)
 
     if judges.gold is not None:
         others = [j for j in judges.scorers if j not in ("gold", *judges.greedy_only)]
@@ -370,7 +352,8 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
     return {"headline": summary["headline"], "queries": len(queries),
             "query_sets": {s: list(query_sets.values()).count(s) for s in set(query_sets.values())},
             "sealed_split_unseen": summary["sealed"]["unseen"],
-            "policies": names, "skipped_policies": skipped, "perplexity_rows": len(real_rows), "judges": list(judges.scorers),
+            "policies": names, "skipped_policies": skipped, "perplexity_rows": len(real_rows),
+            "perplexity_max_tokens": config.perplexity_max_tokens, "judges": list(judges.scorers),
             **({"chat_judge": {"endpoint": judges.chat.endpoint, "model": config.judge_model, "calls": judges.chat.calls,
                                "cache_hits": judges.chat.cache_hits, "unparsed_replies": judges.chat.unparsed}}
                if judges.chat else {}), "baseline": config.baseline,
