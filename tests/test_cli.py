@@ -33,7 +33,10 @@ def test_version_completion_and_status_as_json_for_scripts(cli, small_sim):
     from importlib.metadata import version
     assert cli("--version").output.strip() == f"rlhb {version('rlhb-cli')}"
     rlhb = str(Path(sys.executable).parent / "rlhb")  # the installed command, as a shell completes it
-    script = subprocess.run([rlhb, "--show-completion", "bash"], capture_output=True, text=True, timeout=120)
+    # bash's script asked for by name: `--show-completion` ignores its argument and detects the parent shell,
+    # which a run under nohup or a CI runner may not have
+    script = subprocess.run([rlhb], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, _RLHB_COMPLETE="source_bash"))
     assert script.returncode == 0 and "_RLHB_COMPLETE=complete_bash" in script.stdout
     words = subprocess.run([rlhb], capture_output=True, text=True, timeout=120, env=dict(
         os.environ, _RLHB_COMPLETE="complete_bash", COMP_WORDS="rlhb train-r", COMP_CWORD="1"))
