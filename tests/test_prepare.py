@@ -452,3 +452,21 @@ def test_a_run_directory_can_be_moved_whole(cli, tmp_path, sim_run):
     assert states["prepare-behaviors"] == "done"
     manifest = json.loads((moved / "prepare-behaviors" / "manifest.json").read_text())
     assert manifest["inputs"]["logs"]["path"] == "RUN_DIR/simulate-logs/logs.jsonl"
+
+
+def test_a_splits_rows_are_the_rows_table_filter_keeps():
+    """prepare writes each split by filtering column by column (Table.filter is 5x slower on text): the same
+    rows in the same order, of every column type, chunked or not, for any mask."""
+    import numpy as np
+    import pyarrow as pa
+    from rlhb_cli.behaviors.prepare import _rows_where
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    text = pa.chunked_array([pa.array([f"row {i}" if i % 7 else None for i in range(k, k + 250)])
+                             for k in range(0, n, 250)])
+    table = pa.table({"text": text, "count": pa.array(rng.integers(0, 9, n)), "share": pa.array(rng.random(n)),
+                      "best": pa.array(rng.random(n) < 0.5)})
+    for mask in (rng.random(n) < 0.8, np.ones(n, dtype=bool), np.zeros(n, dtype=bool)):
+        kept = _rows_where(table, mask)
+        assert kept.equals(table.filter(pa.array(mask))) and kept.schema == table.schema

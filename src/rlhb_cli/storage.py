@@ -7,6 +7,7 @@ file system (a full disk, a read-only directory) are turned into one line naming
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as _dt
 import errno
@@ -145,11 +146,15 @@ def record_outputs(folder: Path, leave_out: set[str],
                    only: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """{relative path: bytes, mtime_ns, sha256} of what a stage left (every file of its folder, or `only`
     these): what `check_outputs` holds it to."""
+    paths = [folder / name for name in only] if only else _output_files(folder, leave_out)
+    # hashlib and file reads let go of the GIL, so the files of a large data set hash on every core at once
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(sha256_of, paths))
     recorded = {}
-    for path in ([folder / name for name in only] if only else _output_files(folder, leave_out)):
+    for path, digest in zip(paths, digests):
         stat = path.stat()
         recorded[str(path.relative_to(folder))] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                                   "sha256": sha256_of(path)}
+                                                   "sha256": digest}
     return recorded
 
 

@@ -168,14 +168,19 @@ def validate(parsed: ParsedLogs, path: Path, kind: str = "auto", max_count: floa
                                   for i in sorted(verdicts.reason)]
     rejected.sort(key=lambda r: r.line)
     duplicates.sort(key=lambda r: r.line)
+    everything = bool(ok.all())  # the usual case: no copy of a million texts to keep them all
     keep = pa.array(ok)
-    columns = {"query": texts["query"].filter(keep), "response": texts["response"].filter(keep)}
+
+    def kept_rows(column):
+        return column if everything else column.filter(keep)
+
+    columns = {"query": kept_rows(texts["query"]), "response": kept_rows(texts["response"])}
     for name in COUNT_FIELDS:
         columns[name] = pa.array(counts[name][ok].astype(np.int64))
     columns["source_line"] = pa.array(parsed.lines[ok].astype(np.int64))
     optional = [k for k in ("window", "user_segment", "user_id") if k in table.column_names]
     for name in optional + keep_fields:
-        columns[name] = table.column(name).filter(keep).cast(pa.string())
+        columns[name] = kept_rows(table.column(name)).cast(pa.string())
     kept = pa.table(columns)
     rows_kept = kept.num_rows
     known = set(TEXT_FIELDS) | set(counted) | set(KNOWN_OPTIONAL) | set(keep_fields)
