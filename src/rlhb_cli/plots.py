@@ -15,25 +15,20 @@ from rlhb_cli.errors import RlhbError
 
 def behavior_histograms(data: dict, out: Path) -> None:
     """One panel per behaviour metric (log(1 + count)) and one for the shaped reward."""
-    # deferred: matplotlib loads only when a plot is drawn
-    import matplotlib
-    matplotlib.use("Agg")
-    # deferred: matplotlib loads only when a plot is drawn
-    import matplotlib.pyplot as plt
+    # deferred: matplotlib loads only when a plot is drawn (a Figure of its own: no pyplot state to close)
+    from matplotlib.figure import Figure
 
     panels = data["panels"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2))
-    for ax, panel in zip(axes, panels):
-        edges = panel["edges"]
-        widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-        ax.bar(edges[:-1], panel["counts"], width=widths, align="edge", color=panel.get("color", "#4477aa"))
+    fig = Figure(figsize=(3.4 * len(panels), 3.2))
+    for ax, panel in zip(fig.subplots(1, len(panels)), panels):
+        # one filled step outline per panel, not a rectangle per bin: a third less drawing, the same picture
+        ax.stairs(panel["counts"], panel["edges"], fill=True, color=panel.get("color", "#4477aa"))
         for line in panel.get("bin_edges", []):
             ax.axvline(line, color="#cc3311", lw=0.8)
         ax.set_title(panel["title"])
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=80)
-    plt.close(fig)
     tmp.replace(out)
 
 

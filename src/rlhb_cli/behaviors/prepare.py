@@ -184,7 +184,7 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
     # a query's split (under groups, the same question may open conversations in several: the test one wins)
     split_names = np.full(len(unique_queries), "train", dtype=object)
     for name in ("validation", SEALED):
-        split_names[np.unique(query_codes[in_split[name]])] = name
+        split_names[query_codes[in_split[name]]] = name
     counts = {m: table.column(m).to_numpy() for m in binning.METRICS}
     if config.bins_from is not None:
         stage.add_input("bins_from", Path(config.bins_from))
@@ -248,7 +248,8 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
         "rows_duplicate": len(checked.duplicates),
         "rows_out": table.num_rows,
         "reject_reasons": dict(reasons.most_common()),
-        "splits": {s: {"rows": int(in_split[s].sum()), "queries": int(np.unique(query_codes[in_split[s]]).size)}
+        "splits": {s: {"rows": int(in_split[s].sum()),
+                       "queries": int(np.bincount(query_codes[in_split[s]], minlength=1).astype(bool).sum())}
                    for s in SPLITS},
         "sealed": {"split": SEALED,
                    "queries_sha256": queries_digest(q for q, s in zip(unique_queries, split_names) if s == SEALED),
