@@ -470,3 +470,21 @@ def test_a_splits_rows_are_the_rows_table_filter_keeps():
     for mask in (rng.random(n) < 0.8, np.ones(n, dtype=bool), np.zeros(n, dtype=bool)):
         kept = _rows_where(table, mask)
         assert kept.equals(table.filter(pa.array(mask))) and kept.schema == table.schema
+
+
+def test_the_histogram_child_ends_with_the_stage_and_its_failure_is_one_line(tmp_path):
+    """The plot's child starts before the numbers exist: a stage that fails first leaves no child and no
+    PNG behind; a child that cannot draw is reported in one line naming the PNG."""
+    from rlhb_cli import plots
+    from rlhb_cli.errors import RlhbError
+
+    with pytest.raises(RuntimeError, match="stage failed"):
+        with plots.Drawing("histograms", tmp_path / "early.png") as early:
+            raise RuntimeError("stage failed")
+    assert early.process.returncode == 0 and not (tmp_path / "early.png").exists()
+
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(RlhbError, match=r"bad\.png: plotting failed \(KeyError: 'panels'\)"):
+        with plots.Drawing("histograms", tmp_path / "bad.png") as bad:
+            bad.draw(tmp_path / "bad.json")
+            bad.wait_for()

@@ -1,6 +1,7 @@
-"""PNG plots. Run in a child process (`python -m rlhb_cli.plots KIND DATA.json OUT.png`) by stages that
-should not wait for matplotlib to import and draw: the plot is made from a small JSON of numbers
-while the stage goes on with its own work on the other core.
+"""PNG plots. Run in a child process (`python -m rlhb_cli.plots KIND DATA.json OUT.png`, or with `-` for
+DATA.json: the path comes on stdin once known) by stages that should not wait for matplotlib to import
+and draw: the plot is made from a small JSON of numbers while the stage goes on with its own work on the
+other core.
 """
 
 from __future__ import annotations
@@ -52,20 +53,58 @@ KINDS = {"histograms": behavior_histograms}
 
 
 class Drawing:
-    """A plot being drawn in a child process; `wait_for` waits and turns its failure into one line."""
+    """A plot drawn in a child process that starts now and imports matplotlib while the stage computes the
+    numbers (`draw` hands them over); `wait_for` waits and turns its failure into one line. As a context
+    manager it never leaves the child behind: undrawn, the child is told so and ends."""
 
-    def __init__(self, kind: str, data_json: Path, out: Path):
+    def __init__(self, kind: str, out: Path):
         self.out = out
-        self.process = subprocess.Popen([sys.executable, "-m", "rlhb_cli.plots", kind, str(data_json), str(out)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.drawn = False
+        self.process = subprocess.Popen([sys.executable, "-m", "rlhb_cli.plots", kind, "-", str(out)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
+
+    def draw(self, data_json: Path) -> None:
+        self.drawn = True
+        try:
+            self.process.stdin.write(f"{data_json}\n")
+            self.process.stdin.close()
+        except BrokenPipeError:  # the child is gone already: `wait_for` says why, in one line
+            pass
+
+    def _close_input(self) -> None:
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
 
     def wait_for(self) -> None:
-        _, stderr = self.process.communicate()
-        if self.process.returncode != 0:
+        if self.process.returncode is not None:  # waited for already
+            return
+        if not self.process.stdin.closed:
+            self._close_input()  # nothing to draw: the child reads the end of its input and ends
+        stderr = self.process.stderr.read()  # its only pipe left: reading it to the end cannot deadlock
+        self.process.stderr.close()
+        self.process.wait()
+        if self.drawn and self.process.returncode != 0:
             last = (stderr or "").strip().splitlines()[-1:] or ["no message"]
             raise RlhbError(f"{self.out}: plotting failed ({last[0]})")
+
+    def __enter__(self) -> "Drawing":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:  # the stage failed: end the child, and let the stage's own error speak
+            self.drawn = False
+        self.wait_for()
 
 
 if __name__ == "__main__":
     kind, data_path, out_path = sys.argv[1:4]
+    if data_path == "-":  # started early: import while the parent computes, then read where the data is
+        # deferred: matplotlib loads only when a plot is drawn
+        import matplotlib.figure
+        data_path = sys.stdin.readline().strip()
+        if not data_path:
+            sys.exit(0)
     KINDS[kind](json.loads(Path(data_path).read_text(encoding="utf-8")), Path(out_path))

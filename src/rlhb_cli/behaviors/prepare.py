@@ -149,6 +149,14 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
         hashing.result()
     if config.template not in SHIPPED:
         stage.add_input("template", Path(config.template))
+    # The histogram PNG's child starts now, importing matplotlib on the other core while this one validates.
+    with plots.Drawing("histograms", stage.dir / "histograms.png") as plotting:
+        return _prepare(config, stage, logs, template, parsed, plotting)
+
+
+def _prepare(config: PrepareConfig, stage: StageRun, logs: Path, template: BehaviorTemplate, parsed,
+             plotting: plots.Drawing) -> dict:
+    """Validate, split, bin, render and write what `run` parsed; the histograms are handed to `plotting`."""
     keep = config.keep_fields + ([config.group_field] if config.group_field not in ("", *config.keep_fields) else [])
     checked = validate(parsed, logs, config.input_kind, config.max_count, config.require_view, keep,
                        config.absent_as_zero, _salt(config, stage.dir), config.group_field)
@@ -213,9 +221,9 @@ def run(config: PrepareConfig, stage: StageRun) -> dict:
     table = table.append_column("shaped_reward", pa.array(reward))
     table = table.append_column("is_most_preferred", pa.array(is_best))
 
-    # The histogram PNG is drawn by a child process while this one writes the data set.
+    # The histogram PNG is drawn by the child while this process writes the data set.
     atomic_write_json(stage.dir / "histograms.json", _histogram_data(counts, reward, spec))
-    plotting = plots.Drawing("histograms", stage.dir / "histograms.json", stage.dir / "histograms.png")
+    plotting.draw(stage.dir / "histograms.json")
 
     datasets.disable_progress_bars()
     table = table.combine_chunks()
