@@ -6,6 +6,7 @@ other core.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -66,23 +67,16 @@ class Drawing:
 
     def draw(self, data_json: Path) -> None:
         self.drawn = True
-        try:
+        with contextlib.suppress(BrokenPipeError):  # the child is gone already: `wait_for` says why, in one line
             self.process.stdin.write(f"{data_json}\n")
             self.process.stdin.close()
-        except BrokenPipeError:  # the child is gone already: `wait_for` says why, in one line
-            pass
-
-    def _close_input(self) -> None:
-        try:
-            self.process.stdin.close()
-        except BrokenPipeError:
-            pass
 
     def wait_for(self) -> None:
         if self.process.returncode is not None:  # waited for already
             return
-        if not self.process.stdin.closed:
-            self._close_input()  # nothing to draw: the child reads the end of its input and ends
+        if not self.process.stdin.closed:  # nothing drawn: the child reads the end of its input and ends
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
         stderr = self.process.stderr.read()  # its only pipe left: reading it to the end cannot deadlock
         self.process.stderr.close()
         self.process.wait()

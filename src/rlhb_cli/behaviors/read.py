@@ -167,8 +167,8 @@ def _read_jsonl(data: bytes) -> ParsedLogs:
 
 def _may_nest_deeper(marks: bytes, limit: int) -> bool:
     """Whether any value could nest deeper than `limit`: the running count of opening minus closing
-    brackets (brackets inside strings count too, so it errs towards yes). `marks` holds the file's brackets
-    and line ends alone (bytes.translate), so the running count walks them, not every byte of the file."""
+    brackets (brackets inside strings count too, so it errs towards yes). Other bytes count zero, so the reader
+    passes the file's brackets and line ends alone (bytes.translate) and the count walks them, not every byte."""
     if marks.count(b"[") + marks.count(b"{") <= limit:
         return False
     steps = np.frombuffer(marks, dtype=np.uint8)
