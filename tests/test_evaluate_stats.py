@@ -77,6 +77,20 @@ def test_agreement_with_gold_by_hand():
                                             abs=1e-4)
 
 
+def test_the_reward_models_bar_is_set_on_trained_facts_and_the_sealed_worlds_figure_kept_apart():
+    """On the sealed world's new facts no judge learned from the logs can know which answer is right: the
+    competence a recipe asks of RLHF's reward model is measured on the other queries, the sealed figure beside."""
+    from rlhb_cli.evaluation.statistics import reward_model_competence
+    rows = [{"query": q, "query_set": s, "scores": {"annotators": a, "reward_model": r}} for q, s, a, r in (
+        ("a", "environment", 0.1, 1.0), ("a", "environment", 0.3, 2.0),  # ordered as the annotators do
+        ("b", "test", 0.5, 3.0), ("b", "test", 0.4, 1.0),  # so
+        ("c", "sealed", 0.2, 2.0), ("c", "sealed", 0.6, 1.0))]  # the other way round
+    out = reward_model_competence(rows)
+    assert out["trained_facts"]["pair_agreement"] == 1.0 and out["sealed_facts"]["pair_agreement"] == 0.0
+    assert out["pair_agreement"] == pytest.approx(2 / 3, abs=1e-4)
+    assert reward_model_competence(rows[:4])["sealed_facts"] is None
+
+
 def test_correct_pair_agreement_and_feature_rates_by_hand():
     from rlhb_cli.simulator.attributes import FEATURES
     from rlhb_cli.evaluation.statistics import agreement_with_gold, feature_rates

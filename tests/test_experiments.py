@@ -283,7 +283,8 @@ def test_a_claim_against_an_incompetent_rlhf_is_not_measured():
     assert "agrees with the annotators' order of the SFT policy's answers 45%" in \
         without_incompetent_rlhf(verdict, against_rlhf, recipe, 0.45)["evidence"]
     assert without_incompetent_rlhf(verdict, against_rlhf, recipe, None)["verdict"] == "not measured"
-    assert without_incompetent_rlhf(verdict, against_rlhf, recipe, 0.7) == verdict
+    competent = without_incompetent_rlhf(verdict, against_rlhf, recipe, 0.7)
+    assert competent["verdict"] == "reproduced" and "70% of the time (needs 65%)" in competent["evidence"]
     assert without_incompetent_rlhf(verdict, against_rlhbc, recipe, 0.45) == verdict
 
 

@@ -31,7 +31,8 @@ from rlhb_cli.evaluation.chat_judge import ChatJudge
 from rlhb_cli.evaluation.ordering import TARGETS, judge_ordering, sealed_rows, sealed_status
 from rlhb_cli.evaluation.referee import cross_fitted_referee
 from rlhb_cli.evaluation.statistics import (agreement_with_gold, answer_draw_se, bootstrap_interval, by_query,
-                                            distinct_2, feature_rates, gains_by_set, spearman, win_tie_loss)
+                                            distinct_2, feature_rates, gains_by_set, reward_model_competence,
+                                            spearman, win_tie_loss)
 from rlhb_cli.models.classifier import BehaviorClassifier
 from rlhb_cli.models.discriminator import Discriminator
 from rlhb_cli.models.generation import generate_responses
@@ -314,8 +315,7 @@ def run(config: EvaluateConfig, stage: rundir.StageRun) -> dict:
                 health[name]["judge_agreement_with_gold"] = agreement_with_gold(sampled, others)
             if sampled and "reward_model" in others and "annotators" in others:
                 # a reward model learns the annotators' pairs: is it competent at their taste, on these answers?
-                health[name]["reward_model_agreement_with_annotators"] = agreement_with_gold(
-                    sampled, ["reward_model"], "annotators")["reward_model"]
+                health[name]["reward_model_agreement_with_annotators"] = reward_model_competence(sampled)
     references = {}
     if judges.gold is not None:  # what was achievable on these queries: the environment's own candidates
         pools = {q["text"]: q for q in rundir.read_json(run_dir / "simulate-logs" / "environment.json")["queries"]}

@@ -65,6 +65,19 @@ def agreement_with_gold(rows: list[dict], judges: list[str], gold_judge: str = "
     return out
 
 
+def reward_model_competence(rows: list[dict]) -> dict:
+    """How far RLHF's reward model orders one policy's sampled answers as the annotators' gold does: over all
+    answers, on the queries about facts its training pairs cover (every set but the sealed world's: the bar a
+    recipe asks of it) and on the sealed world's new facts, where no judge learned from the logs can know which
+    answer is right (each is printed; the bar is not set there)."""
+    trained = [r for r in rows if r["query_set"] != "sealed"]
+    sealed = [r for r in rows if r["query_set"] == "sealed"]
+    figure = agreement_with_gold(rows, ["reward_model"], "annotators")["reward_model"]
+    for key, part in (("trained_facts", trained), ("sealed_facts", sealed)):
+        figure[key] = agreement_with_gold(part, ["reward_model"], "annotators")["reward_model"] if part else None
+    return figure
+
+
 def answer_draw_se(policy_variance: np.ndarray, baseline_variance: np.ndarray) -> float:
     """Standard error of a mean gain over queries from the sampled answers alone (the queries held fixed):
     what evaluating the same policies again with another --seed would move it by. The bootstrap interval

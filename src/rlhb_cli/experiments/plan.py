@@ -63,8 +63,10 @@ def _expected(recipe: Recipe, command: str, options: dict, evaluated: int = 0) -
         queries = 246 / 130 if config.query_set == "every-held-out" else 1.0  # on the default logs
         return rates.get("evaluate_per_policy", 0.0) * evaluated * queries * (config.samples + 1) / 5
     if options.get("backbone") == "minilm" and not options.get("freeze_backbone"):
-        # a 22M-parameter pretrained encoder trained instead of the SFT body (frozen, it is read once: no slower)
-        return rates.get(command, 0.0) * rates.get("minilm_judge_factor", 1.0)
+        # a 22M-parameter pretrained encoder trained instead of the SFT body (frozen, it is read once: no slower);
+        # a stage measured on it has its own rate ("train-reward on minilm")
+        measured = rates.get(f"{command} on minilm")
+        return measured if measured is not None else rates.get(command, 0.0) * rates.get("minilm_judge_factor", 1.0)
     return rates.get(command, 0.0)
 
 

@@ -113,8 +113,11 @@ def base_results(recipe: Recipe, base) -> dict:
             runs[arm.name, seed], curves[arm.name, seed] = figures, rows
     competence, measured_on, baseline, references = None, "the annotators' order of the SFT policy's answers", None, {}
     if evaluation is not None:
-        competence = (evaluation.get("health", {}).get(baseline_name, {})
-                      .get("reward_model_agreement_with_annotators", {}).get("pair_agreement"))
+        agreement = evaluation.get("health", {}).get(baseline_name, {}).get("reward_model_agreement_with_annotators", {})
+        competence = agreement.get("pair_agreement")
+        if agreement.get("trained_facts"):  # the bar is set where the logs could teach it (statistics.py)
+            competence = agreement["trained_facts"]["pair_agreement"]
+            measured_on += " to questions about facts its pairs cover"
         reward_summary = base.base_dir / "train-reward" / rundir.SUMMARY
         if competence is None and reward_summary.exists():  # real logs: no annotators' gold, only held-out pairs
             competence = rundir.read_json(reward_summary).get("val_pairwise_accuracy")
@@ -191,9 +194,12 @@ def without_incompetent_rlhf(result: dict, claim, recipe: Recipe, competence: fl
     policy trained on a reward below chance says nothing about annotated preferences."""
     rlhf = {a.name for a in recipe.arms if a.command == "train-rlhf"}
     involved = {claim.check.get(k) for k in ("arm", "to", "than")} | set(claim.check.get("arms", []))
-    if not rlhf & involved or (competence is not None and competence >= RLHF_COMPETENCE):
+    if not rlhf & involved:
         return result
     figure = "unmeasured" if competence is None else f"{competence:.0%}"
+    if competence is not None and competence >= RLHF_COMPETENCE:
+        return result | {"evidence": result["evidence"] + (
+            f"; RLHF's reward model agrees with {measured_on} {figure} of the time (needs {RLHF_COMPETENCE:.0%})")}
     return result | {"verdict": "not measured", "evidence": result["evidence"] + (
         f"; RLHF's reward model agrees with {measured_on} {figure} of the time "
         f"(needs {RLHF_COMPETENCE:.0%}): not a competent baseline")}
