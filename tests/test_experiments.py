@@ -123,6 +123,8 @@ def test_a_recipe_that_changes_a_base_stage_trains_a_base_of_its_own(tmp_path):
     assert frozen == minilm.expected_seconds["warmup-discriminator"]  # read once, not trained: no slower
     reward = next(s for s in plan(minilm, runs / "minilm-judge")[1] if s.command == "train-reward")
     assert reward.expected_seconds == minilm.expected_seconds["train-reward on minilm"]  # measured there, not scaled
+    assert _expected(minilm, "train-rlhf", {}) == pytest.approx(  # scored by the MiniLM reward model
+        _expected(minilm, "train-rlhbc", {}) * minilm.expected_seconds["train-rlhf factor"])
     per_policy = minilm.expected_seconds["evaluate_per_policy"]  # of make demo's: 130 queries, 4 + 1 answers
     assert _expected(minilm, "evaluate", {}, evaluated=3) == pytest.approx(3 * per_policy)
     wide = _expected(minilm, "evaluate", {"query_set": "every-held-out", "samples": 16}, evaluated=3)

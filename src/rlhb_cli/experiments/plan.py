@@ -55,7 +55,8 @@ def _expected(recipe: Recipe, command: str, options: dict, evaluated: int = 0) -
         learning_judge = getattr(config, "no_behavior", False) or (getattr(config, "disc_steps", 0) or 0) > 0
         return (rates.get("rl_per_response", 0.0) * config.iterations * config.prompts_per_iteration
                 * config.rollouts * (config.max_new_tokens / 48) * (rates.get("learning_judge_factor", 1.0)
-                                                                    if learning_judge else 1.0))
+                                                                    if learning_judge else 1.0)
+                * rates.get(f"{command} factor", 1.0))  # e.g. RLHF scoring on a MiniLM reward model
     if command == "evaluate-personalization":  # the rate is of one policy's conversations at the stage's defaults
         return rates.get("evaluate_personalization_per_policy", 0.0) * evaluated
     if command == "evaluate":  # the rate is of make demo's evaluation: 130 queries, 4 sampled answers and 1 greedy
