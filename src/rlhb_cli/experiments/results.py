@@ -191,18 +191,18 @@ RLHF_COMPETENCE = 0.65
 def without_incompetent_rlhf(result: dict, claim, recipe: Recipe, competence: float | None,
                              measured_on: str = "the annotators' order of the SFT policy's answers") -> dict:
     """A claim against RLHF is "not measured" when RLHF's reward model is not competent: beating or nearing a
-    policy trained on a reward below chance says nothing about annotated preferences."""
+    policy trained on a reward below chance says nothing about annotated preferences. Its figure is stated
+    either way."""
     rlhf = {a.name for a in recipe.arms if a.command == "train-rlhf"}
     involved = {claim.check.get(k) for k in ("arm", "to", "than")} | set(claim.check.get("arms", []))
     if not rlhf & involved:
         return result
     figure = "unmeasured" if competence is None else f"{competence:.0%}"
+    evidence = (result["evidence"] + f"; RLHF's reward model agrees with {measured_on} {figure} of the time "
+                f"(needs {RLHF_COMPETENCE:.0%})")
     if competence is not None and competence >= RLHF_COMPETENCE:
-        return result | {"evidence": result["evidence"] + (
-            f"; RLHF's reward model agrees with {measured_on} {figure} of the time (needs {RLHF_COMPETENCE:.0%})")}
-    return result | {"verdict": "not measured", "evidence": result["evidence"] + (
-        f"; RLHF's reward model agrees with {measured_on} {figure} of the time "
-        f"(needs {RLHF_COMPETENCE:.0%}): not a competent baseline")}
+        return result | {"evidence": evidence}
+    return result | {"verdict": "not measured", "evidence": evidence + ": not a competent baseline"}
 
 
 CURVE_KEYS = ("objective/reward_mean", "objective/return_mean", "objective/kl", "disc/score_generated",
