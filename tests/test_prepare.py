@@ -488,3 +488,59 @@ def test_the_histogram_child_ends_with_the_stage_and_its_failure_is_one_line(tmp
         with plots.Drawing("histograms", tmp_path / "bad.png") as bad:
             bad.draw(tmp_path / "bad.json")
             bad.wait_for()
+
+
+def _mixed_logs(path, rows: int = 4000, seed: int = 7, broken: bool = False):
+    """Logs with every path prepare-behaviors has: many queries, repeated rows, bad rows of several kinds,
+    user ids and a group column; `broken` adds a line that is not JSON."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(rows):
+        pv = int(rng.zipf(1.8)) + int(rng.integers(0, 30))
+        likes = int(rng.binomial(pv, 0.2))
+        row = {"query": f"question {int(rng.integers(0, rows // 8))}", "response": f"answer {i % (rows // 3)}",
+               "pv": pv, "clicks": int(rng.binomial(pv, 0.3)), "likes": likes,
+               "dislikes": int(rng.binomial(pv - likes, 0.1)), "user_id": f"user{i % 13}", "conversation": i % 97}
+        if i % 211 == 5:
+            row["pv"] = -1
+        lines.append(json.dumps(row))
+        if i % 97 == 3:
+            lines.append(json.dumps(row))  # an exact repeat
+    if broken:  # a line that is not JSON sends the whole file down the line-by-line reader
+        lines.insert(50, "{broken")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+PINNED = {  # sha256 of each run's data set rows, rejects ledger, summary and bins, from the implementation of 7cd5c4f
+    "rates": "cd2f91314f676b90cc9e81275f86132b8d514dfde93900bc0c58552e264b241d",
+    "counts": "962e3c66abb6b5ce519e28627184aa431afd28b82c7568fbf6fe7a106e9f4b89",
+    "grouped": "c392bc980093641a55399fdb344b60e9f6ee454d5fb8bbe6989e4d5da77043b0",
+}
+
+
+@pytest.mark.parametrize("name,options", [
+    ("rates", []),
+    ("counts", ["--behavior-basis", "counts", "--bins", 4]),  # and a line that is not JSON
+    ("grouped", ["--group-field", "conversation", "--keep-field", "conversation"]),
+])
+def test_prepared_output_is_what_the_earlier_implementation_wrote(cli, tmp_path, name, options):
+    """Speed work on prepare-behaviors (issue 31) must leave every output the same: the rows of each split in
+    order, the rejects ledger, the counts of the summary and the bins, pinned from before it."""
+    import hashlib
+
+    logs = _mixed_logs(tmp_path / "logs.jsonl", broken=name == "counts")
+    cli("prepare-behaviors", logs, "--run-dir", tmp_path / "run", "--salt", "pepper", "--max-reject-ratio", 0.5,
+        *options)
+    stage = tmp_path / "run" / "prepare-behaviors"
+    summary, data, rejected = prepared(tmp_path / "run")
+    summary.pop("logs")
+    digest = hashlib.sha256()
+    for split in ("train", "validation", "test"):
+        digest.update(json.dumps([split, str(data[split].features), data[split].to_list()], sort_keys=True).encode())
+    for name_of in ("bins.json", "behavior.json", "histograms.json"):
+        digest.update((stage / name_of).read_bytes())
+    digest.update(json.dumps([rejected, summary], sort_keys=True).encode())
+    assert digest.hexdigest() == PINNED.get(name), (name, digest.hexdigest())
