@@ -454,22 +454,21 @@ def test_a_run_directory_can_be_moved_whole(cli, tmp_path, sim_run):
     assert manifest["inputs"]["logs"]["path"] == "RUN_DIR/simulate-logs/logs.jsonl"
 
 
-def test_a_splits_rows_are_the_rows_table_filter_keeps():
-    """prepare writes each split by filtering column by column (Table.filter is 5x slower on text): the same
-    rows in the same order, of every column type, chunked or not, for any mask."""
-    import numpy as np
-    import pyarrow as pa
-    from rlhb_cli.behaviors.prepare import _rows_where
+def test_split_codes_rank_queries_as_a_sort_of_their_hashes_bytes_does():
+    """split_codes sorts the seeded blake2b hashes as big-endian integers in numpy: the same order as sorting the
+    hashes' bytes, so every query keeps the split it had when the split sorted Python strings."""
+    import hashlib
 
-    rng = np.random.default_rng(0)
-    n = 1000
-    text = pa.chunked_array([pa.array([f"row {i}" if i % 7 else None for i in range(k, k + 250)])
-                             for k in range(0, n, 250)])
-    table = pa.table({"text": text, "count": pa.array(rng.integers(0, 9, n)), "share": pa.array(rng.random(n)),
-                      "best": pa.array(rng.random(n) < 0.5)})
-    for mask in (rng.random(n) < 0.8, np.ones(n, dtype=bool), np.zeros(n, dtype=bool)):
-        kept = _rows_where(table, mask)
-        assert kept.equals(table.filter(pa.array(mask))) and kept.schema == table.schema
+    from rlhb_cli.behaviors.prepare import SPLITS, split_codes
+
+    queries = [f"query {i}" for i in range(2000)] + ["", "é", "a\0b"]
+    for seed, validation, test in ((0, 0.1, 0.1), (3, 0.25, 0.0), (9, 0.0, 0.5)):
+        ranked = sorted(queries, key=lambda q: hashlib.blake2b(f"{seed}\0{q}".encode(), digest_size=8).digest())
+        n_test, n_val = round(len(queries) * test), round(len(queries) * validation)
+        expected = {q: "test" if i < n_test else "validation" if i < n_test + n_val else "train"
+                    for i, q in enumerate(ranked)}
+        codes = split_codes(queries, seed, validation, test)
+        assert [SPLITS[c] for c in codes] == [expected[q] for q in queries]
 
 
 def test_the_histogram_child_ends_with_the_stage_and_its_failure_is_one_line(tmp_path):

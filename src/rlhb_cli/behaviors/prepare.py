@@ -106,17 +106,24 @@ def _salt(config: PrepareConfig, stage_dir: Path) -> str:
 
 def split_queries(queries: list[str], seed: int, validation: float, test: float) -> dict[str, str]:
     """Each query goes to one split; order by a seeded hash, so a query's split does not depend on the others."""
-    ranked = sorted(queries, key=lambda q: hashlib.blake2b(f"{seed}\0{q}".encode(), digest_size=8).digest())
-    n = len(ranked)
+    return dict(zip(queries, (SPLITS[c] for c in split_codes(queries, seed, validation, test))))
+
+
+def split_codes(queries: list[str], seed: int, validation: float, test: float) -> np.ndarray:
+    """`split_queries` as each query's index in SPLITS (int8), sorted in numpy: a million rows compare small
+    integers, not strings. The hash's 8 bytes read big-endian order as the bytes do, and the sort is stable."""
+    digests = b"".join(hashlib.blake2b(f"{seed}\0{q}".encode(), digest_size=8).digest() for q in queries)
+    ranked = np.argsort(np.frombuffer(digests, dtype=">u8"), kind="stable")
+    n = len(queries)
     n_test = int(round(n * test))
     n_val = int(round(n * validation))
     if n >= 3:  # every split non-empty whenever there are queries enough
         n_test = max(n_test, 1 if test > 0 else 0)
         n_val = max(n_val, 1 if validation > 0 else 0)
-    out = {}
-    for i, q in enumerate(ranked):
-        out[q] = "test" if i < n_test else ("validation" if i < n_test + n_val else "train")
-    return out
+    codes = np.zeros(n, dtype=np.int8)  # train
+    codes[ranked[:n_test]] = SPLITS.index("test")
+    codes[ranked[n_test:n_test + n_val]] = SPLITS.index("validation")
+    return codes
 
 
 @contextlib.contextmanager
@@ -183,11 +190,10 @@ def _prepare(config: PrepareConfig, stage: StageRun, logs: Path, template: Behav
             raise RlhbError(f"{logs}: --group-field {config.group_field!r} is not a column of the logs")
         groups = table.column(config.group_field).cast(pa.string()).combine_chunks().dictionary_encode()
         unique_groups = groups.dictionary.to_pylist()
-        split_of_group = split_queries(unique_groups, config.seed, config.validation_fraction, config.test_fraction)
-        row_split = _split_codes(split_of_group, unique_groups)[groups.indices.to_numpy(zero_copy_only=False)]
+        row_split = split_codes(unique_groups, config.seed, config.validation_fraction,
+                                config.test_fraction)[groups.indices.to_numpy(zero_copy_only=False)]
     else:
-        split_of = split_queries(unique_queries, config.seed, config.validation_fraction, config.test_fraction)
-        row_split = _split_codes(split_of, unique_queries)[query_codes]
+        row_split = split_codes(unique_queries, config.seed, config.validation_fraction, config.test_fraction)[query_codes]
     in_split = {name: row_split == i for i, name in enumerate(SPLITS)}
     # a query's split (under groups, the same question may open conversations in several: the test one wins)
     split_names = np.full(len(unique_queries), "train", dtype=object)
@@ -206,8 +212,7 @@ def _prepare(config: PrepareConfig, stage: StageRun, logs: Path, template: Behav
     bins = binning.apply_bins(spec, *(counts[m] for m in binning.METRICS), query_codes)
     codes = binning.pattern_codes(spec, bins)
     unique_codes, unique_texts = template.render_codes(spec, codes)
-    behavior_text = pa.DictionaryArray.from_arrays(pa.array(np.searchsorted(unique_codes, codes).astype(np.int32)),
-                                                   pa.array(unique_texts.tolist(), pa.string())).cast(pa.string())
+    text_index = np.searchsorted(unique_codes, codes).astype(np.int32)
     reward = binning.shaped_reward(*(counts[m] for m in binning.METRICS))
     zero_denominator = int(((counts["pv"] + counts["clicks"]) == 0).sum())
     best = binning.most_preferred_levels(spec)
@@ -215,24 +220,30 @@ def _prepare(config: PrepareConfig, stage: StageRun, logs: Path, template: Behav
     for m in binning.METRICS:
         is_best &= bins[m] == best[m]
 
+    # Rows grouped by split (each split's rows in their order) with one take, so each split is a slice of one table.
+    order = np.argsort(row_split, kind="stable")
+    table = table.take(pa.array(order))
     for m in binning.METRICS:
-        table = table.append_column(f"{m}_bin", pa.array(bins[m]))
-    table = table.append_column("behavior_text", behavior_text)
-    table = table.append_column("shaped_reward", pa.array(reward))
-    table = table.append_column("is_most_preferred", pa.array(is_best))
+        table = table.append_column(f"{m}_bin", pa.array(bins[m][order]))
+    # the behaviour text as strings once, after the rows are ordered: its few distinct texts are looked up by index
+    table = table.append_column("behavior_text", pa.DictionaryArray.from_arrays(
+        pa.array(text_index[order]), pa.array(unique_texts.tolist(), pa.string())).cast(pa.string()))
+    table = table.append_column("shaped_reward", pa.array(reward[order]))
+    table = table.append_column("is_most_preferred", pa.array(is_best[order]))
+    bounds = np.cumsum([0] + [int(in_split[name].sum()) for name in SPLITS])
 
     # The histogram PNG is drawn by the child while this process writes the data set.
     atomic_write_json(stage.dir / "histograms.json", _histogram_data(counts, reward, spec))
     plotting.draw(stage.dir / "histograms.json")
 
     datasets.disable_progress_bars()
-    table = table.combine_chunks()
+    table = table.combine_chunks()  # one chunk per column: a split is a zero-copy slice of it
     with _large_write_batches(datasets), atomic_dir(stage.dir / "dataset") as tmp:
         # A fingerprint from what made the data, so datasets need not hash a million rows to invent one.
         made_of = hashlib.sha256(json.dumps([stage.manifest["inputs"], stage.manifest["config"]], sort_keys=True,
                                             default=str).encode()).hexdigest()[:16]
-        parts = {name: datasets.Dataset(_rows_where(table, in_split[name]), fingerprint=f"{made_of}-{name}")
-                 for name in SPLITS}
+        parts = {name: datasets.Dataset(table.slice(bounds[i], bounds[i + 1] - bounds[i]), fingerprint=f"{made_of}-{name}")
+                 for i, name in enumerate(SPLITS)}
         # One shard at least per split, so that an empty split (e.g. --test-fraction 0) loads back.
         shards = {name: max(1, -(-len(part) // 500_000)) for name, part in parts.items()}
         datasets.DatasetDict(parts).save_to_disk(str(tmp), num_shards=shards)
@@ -280,18 +291,6 @@ def _prepare(config: PrepareConfig, stage: StageRun, logs: Path, template: Behav
             f"the condition RLHB asks for was rarely seen; consider "
             + ("--behavior-basis rates" if spec.basis == "counts" else "fewer --bins") + " or more traffic per row")
     return summary
-
-
-def _split_codes(split_of: dict[str, str], keys: list[str]) -> np.ndarray:
-    """Each key's split as its index in SPLITS (int8): rows compare small integers, not a million strings."""
-    return np.array([SPLITS.index(split_of[k]) for k in keys], dtype=np.int8)
-
-
-def _rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
-    """The table's rows under `mask`, filtered column by column: Table.filter turns the mask into indices and
-    takes, 5x slower on a million rows of text than filtering each column (same rows, same order)."""
-    selection = pa.array(mask)
-    return pa.Table.from_arrays([column.filter(selection) for column in table.columns], schema=table.schema)
 
 
 def _histogram_data(counts: dict[str, np.ndarray], reward: np.ndarray, spec: binning.BinSpec) -> dict:
