@@ -224,10 +224,14 @@ def _first_occurrence(key_columns: list, usable: np.ndarray) -> np.ndarray:
     if len(rows) < 2:
         return first
     keys = polars.from_arrow(pa.table({str(i): column for i, column in enumerate(key_columns)}))
-    hashes = polars.Series(keys.hash_rows(seed=0).to_numpy()[rows])
-    maybe = hashes.is_duplicated().to_numpy()  # a hash table, not a sort of a million hashes
-    if not maybe.any():
+    hashes = keys.hash_rows(seed=0).to_numpy()[rows]
+    order = np.argsort(hashes, kind="stable")
+    same = hashes[order[1:]] == hashes[order[:-1]]
+    if not same.any():
         return first
+    maybe = np.zeros(len(rows), dtype=bool)
+    maybe[order[1:][same]] = True
+    maybe[order[:-1][same]] = True
     candidates = rows[maybe]
     picked = pa.array(candidates)
     first[candidates] = candidates[_first_by_codes([column.take(picked) for column in key_columns])]
