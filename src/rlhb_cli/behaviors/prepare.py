@@ -242,8 +242,8 @@ def _prepare(config: PrepareConfig, stage: StageRun, logs: Path, template: Behav
         # A fingerprint from what made the data, so datasets need not hash a million rows to invent one.
         made_of = hashlib.sha256(json.dumps([stage.manifest["inputs"], stage.manifest["config"]], sort_keys=True,
                                             default=str).encode()).hexdigest()[:16]
-        parts = {name: datasets.Dataset(table.slice(bounds[i], bounds[i + 1] - bounds[i]), fingerprint=f"{made_of}-{name}")
-                 for i, name in enumerate(SPLITS)}
+        parts = {name: datasets.Dataset(table.slice(bounds[i], bounds[i + 1] - bounds[i]),
+                                        fingerprint=f"{made_of}-{name}") for i, name in enumerate(SPLITS)}
         # One shard at least per split, so that an empty split (e.g. --test-fraction 0) loads back.
         shards = {name: max(1, -(-len(part) // 500_000)) for name, part in parts.items()}
         datasets.DatasetDict(parts).save_to_disk(str(tmp), num_shards=shards)
