@@ -490,8 +490,8 @@ def test_the_histogram_child_ends_with_the_stage_and_its_failure_is_one_line(tmp
 
 
 def _mixed_logs(path, rows: int = 4000, seed: int = 7, broken: bool = False):
-    """Logs with every path prepare-behaviors has: many queries, repeated rows, bad rows of several kinds,
-    user ids and a group column; `broken` adds a line that is not JSON."""
+    """Logs through prepare-behaviors' main paths: many queries, exact repeats, rows with a negative count,
+    user ids and a group column; `broken` adds a line that is not JSON (the line-by-line reader)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
