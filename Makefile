@@ -51,7 +51,7 @@ PAPER := paper-q1 paper-q2 ablation-bootstrap ablation-rollouts ablation-batch
 REGIME := bootstrap-regime
 # The testbed's own questions (not the paper's): RLHB on ten times the traffic and RLHB with a
 # discriminator on the pretrained MiniLM encoder, each with a base of its own; RLHB against the oracle at
-# the demo's defaults on every held-out query (issue 4's acceptance test, about 50 min).
+# the demo's defaults on every held-out query (issue 4's acceptance test, 113 min on built bases).
 # ALOE (issue 28): SFT and DPO on a simulated preference tree, judged by held-out personas' conversations (about
 # 100 min on 2 CPU cores by `experiment plan`; 2 h measured beside another job, docs/results.md).
 $(PAPER) $(REGIME) sharper-logs minilm-judge half-the-oracle aloe: setup
