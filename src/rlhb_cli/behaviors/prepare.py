@@ -112,7 +112,12 @@ def split_queries(queries: list[str], seed: int, validation: float, test: float)
 def split_codes(queries: list[str], seed: int, validation: float, test: float) -> np.ndarray:
     """`split_queries` as each query's index in SPLITS (int8), sorted in numpy: a million rows compare small
     integers, not strings. The hash's 8 bytes read big-endian order as the bytes do, and the sort is stable."""
-    digests = b"".join(hashlib.blake2b(f"{seed}\0{q}".encode(), digest_size=8).digest() for q in queries)
+    seeded = hashlib.blake2b(f"{seed}\0".encode(), digest_size=8)  # each query's hash continues a copy of it
+    digests = bytearray()
+    for query in queries:
+        hashed = seeded.copy()
+        hashed.update(query.encode())
+        digests += hashed.digest()
     ranked = np.argsort(np.frombuffer(digests, dtype=">u8"), kind="stable")
     n = len(queries)
     n_test = int(round(n * test))
@@ -135,6 +140,13 @@ def _large_write_batches(datasets_module):
         yield
     finally:
         datasets_module.config.DEFAULT_MAX_BATCH_SIZE = saved
+
+
+def _take(table: pa.Table, indices: pa.Array) -> pa.Table:
+    """`table.take(indices)` a column per thread: Arrow takes one column at a time, on one core."""
+    with concurrent.futures.ThreadPoolExecutor(min(table.num_columns, os.cpu_count() or 1)) as pool:
+        columns = list(pool.map(lambda column: column.take(indices), table.columns))
+    return pa.table(columns, schema=table.schema)
 
 
 def _reason_class(reason: str) -> str:
@@ -216,13 +228,17 @@ def _prepare(config: PrepareConfig, stage: StageRun, logs: Path, template: Behav
     reward = binning.shaped_reward(*(counts[m] for m in binning.METRICS))
     zero_denominator = int(((counts["pv"] + counts["clicks"]) == 0).sum())
     best = binning.most_preferred_levels(spec)
+    # The histogram PNG is drawn by the child, as soon as its numbers are known, while this process orders the
+    # rows and writes the data set (the drawing, not this process, is the stage's last step otherwise).
+    atomic_write_json(stage.dir / "histograms.json", _histogram_data(counts, reward, spec))
+    plotting.draw(stage.dir / "histograms.json")
     is_best = np.ones(len(codes), dtype=bool)
     for m in binning.METRICS:
         is_best &= bins[m] == best[m]
 
     # Rows grouped by split (each split's rows in their order) with one take, so each split is a slice of one table.
     order = np.argsort(row_split, kind="stable")
-    table = table.take(pa.array(order))
+    table = _take(table, pa.array(order))
     for m in binning.METRICS:
         table = table.append_column(f"{m}_bin", pa.array(bins[m][order]))
     # the behaviour text as strings once, after the rows are ordered: its few distinct texts are looked up by index
@@ -231,10 +247,6 @@ def _prepare(config: PrepareConfig, stage: StageRun, logs: Path, template: Behav
     table = table.append_column("shaped_reward", pa.array(reward[order]))
     table = table.append_column("is_most_preferred", pa.array(is_best[order]))
     bounds = np.cumsum([0] + [int(in_split[name].sum()) for name in SPLITS])
-
-    # The histogram PNG is drawn by the child while this process writes the data set.
-    atomic_write_json(stage.dir / "histograms.json", _histogram_data(counts, reward, spec))
-    plotting.draw(stage.dir / "histograms.json")
 
     datasets.disable_progress_bars()
     table = table.combine_chunks()  # one chunk per column: a split is a zero-copy slice of it
